@@ -1,0 +1,94 @@
+//! Chunks: the unit of work that travels through a dataflow as a timestamped record.
+//!
+//! The compute plane is media-agnostic: it asks a node's [`ChunkedOp`] how to cut its input,
+//! how to process one piece, and how to put the pieces back together. Media engines
+//! (`nova-engines`: image tiles, video windows, audio chunks) implement the trait; the dataflow
+//! only moves records and watches their timestamps.
+//!
+//! Invariant: `split`, `process` and `merge` are pure functions of their arguments, so the
+//! order in which chunks are processed (and on which worker) never changes the result.
+
+use crate::node::NodeError;
+use crate::value::{Value, ValueInfo};
+use serde::{Deserialize, Serialize};
+
+/// An axis-aligned rectangle in pixel coordinates of some image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Rect {
+    pub x: usize,
+    pub y: usize,
+    pub w: usize,
+    pub h: usize,
+}
+
+impl Rect {
+    /// A rectangle from origin and size.
+    pub fn new(x: usize, y: usize, w: usize, h: usize) -> Rect {
+        Rect { x, y, w, h }
+    }
+
+    /// Number of pixels covered.
+    pub fn area(&self) -> usize {
+        self.w * self.h
+    }
+}
+
+/// Where a chunk sits in its node's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ChunkRegion {
+    /// A spatial tile of an image, in output pixel coordinates.
+    Tile { rect: Rect },
+}
+
+/// One chunk of a node's work: its index among `count` and its region of the output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkSpec {
+    pub index: u32,
+    pub count: u32,
+    pub region: ChunkRegion,
+}
+
+impl ChunkSpec {
+    /// The tile rectangle, for image chunks.
+    pub fn rect(&self) -> Option<Rect> {
+        match self.region {
+            ChunkRegion::Tile { rect } => Some(rect),
+        }
+    }
+}
+
+/// The size of the pieces a chunked operator is asked to cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkSize {
+    /// Square-ish image tiles of at most this many pixels a side (output coordinates).
+    Tile { width: usize, height: usize },
+}
+
+/// How a node runs chunk by chunk. Implemented by the media engines.
+pub trait ChunkedOp: Send + Sync {
+    /// Cuts the output that `input` produces into chunks of at most `size`. Pure.
+    fn plan(&self, input: &ValueInfo, size: ChunkSize) -> Result<Vec<ChunkSpec>, NodeError>;
+
+    /// The output shape for `input`.
+    fn output_info(&self, input: &ValueInfo) -> Result<ValueInfo, NodeError>;
+
+    /// Extracts what `chunk` needs from the whole input (including any halo).
+    fn split(&self, input: &Value, chunk: &ChunkSpec) -> Result<Value, NodeError>;
+
+    /// Computes one chunk of the output from what `split` extracted; `input` is the shape of
+    /// the whole input the piece was cut from.
+    fn process(
+        &self,
+        input: &ValueInfo,
+        chunk: &ChunkSpec,
+        piece: Value,
+    ) -> Result<Value, NodeError>;
+
+    /// Assembles the output from all processed chunks (in any order).
+    fn merge(&self, output: &ValueInfo, parts: Vec<(ChunkSpec, Value)>)
+        -> Result<Value, NodeError>;
+
+    /// Bytes of device memory one chunk needs while it is processed (piece, result, workspace).
+    fn chunk_bytes(&self, input: &ValueInfo, chunk: &ChunkSpec) -> u64;
+}

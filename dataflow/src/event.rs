@@ -1,0 +1,192 @@
+//! The event stream of a job: one schema, versioned, for the CLI's `--events` file, the
+//! server's WebSocket relay and library users.
+//!
+//! # Schema (version 1)
+//!
+//! Every event is a JSON object
+//! `{"v": 1, "seq": N, "job": "<id>", "t_ms": <ms since the job began>, "type": "...", "data": {...}}`
+//! with `seq` increasing by one per event. Types and their `data`:
+//!
+//! | type | data | when |
+//! |---|---|---|
+//! | `lifecycle` | `state`: `planning`, `running`, `streaming_partial`, `finalizing` | the job enters that state |
+//! | `telemetry.node_start` | `node`, `class_type`, `mode`, `chunks` | the frontier of every input of the node passed the time of its input: the node may run |
+//! | `telemetry.chunk` | `node`, `chunk`, `chunks`, `rect` (tiles), `progress` `{value, max}` over all chunks of the job | the frontier after the node's kernel passed the chunk's timestamp |
+//! | `telemetry.node_end` | `node`, `class_type`, `wall_ms`, `chunks` | the frontier of the node's output passed its output time |
+//! | `output.partial.image` | `node` (the output node), `source_node`, `tile` `{x,y,w,h}`, `tile_index`, `tiles`, `width`, `height` | a tile of an image that an output node consumes is final |
+//! | `executed` | `node`, `output` (ComfyUI's UI record, e.g. `{"images": [...]}`) | an output node finished |
+//! | `execution_success` | `wall_ms` | the job finished; always the last event |
+//! | `execution_error` | `node_id`, `node_type`, `message` | the job failed; always the last event |
+//! | `execution_interrupted` | `node_id` (if known) | the job was interrupted; always the last event |
+//!
+//! Invariant: every event except `lifecycle: planning` and the final one is derived by the
+//! driver from probes on the dataflow's frontiers — operators never call back to report.
+//! Hence for every node: `node_start` < its `chunk` events < `node_end`, and a tile's
+//! `output.partial.image` follows the `chunk` event that made it final.
+
+use crate::chunk::Rect;
+use crate::schema::ExecMode;
+use crate::value::Value;
+use serde::Serialize;
+use serde_json::Value as Json;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Version of the event schema described in the module docs.
+pub const EVENT_SCHEMA_VERSION: u32 = 1;
+
+/// States a job passes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    Planning,
+    Running,
+    StreamingPartial,
+    Finalizing,
+}
+
+/// Overall progress of a job in chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    pub value: u64,
+    pub max: u64,
+}
+
+/// The payload of an event; see the module docs for the schema.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type", content = "data")]
+pub enum EventKind {
+    #[serde(rename = "lifecycle")]
+    Lifecycle { state: Lifecycle },
+    #[serde(rename = "telemetry.node_start")]
+    NodeStart {
+        node: String,
+        class_type: String,
+        mode: ExecMode,
+        chunks: u32,
+    },
+    #[serde(rename = "telemetry.chunk")]
+    Chunk {
+        node: String,
+        chunk: u32,
+        chunks: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rect: Option<Rect>,
+        progress: Progress,
+    },
+    #[serde(rename = "telemetry.node_end")]
+    NodeEnd {
+        node: String,
+        class_type: String,
+        wall_ms: f64,
+        chunks: u32,
+    },
+    #[serde(rename = "output.partial.image")]
+    PartialImage {
+        node: String,
+        source_node: String,
+        tile: Rect,
+        tile_index: u32,
+        tiles: u32,
+        width: usize,
+        height: usize,
+    },
+    #[serde(rename = "executed")]
+    Executed { node: String, output: Json },
+    #[serde(rename = "execution_success")]
+    Success { wall_ms: f64 },
+    #[serde(rename = "execution_error")]
+    Error {
+        node_id: Option<String>,
+        node_type: Option<String>,
+        message: String,
+    },
+    #[serde(rename = "execution_interrupted")]
+    Interrupted { node_id: Option<String> },
+}
+
+/// One event of a job.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    pub v: u32,
+    pub seq: u64,
+    pub job: String,
+    pub t_ms: f64,
+    #[serde(flatten)]
+    pub kind: EventKind,
+    /// The pixels of a partial output (`output.partial.image`), for consumers that show them;
+    /// not part of the JSON schema.
+    #[serde(skip)]
+    pub attachment: Option<Value>,
+}
+
+impl Event {
+    /// The event as one JSON line.
+    pub fn to_json_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            format!("{{\"v\":{EVENT_SCHEMA_VERSION},\"type\":\"encoding_error\",\"data\":\"{e}\"}}")
+        })
+    }
+
+    /// The event's type name as it appears in JSON.
+    pub fn type_name(&self) -> &'static str {
+        match self.kind {
+            EventKind::Lifecycle { .. } => "lifecycle",
+            EventKind::NodeStart { .. } => "telemetry.node_start",
+            EventKind::Chunk { .. } => "telemetry.chunk",
+            EventKind::NodeEnd { .. } => "telemetry.node_end",
+            EventKind::PartialImage { .. } => "output.partial.image",
+            EventKind::Executed { .. } => "executed",
+            EventKind::Success { .. } => "execution_success",
+            EventKind::Error { .. } => "execution_error",
+            EventKind::Interrupted { .. } => "execution_interrupted",
+        }
+    }
+}
+
+/// Where events go. Must not block for long: the engine's driver calls it.
+pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
+
+/// Stamps events with sequence number, job id and time, and hands them to a sink.
+pub struct Emitter {
+    sink: EventSink,
+    job: String,
+    start: Instant,
+    seq: AtomicU64,
+}
+
+impl Emitter {
+    /// An emitter for one job.
+    pub fn new(job: impl Into<String>, sink: EventSink) -> Emitter {
+        Emitter {
+            sink,
+            job: job.into(),
+            start: Instant::now(),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// Milliseconds since the job began.
+    pub fn elapsed_ms(&self) -> f64 {
+        self.start.elapsed().as_secs_f64() * 1e3
+    }
+
+    /// Emits an event.
+    pub fn emit(&self, kind: EventKind) {
+        self.emit_with(kind, None)
+    }
+
+    /// Emits an event with an attachment.
+    pub fn emit_with(&self, kind: EventKind, attachment: Option<Value>) {
+        let ev = Event {
+            v: EVENT_SCHEMA_VERSION,
+            seq: self.seq.fetch_add(1, Ordering::SeqCst),
+            job: self.job.clone(),
+            t_ms: self.elapsed_ms(),
+            kind,
+            attachment,
+        };
+        (self.sink)(ev)
+    }
+}

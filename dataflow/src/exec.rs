@@ -1,0 +1,836 @@
+//! The compute plane: a validated, planned workflow becomes one timely dataflow, run on N
+//! worker threads; a driver turns frontier movement into events.
+//!
+//! Per node, by plan mode:
+//! - **atomic**: one operator, owned by worker `node index % workers`, that waits until its
+//!   input frontier passes the node's input time, runs the kernel, and emits the outputs at the
+//!   node's output time.
+//! - **tiled**: *split* (owner: cuts the whole input into chunk records at successive times),
+//!   *process* (chunks exchanged across all workers by index; one chunk per activation so the
+//!   frontier moves chunk by chunk), *merge* (owner: assembles the output once the frontier
+//!   passes the output time).
+//!
+//! Every worker builds the same dataflow in the same order from the same plan (the plan is
+//! computed once and shared), so operator identities agree across workers.
+//!
+//! Events come from [`ProbeHandle`]s placed after every node's kernel and output, polled by
+//! worker 0 between steps: operators never report progress themselves. A kernel's error or
+//! panic is caught, recorded, and turns every later operator into a no-op, so a failed job
+//! drains quickly and fails alone.
+
+use crate::chunk::ChunkSpec;
+use crate::event::{Emitter, EventKind, Lifecycle, Progress};
+use crate::node::{Chunking, ExecContext, Inputs, JobEnv, NodeError, NodeId};
+use crate::plan::ExecutionPlan;
+use crate::schema::ExecMode;
+use crate::value::{Value, ValueInfo};
+use crate::workflow::ValidatedWorkflow;
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::operator::empty;
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Capability, Concatenate, Inspect, Operator, Probe};
+use timely::dataflow::{ProbeHandle, Scope, Stream};
+
+/// The record type of every stream: a value on an output port (or of a chunk).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    /// Output port of the producing node; for chunks, 0.
+    port: u32,
+    /// Chunk index within the producing node (0 for whole values).
+    chunk: u32,
+    value: Value,
+}
+
+type Recs<'s> = Stream<'s, u64, Vec<Record>>;
+type Cb = CapacityContainerBuilder<Vec<Record>>;
+
+/// A flag to stop a running job; cheap to clone and share.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A fresh token.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Asks the job to stop at the next chunk boundary.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst)
+    }
+    /// Whether stop was asked.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// How to run a job.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Worker threads (at least 1).
+    pub workers: usize,
+    /// The job's id in events.
+    pub job_id: String,
+    pub cancel: CancelToken,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            job_id: "job".into(),
+            cancel: CancelToken::new(),
+        }
+    }
+}
+
+/// Timing of one node in a finished run.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeStats {
+    pub node: String,
+    pub class_type: String,
+    pub mode: ExecMode,
+    pub chunks: u32,
+    pub wall_ms: f64,
+}
+
+/// What a successful run produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    /// UI records of output nodes (ComfyUI's `executed` outputs), by node id.
+    pub outputs: BTreeMap<String, Json>,
+    pub nodes: Vec<NodeStats>,
+    pub wall_ms: f64,
+}
+
+/// Why a run failed.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RunError {
+    #[error("node {node} ({class_type}) failed: {error}")]
+    Node {
+        node: String,
+        class_type: String,
+        error: NodeError,
+    },
+    #[error("interrupted")]
+    Interrupted,
+    #[error("dataflow runtime error: {0}")]
+    Runtime(String),
+}
+
+/// State shared by all workers of one run.
+struct Shared {
+    failure: Mutex<Option<(usize, NodeError)>>,
+    stop: AtomicBool,
+    cancel: CancelToken,
+    ui: Mutex<BTreeMap<usize, Json>>,
+    /// Chunks of nodes whose output an output node consumes, kept until announced.
+    captured: Mutex<HashMap<(usize, u32), Value>>,
+}
+
+impl Shared {
+    fn stopped(&self) -> bool {
+        if self.cancel.is_cancelled() {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+        self.stop.load(Ordering::SeqCst)
+    }
+    fn fail(&self, node: usize, e: NodeError) {
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some((node, e));
+        }
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Runs `f`, turning a panic into a [`NodeError`].
+fn guarded<T>(f: impl FnOnce() -> Result<T, NodeError>) -> Result<T, NodeError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(NodeError::Other(format!("internal error in kernel: {msg}")))
+        }
+    }
+}
+
+/// Probes of one node: after its kernel (chunk progress) and after its output.
+struct NodeProbes {
+    chunk: ProbeHandle<u64>,
+    out: ProbeHandle<u64>,
+}
+
+/// Runs a planned workflow to completion, emitting events through `emitter`.
+///
+/// Emits `lifecycle: running` onwards; the caller emits `planning` (it planned) and gets the
+/// final event emitted here. Returns once every worker has finished.
+pub fn run(
+    wf: Arc<ValidatedWorkflow>,
+    plan: Arc<ExecutionPlan>,
+    env: JobEnv,
+    opts: RunOptions,
+    emitter: Arc<Emitter>,
+) -> Result<RunReport, RunError> {
+    let started = Instant::now();
+    let shared = Arc::new(Shared {
+        failure: Mutex::new(None),
+        stop: AtomicBool::new(false),
+        cancel: opts.cancel.clone(),
+        ui: Mutex::new(BTreeMap::new()),
+        captured: Mutex::new(HashMap::new()),
+    });
+    let stats: Arc<Mutex<Vec<NodeStats>>> = Arc::new(Mutex::new(Vec::new()));
+    let workers = opts.workers.max(1);
+    let result = {
+        let (wf, plan, shared, emitter, stats) = (
+            wf.clone(),
+            plan.clone(),
+            shared.clone(),
+            emitter.clone(),
+            stats.clone(),
+        );
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let index = worker.index();
+            let probes =
+                worker.dataflow::<u64, _, _>(|scope| build(scope, &wf, &plan, &env, &shared));
+            let mut driver = (index == 0).then(|| Driver::new(&wf, &plan, &shared, &emitter));
+            loop {
+                worker.step_or_park(Some(Duration::from_millis(1)));
+                if let Some(d) = driver.as_mut() {
+                    d.poll(&probes);
+                }
+                if probes.iter().all(|p| p.out.done()) {
+                    break;
+                }
+            }
+            if let Some(mut d) = driver {
+                d.poll(&probes);
+                *stats.lock().unwrap_or_else(|p| p.into_inner()) = d.stats();
+            }
+        })
+        .and_then(|guards| {
+            guards
+                .join()
+                .into_iter()
+                .collect::<Result<Vec<()>, String>>()
+        })
+    };
+    let wall_ms = started.elapsed().as_secs_f64() * 1e3;
+    let failure = shared
+        .failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let outcome = match (result, failure) {
+        (_, Some((ix, error))) => Err(RunError::Node {
+            node: wf.nodes[ix].id.0.clone(),
+            class_type: wf.nodes[ix].class_type.to_string(),
+            error,
+        }),
+        (Err(e), None) => Err(RunError::Runtime(e)),
+        (Ok(_), None) if opts.cancel.is_cancelled() => Err(RunError::Interrupted),
+        (Ok(_), None) => {
+            let ui = std::mem::take(&mut *shared.ui.lock().unwrap_or_else(|p| p.into_inner()));
+            Ok(RunReport {
+                outputs: ui
+                    .into_iter()
+                    .map(|(ix, v)| (wf.nodes[ix].id.0.clone(), v))
+                    .collect(),
+                nodes: std::mem::take(&mut *stats.lock().unwrap_or_else(|p| p.into_inner())),
+                wall_ms,
+            })
+        }
+    };
+    match &outcome {
+        Ok(_) => emitter.emit(EventKind::Success { wall_ms }),
+        Err(RunError::Node {
+            node,
+            class_type,
+            error,
+        }) => emitter.emit(EventKind::Error {
+            node_id: Some(node.clone()),
+            node_type: Some(class_type.clone()),
+            message: error.to_string(),
+        }),
+        Err(RunError::Interrupted) => emitter.emit(EventKind::Interrupted { node_id: None }),
+        Err(e @ RunError::Runtime(_)) => emitter.emit(EventKind::Error {
+            node_id: None,
+            node_type: None,
+            message: e.to_string(),
+        }),
+    }
+    outcome
+}
+
+/// Builds the dataflow of one job on one worker; returns each node's probes.
+fn build(
+    scope: Scope<'_, u64>,
+    wf: &Arc<ValidatedWorkflow>,
+    plan: &Arc<ExecutionPlan>,
+    env: &JobEnv,
+    shared: &Arc<Shared>,
+) -> Vec<NodeProbes> {
+    let peers = scope.peers() as u64;
+    let me = scope.index() as u64;
+    let feeds_output: Vec<bool> = (0..wf.nodes.len())
+        .map(|ix| {
+            wf.consumers(ix)
+                .iter()
+                .any(|&c| wf.nodes[c].node.schema().output_node)
+        })
+        .collect();
+    let mut outputs: Vec<Recs> = Vec::with_capacity(wf.nodes.len());
+    let mut probes = Vec::with_capacity(wf.nodes.len());
+    for (ix, n) in wf.nodes.iter().enumerate() {
+        let p = &plan.nodes[ix];
+        let owner = ix as u64 % peers;
+        // The node's input: producers' streams, filtered to the linked port, tagged by link slot.
+        let tagged: Vec<Recs> = n
+            .links
+            .iter()
+            .enumerate()
+            .map(|(slot, l)| {
+                let port = l.output as u32;
+                outputs[l.from].clone().flat_map(move |r: Record| {
+                    (r.port == port).then_some(Record {
+                        port: slot as u32,
+                        ..r
+                    })
+                })
+            })
+            .collect();
+        let input: Recs = if tagged.is_empty() {
+            empty(scope)
+        } else {
+            scope.concatenate(tagged)
+        };
+        let ctx = ExecContext {
+            env: env.clone(),
+            device: Device::Cpu,
+            prompt: Some(wf.prompt.clone()),
+            node_id: NodeId(n.id.0.clone()),
+        };
+        let chunking = match p.mode {
+            ExecMode::Tiled => n.node.chunked(&n.args),
+            _ => None,
+        };
+        let chunk_probe = ProbeHandle::new();
+        let out_probe = ProbeHandle::new();
+        let capture = feeds_output[ix];
+        let output = match chunking {
+            None => {
+                let out = atomic(input, ix, owner == me, wf, plan, ctx, shared);
+                let sh = shared.clone();
+                out.inspect(move |r: &Record| {
+                    if capture && r.port == 0 {
+                        sh.captured
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert((ix, 0), r.value.clone());
+                    }
+                })
+                .probe_with(&chunk_probe)
+                .probe_with(&out_probe)
+            }
+            Some(chunking) => {
+                let pieces = split(input, ix, owner == me, p.in_time, &chunking, plan, shared);
+                let done = process(scope, pieces, ix, &chunking, plan, shared);
+                let sh = shared.clone();
+                let done = done
+                    .inspect(move |r: &Record| {
+                        if capture {
+                            sh.captured
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert((ix, r.chunk), r.value.clone());
+                        }
+                    })
+                    .probe_with(&chunk_probe);
+                merge(
+                    done,
+                    ix,
+                    owner,
+                    owner == me,
+                    p.out_time,
+                    &chunking,
+                    plan,
+                    shared,
+                )
+                .probe_with(&out_probe)
+            }
+        };
+        outputs.push(output);
+        probes.push(NodeProbes {
+            chunk: chunk_probe,
+            out: out_probe,
+        });
+    }
+    probes
+}
+
+/// Collects stashed input records into named inputs.
+fn named_inputs(wf: &ValidatedWorkflow, ix: usize, stash: &mut Vec<Record>) -> Inputs<Value> {
+    let mut inputs = Inputs::new();
+    for r in stash.drain(..) {
+        if let Some(l) = wf.nodes[ix].links.get(r.port as usize) {
+            inputs.insert(l.input, r.value);
+        }
+    }
+    inputs
+}
+
+/// An atomic node: waits for all inputs, runs once, emits all outputs at the output time.
+fn atomic<'s>(
+    input: Recs<'s>,
+    ix: usize,
+    owner: bool,
+    wf: &Arc<ValidatedWorkflow>,
+    plan: &Arc<ExecutionPlan>,
+    ctx: ExecContext,
+    shared: &Arc<Shared>,
+) -> Recs<'s> {
+    let (wf, shared) = (wf.clone(), shared.clone());
+    let (in_time, out_time) = (plan.nodes[ix].in_time, plan.nodes[ix].out_time);
+    let owner_ix = (ix % input.scope().peers()) as u64;
+    let name = format!("{}:{}", wf.nodes[ix].id, wf.nodes[ix].class_type);
+    input.unary_frontier::<Cb, _, _, _>(
+        Exchange::new(move |_r: &Record| owner_ix),
+        &name,
+        move |cap, _info| {
+            let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&out_time));
+            let mut stash: Vec<Record> = Vec::new();
+            move |(input, frontier), output| {
+                input.for_each(|_c, data| stash.append(data));
+                if cap.is_none() || frontier.frontier().less_equal(&in_time) {
+                    return;
+                }
+                let cap = cap.take().expect("checked above");
+                if shared.stopped() {
+                    return;
+                }
+                let n = &wf.nodes[ix];
+                let inputs = named_inputs(&wf, ix, &mut stash);
+                match guarded(|| n.node.execute(&n.args, inputs, &ctx)) {
+                    Ok(out) => {
+                        if let Some(ui) = out.ui {
+                            shared
+                                .ui
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(ix, ui);
+                        }
+                        let mut session = output.session(&cap);
+                        for (port, value) in out.values.into_iter().enumerate() {
+                            session.give(Record {
+                                port: port as u32,
+                                chunk: 0,
+                                value,
+                            });
+                        }
+                    }
+                    Err(e) => shared.fail(ix, e),
+                }
+            }
+        },
+    )
+}
+
+/// Cuts the whole input into chunk records, chunk `i` at `in_time + i`.
+fn split<'s>(
+    input: Recs<'s>,
+    ix: usize,
+    owner: bool,
+    in_time: u64,
+    chunking: &Chunking,
+    plan: &Arc<ExecutionPlan>,
+    shared: &Arc<Shared>,
+) -> Recs<'s> {
+    let (plan, shared, op, which) = (
+        plan.clone(),
+        shared.clone(),
+        chunking.op.clone(),
+        chunking.input,
+    );
+    let owner_ix = (ix % input.scope().peers()) as u64;
+    input.unary_frontier::<Cb, _, _, _>(
+        Exchange::new(move |_r: &Record| owner_ix),
+        "split",
+        move |cap, _info| {
+            let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&in_time));
+            let mut stash: Vec<Record> = Vec::new();
+            move |(input, frontier), output| {
+                input.for_each(|_c, data| stash.append(data));
+                if cap.is_none() || frontier.frontier().less_equal(&in_time) {
+                    return;
+                }
+                let cap = cap.take().expect("checked above");
+                if shared.stopped() {
+                    return;
+                }
+                // The chunked input is the only linked input of a tiled node's split.
+                let Some(whole) = stash.drain(..).map(|r| r.value).next() else {
+                    shared.fail(ix, NodeError::input(which, "no value arrived"));
+                    return;
+                };
+                for chunk in &plan.nodes[ix].chunks {
+                    match guarded(|| op.split(&whole, chunk)) {
+                        Ok(piece) => {
+                            let at = cap.delayed(&(in_time + chunk.index as u64));
+                            output.session(&at).give(Record {
+                                port: 0,
+                                chunk: chunk.index,
+                                value: piece,
+                            });
+                        }
+                        Err(e) => {
+                            shared.fail(ix, e);
+                            return;
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Processes chunk records on whichever worker they land, one per activation.
+fn process<'s>(
+    scope: Scope<'s, u64>,
+    pieces: Recs<'s>,
+    ix: usize,
+    chunking: &Chunking,
+    plan: &Arc<ExecutionPlan>,
+    shared: &Arc<Shared>,
+) -> Recs<'s> {
+    let (plan, shared, op) = (plan.clone(), shared.clone(), chunking.op.clone());
+    pieces.unary::<Cb, _, _, _>(
+        Exchange::new(|r: &Record| r.chunk as u64),
+        "process",
+        move |_cap, info| {
+            let activator = scope.activator_for(info.address.clone());
+            let mut queue: VecDeque<(Capability<u64>, Record)> = VecDeque::new();
+            move |input, output| {
+                input.for_each(|c, data| {
+                    for r in data.drain(..) {
+                        if let Some(cap) = c.retain_least(0) {
+                            queue.push_back((cap, r));
+                        }
+                    }
+                });
+                // One chunk per activation: the frontier, and so the events, move per chunk.
+                if let Some((cap, r)) = queue.pop_front() {
+                    if !shared.stopped() {
+                        let np = &plan.nodes[ix];
+                        let spec: ChunkSpec = np.chunks[r.chunk as usize];
+                        let info = np.chunked_input.unwrap_or(ValueInfo::Unknown);
+                        match guarded(|| op.process(&info, &spec, r.value)) {
+                            Ok(value) => output.session(&cap).give(Record {
+                                port: 0,
+                                chunk: r.chunk,
+                                value,
+                            }),
+                            Err(e) => shared.fail(ix, e),
+                        }
+                    }
+                }
+                if !queue.is_empty() {
+                    activator.activate();
+                }
+            }
+        },
+    )
+}
+
+/// Assembles processed chunks once the frontier passes the node's output time.
+#[allow(clippy::too_many_arguments)]
+fn merge<'s>(
+    done: Recs<'s>,
+    ix: usize,
+    owner_ix: u64,
+    owner: bool,
+    out_time: u64,
+    chunking: &Chunking,
+    plan: &Arc<ExecutionPlan>,
+    shared: &Arc<Shared>,
+) -> Recs<'s> {
+    let (plan, shared, op) = (plan.clone(), shared.clone(), chunking.op.clone());
+    done.unary_frontier::<Cb, _, _, _>(
+        Exchange::new(move |_r: &Record| owner_ix),
+        "merge",
+        move |cap, _info| {
+            let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&out_time));
+            let mut parts: Vec<Record> = Vec::new();
+            move |(input, frontier), output| {
+                input.for_each(|_c, data| parts.append(data));
+                if cap.is_none() || frontier.frontier().less_equal(&out_time) {
+                    return;
+                }
+                let cap = cap.take().expect("checked above");
+                if shared.stopped() {
+                    return;
+                }
+                let np = &plan.nodes[ix];
+                let info = np.outputs.first().copied().unwrap_or(ValueInfo::Unknown);
+                let mut pieces: Vec<(ChunkSpec, Value)> = parts
+                    .drain(..)
+                    .map(|r| (np.chunks[r.chunk as usize], r.value))
+                    .collect();
+                pieces.sort_by_key(|(c, _)| c.index);
+                match guarded(|| op.merge(&info, pieces)) {
+                    Ok(value) => output.session(&cap).give(Record {
+                        port: 0,
+                        chunk: 0,
+                        value,
+                    }),
+                    Err(e) => shared.fail(ix, e),
+                }
+            }
+        },
+    )
+}
+
+/// Per-node progress as the driver has announced it.
+struct Seen {
+    started: Option<Instant>,
+    chunks_done: u32,
+    ended: Option<f64>,
+}
+
+/// Worker 0's event source: compares probes with the plan's times after every step.
+struct Driver {
+    wf: Arc<ValidatedWorkflow>,
+    plan: Arc<ExecutionPlan>,
+    shared: Arc<Shared>,
+    emitter: Arc<Emitter>,
+    seen: Vec<Seen>,
+    /// For each node, the output nodes (and the input link) that consume its port 0 image.
+    output_consumers: Vec<Vec<usize>>,
+    done_chunks: u64,
+    total_chunks: u64,
+    running: bool,
+    streaming: bool,
+    finalizing: bool,
+}
+
+impl Driver {
+    fn new(
+        wf: &Arc<ValidatedWorkflow>,
+        plan: &Arc<ExecutionPlan>,
+        shared: &Arc<Shared>,
+        emitter: &Arc<Emitter>,
+    ) -> Driver {
+        let output_consumers = (0..wf.nodes.len())
+            .map(|ix| {
+                wf.consumers(ix)
+                    .into_iter()
+                    .filter(|&c| {
+                        wf.nodes[c].node.schema().output_node
+                            && wf.nodes[c].links.iter().any(|l| {
+                                l.from == ix
+                                    && matches!(
+                                        plan.nodes[ix].outputs.get(l.output),
+                                        Some(ValueInfo::Image(_))
+                                    )
+                            })
+                    })
+                    .collect()
+            })
+            .collect();
+        Driver {
+            wf: wf.clone(),
+            plan: plan.clone(),
+            shared: shared.clone(),
+            emitter: emitter.clone(),
+            seen: wf
+                .nodes
+                .iter()
+                .map(|_| Seen {
+                    started: None,
+                    chunks_done: 0,
+                    ended: None,
+                })
+                .collect(),
+            output_consumers,
+            done_chunks: 0,
+            total_chunks: plan.total_chunks(),
+            running: false,
+            streaming: false,
+            finalizing: false,
+        }
+    }
+
+    fn poll(&mut self, probes: &[NodeProbes]) {
+        if self.shared.stopped() {
+            return;
+        }
+        if !self.running {
+            self.running = true;
+            self.emitter.emit(EventKind::Lifecycle {
+                state: Lifecycle::Running,
+            });
+        }
+        for ix in 0..self.wf.nodes.len() {
+            if self.seen[ix].ended.is_some() {
+                continue;
+            }
+            let wf = self.wf.clone();
+            let plan = self.plan.clone();
+            let n = &wf.nodes[ix];
+            let p = &plan.nodes[ix];
+            if self.seen[ix].started.is_none() {
+                let ready = n
+                    .links
+                    .iter()
+                    .all(|l| !probes[l.from].out.less_equal(&plan.nodes[l.from].out_time));
+                if !ready {
+                    continue;
+                }
+                self.seen[ix].started = Some(Instant::now());
+                self.emitter.emit(EventKind::NodeStart {
+                    node: n.id.0.clone(),
+                    class_type: n.class_type.to_string(),
+                    mode: p.mode,
+                    chunks: p.chunk_count(),
+                });
+            }
+            let count = p.chunk_count();
+            while self.seen[ix].chunks_done < count
+                && !probes[ix]
+                    .chunk
+                    .less_equal(&(p.in_time + self.seen[ix].chunks_done as u64))
+            {
+                let chunk = self.seen[ix].chunks_done;
+                self.seen[ix].chunks_done += 1;
+                self.done_chunks += 1;
+                let rect = p.chunks.get(chunk as usize).and_then(|c| c.rect());
+                self.emitter.emit(EventKind::Chunk {
+                    node: n.id.0.clone(),
+                    chunk,
+                    chunks: count,
+                    rect,
+                    progress: Progress {
+                        value: self.done_chunks,
+                        max: self.total_chunks,
+                    },
+                });
+                self.announce_partial(ix, chunk);
+            }
+            if self.seen[ix].chunks_done == count && !probes[ix].out.less_equal(&p.out_time) {
+                let wall = self.seen[ix]
+                    .started
+                    .map(|s| s.elapsed().as_secs_f64() * 1e3)
+                    .unwrap_or(0.0);
+                self.seen[ix].ended = Some(wall);
+                self.emitter.emit(EventKind::NodeEnd {
+                    node: n.id.0.clone(),
+                    class_type: n.class_type.to_string(),
+                    wall_ms: wall,
+                    chunks: count,
+                });
+                if n.node.schema().output_node {
+                    let ui = self
+                        .shared
+                        .ui
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&ix)
+                        .cloned();
+                    self.emitter.emit(EventKind::Executed {
+                        node: n.id.0.clone(),
+                        output: ui.unwrap_or(Json::Null),
+                    });
+                }
+            }
+        }
+        if !self.finalizing
+            && self
+                .seen
+                .iter()
+                .enumerate()
+                .all(|(ix, s)| s.ended.is_some() || self.wf.nodes[ix].node.schema().output_node)
+        {
+            self.finalizing = true;
+            self.emitter.emit(EventKind::Lifecycle {
+                state: Lifecycle::Finalizing,
+            });
+        }
+    }
+
+    /// Announces chunk `chunk` of node `ix` as a partial output of each output node it feeds.
+    fn announce_partial(&mut self, ix: usize, chunk: u32) {
+        if self.output_consumers[ix].is_empty() {
+            return;
+        }
+        let value = self
+            .shared
+            .captured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(ix, chunk));
+        let p = &self.plan.nodes[ix];
+        let (width, height) = match p.outputs.first() {
+            Some(ValueInfo::Image(i)) => (i.width, i.height),
+            _ => value
+                .as_ref()
+                .and_then(|v| v.info().image())
+                .map(|i| (i.width, i.height))
+                .unwrap_or((0, 0)),
+        };
+        let tile = p
+            .chunks
+            .get(chunk as usize)
+            .and_then(|c| c.rect())
+            .unwrap_or(crate::chunk::Rect::new(0, 0, width, height));
+        if !self.streaming {
+            self.streaming = true;
+            self.emitter.emit(EventKind::Lifecycle {
+                state: Lifecycle::StreamingPartial,
+            });
+        }
+        for &c in &self.output_consumers[ix] {
+            self.emitter.emit_with(
+                EventKind::PartialImage {
+                    node: self.wf.nodes[c].id.0.clone(),
+                    source_node: self.wf.nodes[ix].id.0.clone(),
+                    tile,
+                    tile_index: chunk,
+                    tiles: p.chunk_count(),
+                    width,
+                    height,
+                },
+                value.clone(),
+            );
+        }
+    }
+
+    fn stats(&self) -> Vec<NodeStats> {
+        self.wf
+            .nodes
+            .iter()
+            .zip(self.plan.nodes.iter())
+            .zip(self.seen.iter())
+            .map(|((n, p), s)| NodeStats {
+                node: n.id.0.clone(),
+                class_type: n.class_type.to_string(),
+                mode: p.mode,
+                chunks: p.chunk_count(),
+                wall_ms: s.ended.unwrap_or(0.0),
+            })
+            .collect()
+    }
+}

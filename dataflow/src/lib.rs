@@ -1,0 +1,45 @@
+//! `nova-dataflow`: NOVA's engine core.
+//!
+//! A workflow in ComfyUI's API format is parsed and validated ([`workflow`]), planned
+//! ([`plan`]), and compiled into a timely dataflow ([`exec`]) in which chunks of work — image
+//! tiles now; video windows and audio chunks through the same [`ChunkedOp`] interface — flow
+//! as timestamped records. Events ([`event`]) are derived from probes on the dataflow's
+//! frontiers. Node types implement [`Node`] ([`node`], [`schema`]) and live in
+//! `nova-operators`.
+//!
+//! Dependencies: `timely` (the dataflow runtime), `candle-core` (tensors), `serde`/`serde_json`
+//! (the workflow format and records), `thiserror` (typed errors).
+//!
+//! ```
+//! use nova_dataflow::{workflow, JobEnv, NodeRegistry};
+//! // An empty registry knows no node types, so validation names the unknown one.
+//! let env = JobEnv::new("input", "output", "temp");
+//! let err = workflow::load(r#"{"1": {"class_type": "Nope", "inputs": {}}}"#,
+//!                          &NodeRegistry::new(), &env).unwrap_err();
+//! assert_eq!(err.errors()[0].node(), Some("1"));
+//! ```
+
+pub mod chunk;
+pub mod error;
+pub mod event;
+pub mod exec;
+pub mod node;
+pub mod plan;
+pub mod schema;
+pub mod value;
+pub mod workflow;
+
+pub use chunk::{ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, Rect};
+pub use error::{ValidationErrors, WorkflowError};
+pub use event::{Emitter, Event, EventKind, EventSink, Lifecycle, EVENT_SCHEMA_VERSION};
+pub use exec::{run, CancelToken, RunError, RunOptions, RunReport};
+pub use node::{
+    Args, Chunking, ExecContext, Inputs, JobEnv, Node, NodeError, NodeId, NodeOutput, NodeRegistry,
+};
+pub use plan::{plan, ExecutionPlan, NodePlan, PlanError, PlanOptions};
+pub use schema::{
+    ExecMode, FileFolder, InputKind, InputSpec, MemoryEstimate, MemoryQuery, NodeMeta, NodeSchema,
+    OutputSpec,
+};
+pub use value::{DataType, ImageInfo, TensorBox, Value, ValueInfo};
+pub use workflow::{ValidatedWorkflow, WorkflowNode};

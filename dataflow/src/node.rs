@@ -1,0 +1,336 @@
+//! The node interface (ABI) and the registry of node types.
+//!
+//! A node type is a value implementing [`Node`]: its schema (types and constraints), its
+//! metadata (modes, memory), shape inference for the planner, and its kernel. Operators live in
+//! `nova-operators`, one node per file; the engine never names a node type.
+//!
+//! Invariant: by the time [`Node::execute`] runs, every widget input in [`Args`] exists with
+//! the declared type and range and every linked input holds a value of the declared type —
+//! validation guarantees it — so kernels only fail for reasons of the data itself.
+
+use crate::chunk::ChunkedOp;
+use crate::schema::{MemoryEstimate, MemoryQuery, NodeMeta, NodeSchema};
+use crate::value::{Value, ValueInfo};
+use candle_core::Device;
+use serde_json::Value as Json;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A node's id within a workflow (the key in ComfyUI's API format).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct NodeId(pub String);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why a node could not do its work. The engine adds the node id and type.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum NodeError {
+    #[error("input '{input}': {reason}")]
+    Input { input: String, reason: String },
+    #[error("file '{path}': {reason}")]
+    File { path: String, reason: String },
+    #[error("tensor operation failed: {0}")]
+    Tensor(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl NodeError {
+    /// An error about a named input.
+    pub fn input(input: &str, reason: impl Into<String>) -> NodeError {
+        NodeError::Input {
+            input: input.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<candle_core::Error> for NodeError {
+    fn from(e: candle_core::Error) -> Self {
+        NodeError::Tensor(e.to_string())
+    }
+}
+
+/// The widget (literal) inputs of one node, complete with schema defaults.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Args {
+    values: BTreeMap<String, Json>,
+}
+
+impl Args {
+    /// Builds args from literal values (validation fills in defaults).
+    pub fn new(values: BTreeMap<String, Json>) -> Args {
+        Args { values }
+    }
+
+    /// The raw literal, if present.
+    pub fn raw(&self, name: &str) -> Option<&Json> {
+        self.values.get(name)
+    }
+
+    fn missing(name: &str, what: &str) -> NodeError {
+        NodeError::input(name, format!("expected {what}"))
+    }
+
+    /// An integer input.
+    pub fn int(&self, name: &str) -> Result<i64, NodeError> {
+        self.raw(name)
+            .and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)))
+            .ok_or_else(|| Self::missing(name, "an integer"))
+    }
+
+    /// A float input.
+    pub fn float(&self, name: &str) -> Result<f64, NodeError> {
+        self.raw(name)
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| Self::missing(name, "a number"))
+    }
+
+    /// A string (or combo choice) input.
+    pub fn string(&self, name: &str) -> Result<&str, NodeError> {
+        self.raw(name)
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Self::missing(name, "a string"))
+    }
+
+    /// A boolean input.
+    pub fn boolean(&self, name: &str) -> Result<bool, NodeError> {
+        self.raw(name)
+            .and_then(|v| v.as_bool())
+            .ok_or_else(|| Self::missing(name, "a boolean"))
+    }
+
+    /// All literals, for hashing and display.
+    pub fn values(&self) -> &BTreeMap<String, Json> {
+        &self.values
+    }
+}
+
+/// Values of the linked inputs of one node, by input name.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs<T> {
+    map: BTreeMap<String, T>,
+}
+
+impl<T> Inputs<T> {
+    /// Empty inputs.
+    pub fn new() -> Self {
+        Inputs {
+            map: BTreeMap::new(),
+        }
+    }
+
+    /// Sets an input.
+    pub fn insert(&mut self, name: impl Into<String>, value: T) {
+        self.map.insert(name.into(), value);
+    }
+
+    /// An input, if linked.
+    pub fn get(&self, name: &str) -> Option<&T> {
+        self.map.get(name)
+    }
+
+    /// A required input; an error naming it if absent.
+    pub fn require(&self, name: &str) -> Result<&T, NodeError> {
+        self.get(name)
+            .ok_or_else(|| NodeError::input(name, "required input is not connected"))
+    }
+
+    /// Removes and returns an input.
+    pub fn take(&mut self, name: &str) -> Option<T> {
+        self.map.remove(name)
+    }
+
+    /// Number of linked inputs present.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no input is present.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+impl Inputs<Value> {
+    /// A required image input.
+    pub fn image(&self, name: &str) -> Result<&candle_core::Tensor, NodeError> {
+        self.require(name)?
+            .as_image()
+            .ok_or_else(|| NodeError::input(name, "expected an IMAGE"))
+    }
+}
+
+/// Folders and settings a job runs with.
+#[derive(Clone, Debug)]
+pub struct JobEnv {
+    /// Where `LoadImage` and other file inputs look.
+    pub input_dir: PathBuf,
+    /// Where `SaveImage` writes.
+    pub output_dir: PathBuf,
+    /// Where `PreviewImage` writes.
+    pub temp_dir: PathBuf,
+}
+
+impl JobEnv {
+    /// An environment with the three folders.
+    pub fn new(
+        input_dir: impl Into<PathBuf>,
+        output_dir: impl Into<PathBuf>,
+        temp_dir: impl Into<PathBuf>,
+    ) -> JobEnv {
+        JobEnv {
+            input_dir: input_dir.into(),
+            output_dir: output_dir.into(),
+            temp_dir: temp_dir.into(),
+        }
+    }
+
+    /// Resolves a file name given in a workflow against `base`, refusing anything that would
+    /// escape it (absolute paths, `..`, or symbolic links pointing outside).
+    pub fn resolve_in(base: &std::path::Path, name: &str) -> Result<PathBuf, String> {
+        let rel = std::path::Path::new(name);
+        if name.is_empty() {
+            return Err("empty file name".into());
+        }
+        for c in rel.components() {
+            match c {
+                std::path::Component::Normal(_) => {}
+                _ => {
+                    return Err(format!(
+                        "'{name}' must be a plain relative path inside the folder"
+                    ))
+                }
+            }
+        }
+        let path = base.join(rel);
+        if let (Ok(real), Ok(real_base)) = (path.canonicalize(), base.canonicalize()) {
+            if !real.starts_with(&real_base) {
+                return Err(format!("'{name}' points outside the folder"));
+            }
+        }
+        Ok(path)
+    }
+}
+
+/// What a running node sees besides its inputs.
+#[derive(Clone, Debug)]
+pub struct ExecContext {
+    pub env: JobEnv,
+    /// The device tensors are created on.
+    pub device: Device,
+    /// The workflow as submitted, embedded into saved images as ComfyUI does.
+    pub prompt: Option<Arc<Json>>,
+    /// The node being run.
+    pub node_id: NodeId,
+}
+
+/// What a node produced: one value per declared output, and for output nodes a UI record
+/// (ComfyUI's `{"images": [{"filename", "subfolder", "type"}]}`).
+#[derive(Clone, Debug, Default)]
+pub struct NodeOutput {
+    pub values: Vec<Value>,
+    pub ui: Option<Json>,
+}
+
+/// How a node runs chunk by chunk: which input is cut and the operator that does it.
+#[derive(Clone)]
+pub struct Chunking {
+    pub input: &'static str,
+    pub op: Arc<dyn ChunkedOp>,
+}
+
+/// A node type. See the module docs.
+pub trait Node: Send + Sync + 'static {
+    /// Types, names and constraints of inputs and outputs.
+    fn schema(&self) -> &NodeSchema;
+
+    /// Execution metadata; conservative defaults unless the node declares more.
+    fn meta(&self) -> NodeMeta {
+        NodeMeta::default()
+    }
+
+    /// Checks that need the environment (a file exists and decodes); runs during validation.
+    fn check(&self, _args: &Args, _env: &JobEnv) -> Result<(), NodeError> {
+        Ok(())
+    }
+
+    /// Output shapes from input shapes, for planning. Defaults to unknown shapes.
+    fn infer(
+        &self,
+        _args: &Args,
+        _inputs: &Inputs<ValueInfo>,
+        _env: &JobEnv,
+    ) -> Result<Vec<ValueInfo>, NodeError> {
+        Ok(self
+            .schema()
+            .outputs
+            .iter()
+            .map(|_| ValueInfo::Unknown)
+            .collect())
+    }
+
+    /// Device memory for one atomic run; defaults to whole inputs and outputs plus workspace.
+    fn memory(&self, _args: &Args, query: &MemoryQuery) -> MemoryEstimate {
+        query.whole(&self.meta())
+    }
+
+    /// The chunked form of this node for these args, if it has one.
+    fn chunked(&self, _args: &Args) -> Option<Chunking> {
+        None
+    }
+
+    /// Runs the node on whole values.
+    fn execute(
+        &self,
+        args: &Args,
+        inputs: Inputs<Value>,
+        ctx: &ExecContext,
+    ) -> Result<NodeOutput, NodeError>;
+}
+
+/// The node types a workflow may use, by `class_type`.
+#[derive(Clone, Default)]
+pub struct NodeRegistry {
+    nodes: BTreeMap<&'static str, Arc<dyn Node>>,
+}
+
+impl NodeRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a node type, replacing one of the same name.
+    pub fn register(&mut self, node: impl Node) {
+        let name = node.schema().class_type;
+        self.nodes.insert(name, Arc::new(node));
+    }
+
+    /// The node type for a `class_type`.
+    pub fn get(&self, class_type: &str) -> Option<&Arc<dyn Node>> {
+        self.nodes.get(class_type)
+    }
+
+    /// All registered `class_type`s, sorted.
+    pub fn class_types(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.nodes.keys().copied()
+    }
+
+    /// ComfyUI's `/object_info` answer for every registered node.
+    pub fn object_info(&self) -> Json {
+        let map: serde_json::Map<String, Json> = self
+            .nodes
+            .iter()
+            .map(|(k, n)| (k.to_string(), n.schema().object_info(&n.meta())))
+            .collect();
+        Json::Object(map)
+    }
+}

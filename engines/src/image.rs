@@ -1,0 +1,266 @@
+//! The ImageEngine: tiles with halos for local image operators.
+//!
+//! A [`TileKernel`] says, for any rectangle of its output, which window of its input it reads
+//! (its receptive field, possibly reaching past the image edge) and how the edge is filled
+//! ([`Border`]). [`TiledImage`] turns such a kernel into a `ChunkedOp`: it plans a tile grid,
+//! extracts each tile's window (filling out-of-image pixels exactly as the whole-image kernel
+//! would), and pastes results back.
+//!
+//! Invariant: the untiled run is the one-tile case of the same code path
+//! ([`TiledImage::run_whole`]), and kernels compute each output pixel from its window with an
+//! arithmetic sequence that does not depend on where the window was cut, so a tiled run
+//! equals the untiled run bit for bit.
+
+use candle_core::{Device, Tensor};
+use nova_dataflow::{
+    ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, ImageInfo, NodeError, Rect, Value, ValueInfo,
+};
+
+/// How pixels outside the image are filled when a window reaches past an edge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Border {
+    /// Mirror without repeating the edge pixel (PyTorch's `reflect` padding).
+    Reflect,
+    /// Repeat the edge pixel.
+    Clamp,
+}
+
+/// A window of input pixels: origin (may be negative) and size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub x: isize,
+    pub y: isize,
+    pub w: usize,
+    pub h: usize,
+}
+
+impl Window {
+    /// The window `out` grown by `halo` pixels on every side.
+    pub fn around(out: Rect, halo: usize) -> Window {
+        Window {
+            x: out.x as isize - halo as isize,
+            y: out.y as isize - halo as isize,
+            w: out.w + 2 * halo,
+            h: out.h + 2 * halo,
+        }
+    }
+}
+
+/// A local image operator, described by its receptive field and its per-window kernel.
+pub trait TileKernel: Send + Sync + 'static {
+    /// Output `(height, width)` for an input of `(height, width)`.
+    fn output_size(&self, height: usize, width: usize) -> (usize, usize);
+
+    /// The input window that output rectangle `out` depends on.
+    fn window(&self, out: Rect, height: usize, width: usize) -> Window;
+
+    /// How out-of-image pixels in a window are filled.
+    fn border(&self) -> Border {
+        Border::Reflect
+    }
+
+    /// Computes output rectangle `out` (`[batch, out.h, out.w, channels]`) from `source`, the
+    /// pixels of `window` (`[batch, window.h, window.w, channels]`).
+    fn apply(
+        &self,
+        source: &Tensor,
+        window: Window,
+        out: Rect,
+        input_height: usize,
+        input_width: usize,
+    ) -> candle_core::Result<Tensor>;
+
+    /// Working memory as a multiple of the window and output bytes.
+    fn workspace_factor(&self) -> f64 {
+        2.0
+    }
+}
+
+/// Cuts a `width` x `height` image into a row-major grid of tiles of at most `tile_w` x
+/// `tile_h`, with sizes balanced so that no tile is a sliver.
+pub fn tile_grid(width: usize, height: usize, tile_w: usize, tile_h: usize) -> Vec<Rect> {
+    let spans = |len: usize, tile: usize| -> Vec<(usize, usize)> {
+        let tile = tile.max(1);
+        let n = len.div_ceil(tile).max(1);
+        (0..n)
+            .map(|i| (i * len / n, (i + 1) * len / n - i * len / n))
+            .filter(|(_, l)| *l > 0)
+            .collect()
+    };
+    let cols = spans(width, tile_w);
+    let rows = spans(height, tile_h);
+    rows.iter()
+        .flat_map(|&(y, h)| cols.iter().map(move |&(x, w)| Rect::new(x, y, w, h)))
+        .collect()
+}
+
+/// Maps a coordinate outside `0..n` into it.
+fn fold(i: isize, n: usize, border: Border) -> usize {
+    let n = n as isize;
+    if n <= 1 {
+        return 0;
+    }
+    match border {
+        Border::Clamp => i.clamp(0, n - 1) as usize,
+        Border::Reflect => {
+            let period = 2 * (n - 1);
+            let m = i.rem_euclid(period);
+            (if m >= n { period - m } else { m }) as usize
+        }
+    }
+}
+
+/// Extracts `window` from an image `[batch, height, width, channels]`, filling pixels outside
+/// the image by `border`.
+pub fn extract(image: &Tensor, window: Window, border: Border) -> candle_core::Result<Tensor> {
+    let (_, h, w, _) = image.dims4()?;
+    let axis = |t: Tensor, dim: usize, start: isize, len: usize, n: usize| {
+        if start >= 0 && start as usize + len <= n {
+            t.narrow(dim, start as usize, len)
+        } else {
+            let idx: Vec<u32> = (0..len as isize)
+                .map(|i| fold(start + i, n, border) as u32)
+                .collect();
+            let idx = Tensor::from_vec(idx, len, image.device())?;
+            t.index_select(&idx, dim)
+        }
+    };
+    let rows = axis(image.clone(), 1, window.y, window.h, h)?;
+    axis(rows, 2, window.x, window.w, w)
+}
+
+/// A [`TileKernel`] run tile by tile: the `ChunkedOp` of a local image operator.
+pub struct TiledImage<K> {
+    kernel: K,
+}
+
+fn image_info(info: &ValueInfo) -> Result<ImageInfo, NodeError> {
+    info.image()
+        .ok_or_else(|| NodeError::Other("tiled image operator needs an IMAGE input".into()))
+}
+
+fn image_of(v: &Value) -> Result<&Tensor, NodeError> {
+    v.as_image()
+        .ok_or_else(|| NodeError::Other("tiled image operator needs an IMAGE input".into()))
+}
+
+impl<K: TileKernel> TiledImage<K> {
+    /// Wraps a kernel.
+    pub fn new(kernel: K) -> Self {
+        TiledImage { kernel }
+    }
+
+    /// The kernel.
+    pub fn kernel(&self) -> &K {
+        &self.kernel
+    }
+
+    /// Runs the kernel on the whole image: the single-tile case of the tiled path.
+    pub fn run_whole(&self, image: &Tensor) -> Result<Tensor, NodeError> {
+        let (_, h, w, _) = image.dims4()?;
+        let (oh, ow) = self.kernel.output_size(h, w);
+        let out = Rect::new(0, 0, ow, oh);
+        let window = self.kernel.window(out, h, w);
+        let source = extract(image, window, self.kernel.border())?;
+        Ok(self.kernel.apply(&source, window, out, h, w)?)
+    }
+
+    fn input_dims(&self, chunk: &ChunkSpec) -> Result<Rect, NodeError> {
+        chunk
+            .rect()
+            .ok_or_else(|| NodeError::Other("image chunk without a tile rectangle".into()))
+    }
+}
+
+impl<K: TileKernel> ChunkedOp for TiledImage<K> {
+    fn plan(&self, input: &ValueInfo, size: ChunkSize) -> Result<Vec<ChunkSpec>, NodeError> {
+        let i = image_info(input)?;
+        let (oh, ow) = self.kernel.output_size(i.height, i.width);
+        let ChunkSize::Tile { width, height } = size;
+        let rects = tile_grid(ow, oh, width, height);
+        let count = rects.len() as u32;
+        Ok(rects
+            .into_iter()
+            .enumerate()
+            .map(|(index, rect)| ChunkSpec {
+                index: index as u32,
+                count,
+                region: ChunkRegion::Tile { rect },
+            })
+            .collect())
+    }
+
+    fn output_info(&self, input: &ValueInfo) -> Result<ValueInfo, NodeError> {
+        let i = image_info(input)?;
+        let (height, width) = self.kernel.output_size(i.height, i.width);
+        Ok(ValueInfo::Image(ImageInfo { height, width, ..i }))
+    }
+
+    fn split(&self, input: &Value, chunk: &ChunkSpec) -> Result<Value, NodeError> {
+        let image = image_of(input)?;
+        let (_, h, w, _) = image.dims4()?;
+        let out = self.input_dims(chunk)?;
+        let window = self.kernel.window(out, h, w);
+        let source = extract(image, window, self.kernel.border())?;
+        Ok(Value::image(source.contiguous()?))
+    }
+
+    fn process(
+        &self,
+        input: &ValueInfo,
+        chunk: &ChunkSpec,
+        piece: Value,
+    ) -> Result<Value, NodeError> {
+        let out = self.input_dims(chunk)?;
+        let i = image_info(input)?;
+        let (h, w) = (i.height, i.width);
+        let window = self.kernel.window(out, h, w);
+        let source = image_of(&piece)?;
+        Ok(Value::image(self.kernel.apply(source, window, out, h, w)?))
+    }
+
+    fn merge(
+        &self,
+        output: &ValueInfo,
+        parts: Vec<(ChunkSpec, Value)>,
+    ) -> Result<Value, NodeError> {
+        let info = image_info(output)?;
+        let (b, oh, ow, c) = (info.batch, info.height, info.width, info.channels);
+        let mut buf = vec![0f32; b * oh * ow * c];
+        for (chunk, v) in parts {
+            let rect = self.input_dims(&chunk)?;
+            let t = image_of(&v)?;
+            let data = t.flatten_all()?.to_vec1::<f32>()?;
+            if data.len() != b * rect.h * rect.w * c {
+                return Err(NodeError::Other(format!(
+                    "tile {} has {} values, expected {}",
+                    chunk.index,
+                    data.len(),
+                    b * rect.h * rect.w * c
+                )));
+            }
+            let row = rect.w * c;
+            for bi in 0..b {
+                for y in 0..rect.h {
+                    let src = (bi * rect.h + y) * row;
+                    let dst = ((bi * oh + rect.y + y) * ow + rect.x) * c;
+                    buf[dst..dst + row].copy_from_slice(&data[src..src + row]);
+                }
+            }
+        }
+        Ok(Value::image(Tensor::from_vec(
+            buf,
+            (b, oh, ow, c),
+            &Device::Cpu,
+        )?))
+    }
+
+    fn chunk_bytes(&self, input: &ValueInfo, chunk: &ChunkSpec) -> u64 {
+        let Some(i) = input.image() else { return 0 };
+        let Some(out) = chunk.rect() else { return 0 };
+        let window = self.kernel.window(out, i.height, i.width);
+        let px = (window.w * window.h + out.area()) as u64;
+        let data = px * (i.batch * i.channels) as u64 * 4;
+        data + (data as f64 * self.kernel.workspace_factor()) as u64
+    }
+}

@@ -1,0 +1,241 @@
+//! `SaveImage` and `PreviewImage` (ComfyUI names and inputs): write each image of the batch as
+//! an 8-bit PNG with the workflow in a `prompt` text chunk, named as ComfyUI names them:
+//! `<prefix>_<counter:05>_.png`, the counter one past the highest already in the folder, the
+//! prefix's directory part a subfolder of the output folder. Reports ComfyUI's UI record
+//! `{"images": [{"filename", "subfolder", "type"}]}`.
+
+use crate::spec::{link, string};
+use nova_dataflow::{
+    Args, DataType, ExecContext, Inputs, JobEnv, Node, NodeError, NodeOutput, NodeSchema, Value,
+};
+use serde_json::json;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+
+/// Serializes counter allocation between concurrently running save nodes of this process.
+static SAVE_LOCK: Mutex<()> = Mutex::new(());
+
+/// Where a save node writes and how it labels its files.
+#[derive(Clone, Copy)]
+enum Kind {
+    Output,
+    Temp,
+}
+
+fn save_images(
+    kind: Kind,
+    prefix: &str,
+    inputs: &Inputs<Value>,
+    ctx: &ExecContext,
+) -> Result<NodeOutput, NodeError> {
+    let image = inputs.image("images")?;
+    let (b, h, w, c) = image.dims4()?;
+    if c != 3 && c != 4 && c != 1 {
+        return Err(NodeError::input(
+            "images",
+            format!("{c} channels cannot be saved as PNG"),
+        ));
+    }
+    let base = match kind {
+        Kind::Output => ctx.env.output_dir.clone(),
+        Kind::Temp => ctx.env.temp_dir.clone(),
+    };
+    let prefix = prefix
+        .replace("%width%", &w.to_string())
+        .replace("%height%", &h.to_string());
+    let (subfolder, stem) = split_prefix(&prefix)?;
+    let folder = base.join(&subfolder);
+    std::fs::create_dir_all(&folder).map_err(|e| NodeError::File {
+        path: folder.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    // ComfyUI stores `255 * x` clipped and truncated to u8.
+    let samples: Vec<u8> = image
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| (v * 255.0).clamp(0.0, 255.0) as u8)
+        .collect();
+    let text = match &ctx.prompt {
+        Some(p) => vec![("prompt".to_string(), p.to_string())],
+        None => vec![],
+    };
+    let _guard = SAVE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let mut counter = next_counter(&folder, &stem);
+    let mut images = Vec::with_capacity(b);
+    let per = h * w * c;
+    for (i, chunk) in samples.chunks(per).enumerate() {
+        let name = stem.replace("%batch_num%", &i.to_string());
+        let file = format!("{name}_{counter:05}_.png");
+        let path = folder.join(&file);
+        nova_media::encode_png(&path, w, h, c, chunk, &text).map_err(|e| NodeError::File {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        images.push(json!({
+            "filename": file,
+            "subfolder": subfolder.to_string_lossy(),
+            "type": match kind { Kind::Output => "output", Kind::Temp => "temp" },
+        }));
+        counter += 1;
+    }
+    Ok(NodeOutput {
+        values: vec![],
+        ui: Some(json!({ "images": images })),
+    })
+}
+
+/// Splits `sub/dir/name` into a safe subfolder and a file stem.
+fn split_prefix(prefix: &str) -> Result<(PathBuf, String), NodeError> {
+    let p = Path::new(prefix);
+    if p.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(NodeError::input(
+            "filename_prefix",
+            format!("'{prefix}' must stay inside the output folder (no '..' or absolute path)"),
+        ));
+    }
+    let stem = p
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| NodeError::input("filename_prefix", "empty file name"))?;
+    Ok((p.parent().map(Path::to_path_buf).unwrap_or_default(), stem))
+}
+
+/// One past the highest counter of `<stem>_<counter>_` files in `folder`.
+fn next_counter(folder: &Path, stem: &str) -> u64 {
+    let probe = stem.replace("%batch_num%", "");
+    let max = std::fs::read_dir(folder)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let rest = name.strip_prefix(&probe)?.strip_prefix('_')?;
+            rest.split('_').next()?.parse::<u64>().ok()
+        })
+        .max()
+        .unwrap_or(0);
+    max + 1
+}
+
+/// `SaveImage`.
+pub struct SaveImage {
+    schema: NodeSchema,
+}
+
+impl SaveImage {
+    pub fn new() -> Self {
+        SaveImage {
+            schema: NodeSchema {
+                class_type: "SaveImage",
+                display_name: "Save Image",
+                category: "image",
+                description: "Saves images to the output folder as PNG.",
+                inputs: vec![
+                    link("images", DataType::Image),
+                    string("filename_prefix", "ComfyUI"),
+                ],
+                outputs: vec![],
+                output_node: true,
+            },
+        }
+    }
+}
+
+impl Default for SaveImage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Node for SaveImage {
+    fn schema(&self) -> &NodeSchema {
+        &self.schema
+    }
+
+    fn check(&self, args: &Args, _env: &JobEnv) -> Result<(), NodeError> {
+        split_prefix(args.string("filename_prefix")?).map(|_| ())
+    }
+
+    fn execute(
+        &self,
+        args: &Args,
+        inputs: Inputs<Value>,
+        ctx: &ExecContext,
+    ) -> Result<NodeOutput, NodeError> {
+        save_images(Kind::Output, args.string("filename_prefix")?, &inputs, ctx)
+    }
+}
+
+/// `PreviewImage`: like `SaveImage`, into the temp folder.
+pub struct PreviewImage {
+    schema: NodeSchema,
+}
+
+impl PreviewImage {
+    pub fn new() -> Self {
+        PreviewImage {
+            schema: NodeSchema {
+                class_type: "PreviewImage",
+                display_name: "Preview Image",
+                category: "image",
+                description: "Saves images to the temp folder for preview.",
+                inputs: vec![link("images", DataType::Image)],
+                outputs: vec![],
+                output_node: true,
+            },
+        }
+    }
+}
+
+impl Default for PreviewImage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Node for PreviewImage {
+    fn schema(&self) -> &NodeSchema {
+        &self.schema
+    }
+
+    fn execute(
+        &self,
+        _args: &Args,
+        inputs: Inputs<Value>,
+        ctx: &ExecContext,
+    ) -> Result<NodeOutput, NodeError> {
+        let prefix = format!("NOVA_temp_{}", ctx.node_id);
+        save_images(Kind::Temp, &prefix, &inputs, ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_with_subfolder_splits() {
+        let (sub, stem) = split_prefix("runs/blur").unwrap();
+        assert_eq!(sub, PathBuf::from("runs"));
+        assert_eq!(stem, "blur");
+    }
+
+    #[test]
+    fn escaping_prefix_is_refused() {
+        assert!(split_prefix("../evil").is_err());
+        assert!(split_prefix("/abs/evil").is_err());
+    }
+
+    #[test]
+    fn counter_continues_after_existing_files() {
+        let dir = std::env::temp_dir().join(format!("nova-save-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pic_00007_.png"), b"x").unwrap();
+        std::fs::write(dir.join("other_00099_.png"), b"x").unwrap();
+        assert_eq!(next_counter(&dir, "pic"), 8);
+        assert_eq!(next_counter(&dir, "fresh"), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,102 @@
+//! Progress on stderr: bars (overall and per node) on a terminal, plain lines otherwise.
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use nova_dataflow::{Event, EventKind};
+use std::collections::HashMap;
+
+/// Renders job events for a person watching stderr.
+pub(crate) struct Progress {
+    bars: Option<Bars>,
+}
+
+struct Bars {
+    multi: MultiProgress,
+    overall: Option<ProgressBar>,
+    nodes: HashMap<String, ProgressBar>,
+}
+
+impl Progress {
+    pub(crate) fn new(terminal: bool) -> Progress {
+        Progress {
+            bars: terminal.then(|| Bars {
+                multi: MultiProgress::new(),
+                overall: None,
+                nodes: HashMap::new(),
+            }),
+        }
+    }
+
+    pub(crate) fn on_event(&mut self, ev: &Event) {
+        match &mut self.bars {
+            Some(b) => b.on_event(ev),
+            None => plain(ev),
+        }
+    }
+
+    pub(crate) fn finish(&mut self) {
+        if let Some(b) = &mut self.bars {
+            if let Some(o) = &b.overall {
+                o.finish();
+            }
+            let _ = b.multi.clear();
+        }
+    }
+}
+
+fn plain(ev: &Event) {
+    match &ev.kind {
+        EventKind::NodeStart {
+            node,
+            class_type,
+            mode,
+            chunks,
+        } => eprintln!("nova: node {node} ({class_type}) started, {mode:?} in {chunks} chunk(s)"),
+        EventKind::NodeEnd {
+            node,
+            class_type,
+            wall_ms,
+            ..
+        } => eprintln!("nova: node {node} ({class_type}) finished in {wall_ms:.1} ms"),
+        EventKind::Error { message, .. } => eprintln!("nova: error event: {message}"),
+        _ => {}
+    }
+}
+
+impl Bars {
+    fn on_event(&mut self, ev: &Event) {
+        let style = ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        match &ev.kind {
+            EventKind::NodeStart {
+                node,
+                class_type,
+                chunks,
+                ..
+            } => {
+                let bar = self.multi.add(ProgressBar::new(*chunks as u64));
+                bar.set_style(style);
+                bar.set_prefix(format!("{node} {class_type}"));
+                self.nodes.insert(node.clone(), bar);
+            }
+            EventKind::Chunk { node, progress, .. } => {
+                if let Some(bar) = self.nodes.get(node) {
+                    bar.inc(1);
+                }
+                let overall = self.overall.get_or_insert_with(|| {
+                    let o = self.multi.insert(0, ProgressBar::new(progress.max));
+                    o.set_style(style.clone());
+                    o.set_prefix("overall");
+                    o
+                });
+                overall.set_position(progress.value);
+            }
+            EventKind::NodeEnd { node, wall_ms, .. } => {
+                if let Some(bar) = self.nodes.get(node) {
+                    bar.finish_with_message(format!("{wall_ms:.0} ms"));
+                }
+            }
+            _ => {}
+        }
+    }
+}
