@@ -54,7 +54,9 @@ impl NodeError {
 
 impl From<candle_core::Error> for NodeError {
     fn from(e: candle_core::Error) -> Self {
-        NodeError::Tensor(e.to_string())
+        // Only the message: candle appends a backtrace when RUST_BACKTRACE is set.
+        let text = e.to_string();
+        NodeError::Tensor(text.lines().next().unwrap_or_default().to_string())
     }
 }
 

@@ -122,7 +122,7 @@ pub fn extract(image: &Tensor, window: Window, border: Border) -> candle_core::R
                 .map(|i| fold(start + i, n, border) as u32)
                 .collect();
             let idx = Tensor::from_vec(idx, len, image.device())?;
-            t.index_select(&idx, dim)
+            t.contiguous()?.index_select(&idx, dim)
         }
     };
     let rows = axis(image.clone(), 1, window.y, window.h, h)?;

@@ -177,6 +177,7 @@ pub fn apply_axis(
     len: usize,
     lo: usize,
 ) -> Result<Tensor> {
+    let x = &x.contiguous()?;
     let rank = x.rank();
     let mut wshape = vec![1usize; rank];
     wshape[dim] = len;

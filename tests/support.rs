@@ -1,0 +1,148 @@
+//! Helpers shared by NOVA's integration tests: test images, folders, and running a workflow
+//! through the real engine while collecting its events.
+
+use nova_dataflow::{
+    plan, run, workflow, ChunkSize, Emitter, Event, EventKind, EventSink, JobEnv, Lifecycle,
+    PlanOptions, RunError, RunOptions, RunReport,
+};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The "card" test image of `shared/models/README.md`: RGB in [0, 1], row-major, interleaved.
+pub fn card(h: usize, w: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(h * w * 3);
+    for y in 0..h {
+        for x in 0..w {
+            let (fx, fy) = (x as f32, y as f32);
+            let mut px = [
+                fx / (w.max(2) - 1) as f32,
+                fy / (h.max(2) - 1) as f32,
+                0.5 + 0.5 * (2.0 * std::f32::consts::PI * (fx + 2.0 * fy) / 32.0).sin(),
+            ];
+            if (fx - 40.0).powi(2) + (fy - 24.0).powi(2) <= 144.0 {
+                px = [0.95, 0.55, 0.10];
+            }
+            if (40..56).contains(&y) && (8..24).contains(&x) {
+                px = [0.08, 0.12, 0.20];
+            }
+            v.extend_from_slice(&px);
+        }
+    }
+    v
+}
+
+/// Writes the card image as an 8-bit PNG.
+pub fn write_card_png(path: &Path, w: usize, h: usize) {
+    let samples: Vec<u8> = card(h, w)
+        .iter()
+        .map(|v| (v * 255.0).round() as u8)
+        .collect();
+    nova_media::encode_png(path, w, h, 3, &samples, &[]).expect("write test PNG");
+}
+
+/// A job's folders in a fresh temporary directory, with `card.png` (`w` x `h`) as input.
+pub struct Job {
+    pub dir: tempfile::TempDir,
+    pub env: JobEnv,
+}
+
+impl Job {
+    pub fn new(w: usize, h: usize) -> Job {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let env = JobEnv::new(
+            dir.path().join("input"),
+            dir.path().join("output"),
+            dir.path().join("temp"),
+        );
+        for d in [&env.input_dir, &env.output_dir, &env.temp_dir] {
+            std::fs::create_dir_all(d).expect("create job folder");
+        }
+        write_card_png(&env.input_dir.join("card.png"), w, h);
+        Job { dir, env }
+    }
+
+    /// Path of a file in the output folder.
+    pub fn output(&self, name: &str) -> PathBuf {
+        self.env.output_dir.join(name)
+    }
+}
+
+/// Result of running a workflow: the report (or error) and every event, in order.
+pub struct Outcome {
+    pub result: Result<RunReport, RunError>,
+    pub events: Vec<Event>,
+    pub plan: nova_dataflow::ExecutionPlan,
+}
+
+/// Validates, plans (tiles of `tile` pixels, or whole if `None`) and runs a workflow.
+pub fn run_workflow(json: &str, env: &JobEnv, tile: Option<usize>, workers: usize) -> Outcome {
+    let registry = nova_operators::registry();
+    let wf = workflow::load(json, &registry, env).expect("workflow validates");
+    let opts = PlanOptions {
+        tile: tile.map(|t| ChunkSize::Tile {
+            width: t,
+            height: t,
+        }),
+        ..PlanOptions::default()
+    };
+    let plan = plan(&wf, env, &opts).expect("workflow plans");
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink_events = events.clone();
+    let sink: EventSink = Arc::new(move |e| sink_events.lock().unwrap().push(e));
+    let emitter = Arc::new(Emitter::new("test", sink));
+    emitter.emit(EventKind::Lifecycle {
+        state: Lifecycle::Planning,
+    });
+    let result = run(
+        Arc::new(wf),
+        Arc::new(plan.clone()),
+        env.clone(),
+        RunOptions {
+            workers,
+            job_id: "test".into(),
+            ..RunOptions::default()
+        },
+        emitter,
+    );
+    let events = std::mem::take(&mut *events.lock().unwrap());
+    Outcome {
+        result,
+        events,
+        plan,
+    }
+}
+
+/// Decodes a PNG into 8-bit samples, for exact comparisons.
+pub fn png_samples(path: &Path) -> (usize, usize, Vec<u8>) {
+    let d = nova_media::decode_image(path).expect("decode output");
+    (
+        d.width,
+        d.height,
+        d.rgb.iter().map(|v| (v * 255.0).round() as u8).collect(),
+    )
+}
+
+/// The filenames an output node reported.
+pub fn reported_files(report: &RunReport, node: &str) -> Vec<String> {
+    report.outputs[node]["images"]
+        .as_array()
+        .expect("images list")
+        .iter()
+        .map(|i| i["filename"].as_str().expect("filename").to_string())
+        .collect()
+}
+
+/// A workflow of every local image operator in a chain, saving with `prefix`.
+pub fn chain_workflow(prefix: &str) -> String {
+    format!(
+        r#"{{
+  "1": {{"class_type": "LoadImage", "inputs": {{"image": "card.png"}}}},
+  "2": {{"class_type": "ImageSharpen", "inputs": {{"image": ["1", 0], "sharpen_radius": 2, "sigma": 1.0, "alpha": 0.4}}}},
+  "3": {{"class_type": "ImageScaleBy", "inputs": {{"image": ["2", 0], "upscale_method": "bicubic", "scale_by": 1.37}}}},
+  "4": {{"class_type": "ImageBlur", "inputs": {{"image": ["3", 0], "blur_radius": 3, "sigma": 1.5}}}},
+  "5": {{"class_type": "ImageScale", "inputs": {{"image": ["4", 0], "upscale_method": "lanczos", "width": 101, "height": 0, "crop": "disabled"}}}},
+  "6": {{"class_type": "ImageInvert", "inputs": {{"image": ["5", 0]}}}},
+  "7": {{"class_type": "SaveImage", "inputs": {{"images": ["6", 0], "filename_prefix": "{prefix}"}}}}
+}}"#
+    )
+}
