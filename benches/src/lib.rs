@@ -1,1 +1,7 @@
-//! placeholder
+//! Shared pieces of NOVA's benchmarks.
+//!
+//! [`overhead`] sets up the engine-overhead comparison: the same tiled blur run through the
+//! timely dataflow ([`overhead::Setup::run_dataflow`]) and as a plain loop over the same tiles
+//! calling the same split/process/merge ([`overhead::Setup::run_plain_loop`]).
+
+pub mod overhead;

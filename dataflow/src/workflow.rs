@@ -78,11 +78,14 @@ impl ValidatedWorkflow {
 }
 
 /// Parses workflow text, reporting malformed JSON with its line and column.
-pub fn parse(text: &str) -> Result<Json, WorkflowError> {
-    serde_json::from_str::<Json>(text).map_err(|e| WorkflowError::Json {
-        line: e.line(),
-        column: e.column(),
-        message: e.to_string(),
+pub fn parse(text: &str) -> Result<Json, ValidationErrors> {
+    serde_json::from_str::<Json>(text).map_err(|e| {
+        WorkflowError::Json {
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        }
+        .into()
     })
 }
 

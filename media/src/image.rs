@@ -21,6 +21,17 @@ pub enum MediaError {
     Encode { path: String, reason: String },
 }
 
+impl MediaError {
+    /// The problem without the file name (for callers that name the file themselves).
+    pub fn reason(&self) -> &str {
+        match self {
+            MediaError::Io { reason, .. }
+            | MediaError::Decode { reason, .. }
+            | MediaError::Encode { reason, .. } => reason,
+        }
+    }
+}
+
 fn io_err(path: &Path, e: impl std::fmt::Display) -> MediaError {
     MediaError::Io {
         path: path.display().to_string(),

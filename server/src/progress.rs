@@ -57,7 +57,6 @@ fn plain(ev: &Event) {
             wall_ms,
             ..
         } => eprintln!("nova: node {node} ({class_type}) finished in {wall_ms:.1} ms"),
-        EventKind::Error { message, .. } => eprintln!("nova: error event: {message}"),
         _ => {}
     }
 }

@@ -45,7 +45,12 @@ impl Default for LoadImage {
 fn media(e: nova_media::MediaError, path: &std::path::Path) -> NodeError {
     NodeError::File {
         path: path.display().to_string(),
-        reason: e.to_string(),
+        reason: match e {
+            nova_media::MediaError::Decode { .. } => {
+                format!("not a readable PNG or JPEG image: {}", e.reason())
+            }
+            _ => e.reason().to_string(),
+        },
     }
 }
 

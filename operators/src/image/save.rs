@@ -61,23 +61,23 @@ fn save_images(
         None => vec![],
     };
     let _guard = SAVE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let mut counter = next_counter(&folder, &stem);
+    let first = next_counter(&folder, &stem);
     let mut images = Vec::with_capacity(b);
     let per = h * w * c;
     for (i, chunk) in samples.chunks(per).enumerate() {
+        let counter = first + i as u64;
         let name = stem.replace("%batch_num%", &i.to_string());
         let file = format!("{name}_{counter:05}_.png");
         let path = folder.join(&file);
         nova_media::encode_png(&path, w, h, c, chunk, &text).map_err(|e| NodeError::File {
             path: path.display().to_string(),
-            reason: e.to_string(),
+            reason: e.reason().to_string(),
         })?;
         images.push(json!({
             "filename": file,
             "subfolder": subfolder.to_string_lossy(),
             "type": match kind { Kind::Output => "output", Kind::Temp => "temp" },
         }));
-        counter += 1;
     }
     Ok(NodeOutput {
         values: vec![],

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what building and testing NOVA needs on Debian/Ubuntu, then checks the toolchain.
+# Idempotent: packages already present are not reinstalled. Run as root or with sudo.
+set -euo pipefail
+
+# System packages the build needs: a C toolchain (crates with C parts) and pkg-config.
+# Later work adds ffmpeg's development packages here.
+PACKAGES=(build-essential pkg-config ca-certificates)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "setup: need root to install: ${missing[*]}" >&2; exit 1; }
+    SUDO="sudo"
+  fi
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
+if command -v rustup >/dev/null; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
+echo "setup: ready ($(cargo --version))"

@@ -1,0 +1,177 @@
+//! The `nova` binary as a user meets it: exit codes, one clear message, no panic text.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn nova(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nova"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run nova")
+}
+
+struct Setup {
+    dir: std::path::PathBuf,
+}
+
+impl Setup {
+    fn new(tag: &str) -> Setup {
+        let dir = std::env::temp_dir().join(format!("nova-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("input")).unwrap();
+        let samples: Vec<u8> = (0..48 * 40 * 3).map(|i| (i * 13 % 251) as u8).collect();
+        nova_media::encode_png(&dir.join("input/card.png"), 48, 40, 3, &samples, &[]).unwrap();
+        Setup { dir }
+    }
+
+    fn workflow(&self, name: &str, text: &str) -> String {
+        std::fs::write(self.dir.join(name), text).unwrap();
+        name.to_string()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const OK: &str = r#"{
+  "1": {"class_type": "LoadImage", "inputs": {"image": "card.png"}},
+  "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 2, "sigma": 1.0}},
+  "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "cli"}}
+}"#;
+
+fn assert_clean_failure(out: &Output, code: i32, must_contain: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    for s in must_contain {
+        assert!(stderr.contains(s), "stderr lacks {s:?}: {stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "panic text leaked: {stderr}");
+    assert!(!stderr.contains("backtrace"), "backtrace leaked: {stderr}");
+}
+
+#[test]
+fn a_valid_workflow_runs_and_writes_its_output() {
+    let s = Setup::new("ok");
+    let wf = s.workflow("ok.json", OK);
+    let out = nova(
+        &[
+            "run",
+            &wf,
+            "--tile-size",
+            "16",
+            "--events",
+            "ev.jsonl",
+            "--workers",
+            "2",
+        ],
+        &s.dir,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(s.dir.join("output/cli_00001_.png").is_file());
+    let events = std::fs::read_to_string(s.dir.join("ev.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = events
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert_eq!(lines[0]["type"], "lifecycle");
+    assert_eq!(lines.last().unwrap()["type"], "execution_success");
+    let partials = lines
+        .iter()
+        .filter(|l| l["type"] == "output.partial.image")
+        .count();
+    assert_eq!(partials, 9, "48x40 in 16px tiles is 3x3");
+}
+
+#[test]
+fn events_can_go_to_stdout() {
+    let s = Setup::new("stdout");
+    let wf = s.workflow("ok.json", OK);
+    let out = nova(&["run", &wf, "--events", "-"], &s.dir);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout
+        .lines()
+        .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+    assert!(stdout.contains("\"execution_success\""));
+}
+
+#[test]
+fn each_invalid_workflow_exits_3_with_node_and_input_named() {
+    let s = Setup::new("invalid");
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        ("json", "{\n \"1\": {\"class_type\": \n".to_string(), vec!["line 3"]),
+        ("unknown", OK.replace("\"ImageBlur\"", "\"Blurry\""), vec!["node 2", "Blurry"]),
+        ("missing", OK.replace("\"sigma\": 1.0", "\"sigmaa\": 1.0"), vec!["node 2", "'sigma'"]),
+        ("type", OK.replace("[\"2\", 0]", "[\"1\", 1]"), vec!["node 3", "'images'", "MASK"]),
+        ("index", OK.replace("[\"2\", 0]", "[\"2\", 4]"), vec!["node 3", "output 4"]),
+        ("range", OK.replace("\"blur_radius\": 2", "\"blur_radius\": 64"), vec!["node 2", "'blur_radius'", "64"]),
+        (
+            "cycle",
+            OK.replace("[\"1\", 0]", "[\"4\", 0]").replace(
+                "\"3\": {",
+                "\"4\": {\"class_type\": \"ImageInvert\", \"inputs\": {\"image\": [\"2\", 0]}},\n  \"3\": {",
+            ),
+            vec!["cycle", "2", "4"],
+        ),
+        ("file", OK.replace("card.png", "absent.png"), vec!["node 1", "'image'", "absent.png"]),
+    ];
+    for (name, text, needles) in cases {
+        let wf = s.workflow(&format!("{name}.json"), &text);
+        let out = nova(&["run", &wf], &s.dir);
+        assert_clean_failure(&out, 3, &needles);
+        assert!(
+            !s.dir.join("output/cli_00001_.png").exists(),
+            "{name}: nothing may be written"
+        );
+    }
+}
+
+#[test]
+fn a_failure_while_running_exits_4_naming_the_node() {
+    let s = Setup::new("runfail");
+    let good = std::fs::read(s.dir.join("input/card.png")).unwrap();
+    std::fs::write(s.dir.join("input/cut.png"), &good[..good.len() - 40]).unwrap();
+    let wf = s.workflow("cut.json", &OK.replace("card.png", "cut.png"));
+    let out = nova(&["run", &wf], &s.dir);
+    assert_clean_failure(&out, 4, &["node 1", "LoadImage", "cut.png"]);
+}
+
+#[test]
+fn an_unreadable_workflow_file_exits_5() {
+    let s = Setup::new("io");
+    let out = nova(&["run", "does-not-exist.json"], &s.dir);
+    assert_clean_failure(&out, 5, &["does-not-exist.json"]);
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    let s = Setup::new("usage");
+    let out = nova(&["run", "x.json", "--workers", "many"], &s.dir);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn nodes_prints_object_info_with_comfyui_names() {
+    let s = Setup::new("nodes");
+    let out = nova(&["nodes"], &s.dir);
+    assert_eq!(out.status.code(), Some(0));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let blur = &info["ImageBlur"]["input"]["required"];
+    assert_eq!(blur["image"][0], "IMAGE");
+    assert_eq!(blur["blur_radius"][1]["max"], 31);
+    assert_eq!(info["SaveImage"]["output_node"], true);
+    assert_eq!(
+        info["LoadImage"]["output"],
+        serde_json::json!(["IMAGE", "MASK"])
+    );
+}
