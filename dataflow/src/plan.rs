@@ -175,3 +175,83 @@ pub fn plan(
         forecast_peak_bytes,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{Args, ExecContext, Node, NodeOutput, NodeRegistry};
+    use crate::schema::{InputKind, InputSpec, NodeSchema, OutputSpec};
+    use crate::value::{DataType, Value};
+    use crate::workflow;
+
+    /// A node with one optional IMAGE input and one IMAGE output; declares nothing else.
+    struct Pass(NodeSchema);
+
+    impl Node for Pass {
+        fn schema(&self) -> &NodeSchema {
+            &self.0
+        }
+        fn execute(
+            &self,
+            _: &Args,
+            _: Inputs<Value>,
+            _: &ExecContext,
+        ) -> Result<NodeOutput, NodeError> {
+            Ok(NodeOutput::default())
+        }
+    }
+
+    fn registry() -> NodeRegistry {
+        let mut r = NodeRegistry::new();
+        for (name, output_node) in [("Pass", false), ("Out", true)] {
+            r.register(Pass(NodeSchema {
+                class_type: name,
+                display_name: name,
+                category: "test",
+                description: "",
+                inputs: vec![InputSpec {
+                    name: "image",
+                    kind: InputKind::Link(DataType::Image),
+                    required: false,
+                    tooltip: "",
+                }],
+                outputs: vec![OutputSpec {
+                    name: "IMAGE",
+                    data_type: DataType::Image,
+                }],
+                output_node,
+            }));
+        }
+        r
+    }
+
+    #[test]
+    fn undeclared_nodes_plan_atomic_and_times_never_decrease_along_links() {
+        let env = JobEnv::new("i", "o", "t");
+        let wf = workflow::load(
+            r#"{"1": {"class_type": "Pass", "inputs": {}},
+                "2": {"class_type": "Pass", "inputs": {"image": ["1", 0]}},
+                "3": {"class_type": "Pass", "inputs": {}},
+                "4": {"class_type": "Out", "inputs": {"image": ["2", 0]}},
+                "5": {"class_type": "Out", "inputs": {"image": ["3", 0]}}}"#,
+            &registry(),
+            &env,
+        )
+        .unwrap();
+        let p = plan(&wf, &env, &PlanOptions::default()).unwrap();
+        assert!(p
+            .nodes
+            .iter()
+            .all(|n| n.mode == ExecMode::Atomic && n.chunk_count() == 1));
+        for (ix, n) in wf.nodes.iter().enumerate() {
+            for l in &n.links {
+                assert!(p.nodes[l.from].out_time <= p.nodes[ix].in_time);
+            }
+            assert_eq!(
+                p.nodes[ix].out_time,
+                p.nodes[ix].in_time + p.nodes[ix].chunk_count() as u64 - 1
+            );
+        }
+        assert_eq!(p.total_chunks(), 5);
+    }
+}

@@ -270,3 +270,84 @@ impl NodeSchema {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value::ImageInfo;
+
+    #[test]
+    fn a_node_that_declares_nothing_is_atomic_with_whole_input_memory() {
+        let meta = NodeMeta::default();
+        assert_eq!(meta.modes, vec![ExecMode::Atomic]);
+        assert!(!meta.supports(ExecMode::Tiled));
+        let img = ValueInfo::Image(ImageInfo {
+            batch: 1,
+            height: 100,
+            width: 200,
+            channels: 3,
+        });
+        let q = MemoryQuery {
+            inputs: &[img],
+            outputs: &[img],
+            bytes_per_element: 4,
+        };
+        let m = q.whole(&meta);
+        // Input and output whole (2 x 240,000 bytes) plus the same again as workspace.
+        assert_eq!(m.activations, 4 * 100 * 200 * 3 * 2 * 2);
+        assert_eq!(m.weights, 0);
+        // Half-precision activations halve it.
+        let q16 = MemoryQuery {
+            bytes_per_element: 2,
+            ..q
+        };
+        assert_eq!(q16.whole(&meta).activations, m.activations / 2);
+    }
+
+    #[test]
+    fn object_info_uses_comfyui_shapes() {
+        let schema = NodeSchema {
+            class_type: "T",
+            display_name: "T",
+            category: "c",
+            description: "",
+            inputs: vec![
+                InputSpec {
+                    name: "image",
+                    kind: InputKind::Link(DataType::Image),
+                    required: true,
+                    tooltip: "",
+                },
+                InputSpec {
+                    name: "mode",
+                    kind: InputKind::Combo {
+                        options: vec!["a".into(), "b".into()],
+                        default: "a".into(),
+                    },
+                    required: false,
+                    tooltip: "pick one",
+                },
+            ],
+            outputs: vec![OutputSpec {
+                name: "IMAGE",
+                data_type: DataType::Image,
+            }],
+            output_node: false,
+        };
+        let info = schema.object_info(&NodeMeta::tileable(1.0));
+        assert_eq!(
+            info["input"]["required"]["image"],
+            serde_json::json!(["IMAGE"])
+        );
+        assert_eq!(
+            info["input"]["optional"]["mode"][0],
+            serde_json::json!(["a", "b"])
+        );
+        assert_eq!(info["input"]["optional"]["mode"][1]["tooltip"], "pick one");
+        assert_eq!(info["output"], serde_json::json!(["IMAGE"]));
+        assert_eq!(
+            info["nova"]["modes"],
+            serde_json::json!(["tiled", "atomic"])
+        );
+    }
+}
