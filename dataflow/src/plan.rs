@@ -25,6 +25,10 @@ pub struct PlanOptions {
     pub tile: Option<ChunkSize>,
     /// Bytes per activation element under the precision policy.
     pub bytes_per_element: u64,
+    /// Largest single value (as f32) a run may create; larger ones are refused at plan time
+    /// rather than failing an allocation mid-run. The budget-driven admission control
+    /// refines this with the device budget.
+    pub max_value_bytes: u64,
 }
 
 impl Default for PlanOptions {
@@ -35,6 +39,7 @@ impl Default for PlanOptions {
                 height: 256,
             }),
             bytes_per_element: 4,
+            max_value_bytes: 16 << 30,
         }
     }
 }
@@ -120,6 +125,15 @@ pub fn plan(
             in_time = in_time.max(p.out_time);
         }
         let outputs = n.node.infer(&n.args, &infos, env).map_err(fail)?;
+        for (i, o) in outputs.iter().enumerate() {
+            if let Some(b) = o.bytes().filter(|b| *b > opts.max_value_bytes) {
+                return Err(fail(NodeError::Other(format!(
+                    "output {i} would take {:.1} GiB, over the {:.1} GiB limit of one value",
+                    b as f64 / (1u64 << 30) as f64,
+                    opts.max_value_bytes as f64 / (1u64 << 30) as f64
+                ))));
+            }
+        }
         let meta = n.node.meta();
         let mut mode = ExecMode::Atomic;
         let mut chunks = Vec::new();

@@ -124,6 +124,13 @@ fn each_invalid_workflow_exits_3_with_node_and_input_named() {
             vec!["cycle", "2", "4"],
         ),
         ("file", OK.replace("card.png", "absent.png"), vec!["node 1", "'image'", "absent.png"]),
+        (
+            "huge",
+            r#"{"1": {"class_type": "EmptyImage", "inputs": {"width": 16384, "height": 16384, "batch_size": 4096, "color": 0}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "cli"}}}"#
+                .to_string(),
+            vec!["node 1", "GiB"],
+        ),
     ];
     for (name, text, needles) in cases {
         let wf = s.workflow(&format!("{name}.json"), &text);
