@@ -2,7 +2,7 @@
 //! tile, the job's end last; and a failing node ends the job with its id.
 
 use nova_dataflow::{EventKind, Lifecycle, RunError};
-use nova_tests::{run_workflow, Job};
+use nova_tests::{run_workflow, run_workflow_cancelling, Job};
 use std::collections::HashMap;
 
 const BLUR_SAVE: &str = r#"{
@@ -198,7 +198,52 @@ fn a_node_failing_at_run_time_ends_the_job_with_its_id_and_the_engine_runs_on() 
         .events
         .iter()
         .any(|e| matches!(e.kind, EventKind::NodeStart { ref node, .. } if node == "4")));
+    // Nothing was written: the save node never ran.
+    let written: Vec<_> = std::fs::read_dir(&job.env.output_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(written.is_empty(), "output folder holds {written:?}");
     // The engine is intact: the next job on the same process succeeds.
     let again = run_workflow(BLUR_SAVE, &job.env, Some(32), 2);
     assert!(again.result.is_ok());
+}
+
+#[test]
+fn a_cancel_mid_run_interrupts_before_anything_is_saved() {
+    let job = Job::new(64, 48);
+    // One worker: the driver sees the first chunk of node 2 before the next chunk runs.
+    let out = run_workflow_cancelling(
+        BLUR_SAVE,
+        &job.env,
+        Some(16),
+        1,
+        |e| matches!(&e.kind, EventKind::Chunk { node, .. } if node == "2"),
+    );
+    assert_eq!(out.result.err(), Some(RunError::Interrupted));
+    assert!(matches!(
+        out.events.last().unwrap().kind,
+        EventKind::Interrupted { .. }
+    ));
+    assert!(!out
+        .events
+        .iter()
+        .any(|e| matches!(e.kind, EventKind::Executed { .. })));
+    let written: Vec<_> = std::fs::read_dir(&job.env.output_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(written.is_empty(), "output folder holds {written:?}");
+}
+
+#[test]
+fn a_cancel_after_the_output_is_written_still_reports_success() {
+    let job = Job::new(64, 48);
+    let out = run_workflow_cancelling(BLUR_SAVE, &job.env, Some(16), 2, |e| {
+        matches!(e.kind, EventKind::Executed { .. })
+    });
+    let report = out.result.expect("the job had finished its work");
+    assert!(report.outputs.contains_key("4"));
+    assert!(matches!(
+        out.events.last().unwrap().kind,
+        EventKind::Success { .. }
+    ));
 }

@@ -2,8 +2,8 @@
 //! through the real engine while collecting its events.
 
 use nova_dataflow::{
-    plan, run, workflow, ChunkSize, Emitter, Event, EventKind, EventSink, JobEnv, Lifecycle,
-    PlanOptions, RunError, RunOptions, RunReport,
+    plan, run, workflow, CancelToken, ChunkSize, Emitter, Event, EventKind, EventSink, JobEnv,
+    Lifecycle, PlanOptions, RunError, RunOptions, RunReport,
 };
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -76,6 +76,17 @@ pub struct Outcome {
 
 /// Validates, plans (tiles of `tile` pixels, or whole if `None`) and runs a workflow.
 pub fn run_workflow(json: &str, env: &JobEnv, tile: Option<usize>, workers: usize) -> Outcome {
+    run_workflow_cancelling(json, env, tile, workers, |_| false)
+}
+
+/// Like [`run_workflow`], and cancels the job as soon as `cancel_on` holds for an event.
+pub fn run_workflow_cancelling(
+    json: &str,
+    env: &JobEnv,
+    tile: Option<usize>,
+    workers: usize,
+    cancel_on: fn(&Event) -> bool,
+) -> Outcome {
     let registry = nova_operators::registry();
     let wf = workflow::load(json, &registry, env).expect("workflow validates");
     let opts = PlanOptions {
@@ -88,7 +99,14 @@ pub fn run_workflow(json: &str, env: &JobEnv, tile: Option<usize>, workers: usiz
     let plan = plan(&wf, env, &opts).expect("workflow plans");
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink_events = events.clone();
-    let sink: EventSink = Arc::new(move |e| sink_events.lock().unwrap().push(e));
+    let cancel = CancelToken::new();
+    let token = cancel.clone();
+    let sink: EventSink = Arc::new(move |e| {
+        if cancel_on(&e) {
+            token.cancel();
+        }
+        sink_events.lock().unwrap().push(e)
+    });
     let emitter = Arc::new(Emitter::new("test", sink));
     emitter.emit(EventKind::Lifecycle {
         state: Lifecycle::Planning,
@@ -100,7 +118,7 @@ pub fn run_workflow(json: &str, env: &JobEnv, tile: Option<usize>, workers: usiz
         RunOptions {
             workers,
             job_id: "test".into(),
-            ..RunOptions::default()
+            cancel,
         },
         emitter,
     );

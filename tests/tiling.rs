@@ -146,6 +146,8 @@ fn tiled_scale_to_size_with_crop_equals_untiled() {
         (120, 0, "disabled"),
         (0, 33, "disabled"),
         (97, 41, "center"),
+        // Aspect so extreme that the centre crop keeps a single input row.
+        (400, 1, "center"),
     ] {
         for method in ["bilinear", "lanczos", "area"] {
             assert_tiled_equals_whole(
@@ -157,6 +159,36 @@ fn tiled_scale_to_size_with_crop_equals_untiled() {
             );
         }
     }
+}
+
+#[test]
+fn scale_to_zero_by_zero_returns_the_image_unchanged() {
+    // ComfyUI's ImageScale with width = height = 0 passes the image through, even for the
+    // 8-bit lanczos path.
+    let registry = nova_operators::registry();
+    let node = registry.get("ImageScale").unwrap();
+    let args = Args::new(
+        json!({"upscale_method": "lanczos", "width": 0, "height": 0, "crop": "center"})
+            .as_object()
+            .unwrap()
+            .clone()
+            .into_iter()
+            .collect(),
+    );
+    let data = card(21, 34);
+    let image = Tensor::from_vec(data.clone(), (1, 21, 34, 3), &Device::Cpu).unwrap();
+    let mut inputs = Inputs::new();
+    inputs.insert("image", Value::image(image));
+    let ctx = ExecContext {
+        env: JobEnv::new("in", "out", "tmp"),
+        device: Device::Cpu,
+        prompt: None,
+        node_id: NodeId("t".into()),
+    };
+    let out = node.execute(&args, inputs, &ctx).unwrap();
+    let out = out.values[0].as_image().unwrap();
+    assert_eq!(out.dims(), &[1, 21, 34, 3]);
+    assert_eq!(out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), data);
 }
 
 #[test]

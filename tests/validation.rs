@@ -213,16 +213,64 @@ fn dangling_link_and_missing_output_node_are_refused() {
 
 #[test]
 fn every_fault_is_reported_at_once() {
-    let wf = OK
-        .replace("\"blur_radius\": 2", "\"blur_radius\": 0")
-        .replace(
-            "\"filename_prefix\": \"x\"",
-            "\"filename_prefix\": 5, \"images\": [\"2\", 3]",
-        );
-    let e = errors(&wf);
-    assert!(e.len() >= 2, "{e:?}");
-    assert!(e.iter().any(|e| e.node() == Some("2")));
-    assert!(e.iter().any(|e| e.node() == Some("3")));
+    let wf = r#"{
+      "1": {"class_type": "LoadImage", "inputs": {"image": "card.png"}},
+      "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 0, "sigma": 1.0}},
+      "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 3], "filename_prefix": true}}
+    }"#;
+    let mut found: Vec<(String, String, &str)> = errors(wf)
+        .iter()
+        .map(|e| {
+            let kind = match e {
+                WorkflowError::InvalidValue { .. } => "invalid",
+                WorkflowError::OutOfRange { .. } => "range",
+                WorkflowError::OutputIndexOutOfRange { .. } => "index",
+                _ => "other",
+            };
+            (
+                e.node().unwrap_or("").to_string(),
+                e.input().unwrap_or("").to_string(),
+                kind,
+            )
+        })
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            ("2".to_string(), "blur_radius".to_string(), "range"),
+            ("3".to_string(), "filename_prefix".to_string(), "invalid"),
+            ("3".to_string(), "images".to_string(), "index"),
+        ]
+    );
+}
+
+#[test]
+fn a_non_integer_output_index_is_an_invalid_value() {
+    let e = one(&OK.replace("[\"1\", 0]", "[\"1\", 0.5]"));
+    match e {
+        WorkflowError::InvalidValue {
+            node,
+            input,
+            reason,
+            ..
+        } => {
+            assert_eq!((node.as_str(), input.as_str()), ("2", "image"));
+            assert!(reason.contains("0.5"), "{reason}");
+        }
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn a_link_into_a_widget_input_is_refused() {
+    let e = one(&OK.replace("\"blur_radius\": 2", "\"blur_radius\": [\"1\", 1]"));
+    match e {
+        WorkflowError::InvalidValue { node, input, .. } => {
+            assert_eq!((node.as_str(), input.as_str()), ("2", "blur_radius"));
+        }
+        e => panic!("{e:?}"),
+    }
 }
 
 #[test]

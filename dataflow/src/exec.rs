@@ -20,7 +20,7 @@
 
 use crate::chunk::ChunkSpec;
 use crate::event::{Emitter, EventKind, Lifecycle, Progress};
-use crate::node::{Chunking, ExecContext, Inputs, JobEnv, NodeError, NodeId};
+use crate::node::{guarded, Chunking, ExecContext, Inputs, JobEnv, NodeError, NodeId};
 use crate::plan::ExecutionPlan;
 use crate::schema::ExecMode;
 use crate::value::{Value, ValueInfo};
@@ -29,7 +29,6 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -136,6 +135,8 @@ struct Shared {
     ui: Mutex<BTreeMap<usize, Json>>,
     /// Chunks of nodes whose output an output node consumes, kept until announced.
     captured: Mutex<HashMap<(usize, u32), Value>>,
+    /// Per node: whether it produced its outputs (so a stop after it still reports it).
+    ran: Vec<AtomicBool>,
 }
 
 impl Shared {
@@ -145,27 +146,18 @@ impl Shared {
         }
         self.stop.load(Ordering::SeqCst)
     }
+    fn mark_ran(&self, node: usize) {
+        self.ran[node].store(true, Ordering::SeqCst);
+    }
+    fn has_run(&self, node: usize) -> bool {
+        self.ran[node].load(Ordering::SeqCst)
+    }
     fn fail(&self, node: usize, e: NodeError) {
         let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
         if f.is_none() {
             *f = Some((node, e));
         }
         self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-/// Runs `f`, turning a panic into a [`NodeError`].
-fn guarded<T>(f: impl FnOnce() -> Result<T, NodeError>) -> Result<T, NodeError> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(NodeError::Other(format!("internal error in kernel: {msg}")))
-        }
     }
 }
 
@@ -193,6 +185,7 @@ pub fn run(
         cancel: opts.cancel.clone(),
         ui: Mutex::new(BTreeMap::new()),
         captured: Mutex::new(HashMap::new()),
+        ran: wf.nodes.iter().map(|_| AtomicBool::new(false)).collect(),
     });
     let stats: Arc<Mutex<Vec<NodeStats>>> = Arc::new(Mutex::new(Vec::new()));
     let workers = opts.workers.max(1);
@@ -243,7 +236,16 @@ pub fn run(
             error,
         }),
         (Err(e), None) => Err(RunError::Runtime(e)),
-        (Ok(_), None) if opts.cancel.is_cancelled() => Err(RunError::Interrupted),
+        // A stop that came after every node had run changes nothing: the job succeeded.
+        (Ok(_), None) if (0..wf.nodes.len()).any(|ix| !shared.has_run(ix)) => {
+            if opts.cancel.is_cancelled() {
+                Err(RunError::Interrupted)
+            } else {
+                Err(RunError::Runtime(
+                    "the dataflow ended before every node ran".into(),
+                ))
+            }
+        }
         (Ok(_), None) => {
             let ui = std::mem::take(&mut *shared.ui.lock().unwrap_or_else(|p| p.into_inner()));
             Ok(RunReport {
@@ -287,12 +289,9 @@ fn build(
 ) -> Vec<NodeProbes> {
     let peers = scope.peers() as u64;
     let me = scope.index() as u64;
+    // Capture exactly what the driver announces as partial outputs, so nothing is left behind.
     let feeds_output: Vec<bool> = (0..wf.nodes.len())
-        .map(|ix| {
-            wf.consumers(ix)
-                .iter()
-                .any(|&c| wf.nodes[c].node.schema().output_node)
-        })
+        .map(|ix| !image_output_consumers(wf, plan, ix).is_empty())
         .collect();
     let mut outputs: Vec<Recs> = Vec::with_capacity(wf.nodes.len());
     let mut probes = Vec::with_capacity(wf.nodes.len());
@@ -348,7 +347,7 @@ fn build(
                 .probe_with(&out_probe)
             }
             Some(chunking) => {
-                let pieces = split(input, ix, owner == me, p.in_time, &chunking, plan, shared);
+                let pieces = split(input, ix, owner == me, &chunking, wf, plan, shared);
                 let done = process(scope, pieces, ix, &chunking, plan, shared);
                 let sh = shared.clone();
                 let done = done
@@ -434,6 +433,7 @@ fn atomic<'s>(
                                 .unwrap_or_else(|p| p.into_inner())
                                 .insert(ix, ui);
                         }
+                        shared.mark_ran(ix);
                         let mut session = output.session(&cap);
                         for (port, value) in out.values.into_iter().enumerate() {
                             session.give(Record {
@@ -455,12 +455,14 @@ fn split<'s>(
     input: Recs<'s>,
     ix: usize,
     owner: bool,
-    in_time: u64,
     chunking: &Chunking,
+    wf: &Arc<ValidatedWorkflow>,
     plan: &Arc<ExecutionPlan>,
     shared: &Arc<Shared>,
 ) -> Recs<'s> {
-    let (plan, shared, op, which) = (
+    let in_time = plan.nodes[ix].in_time;
+    let (wf, plan, shared, op, which) = (
+        wf.clone(),
         plan.clone(),
         shared.clone(),
         chunking.op.clone(),
@@ -482,11 +484,31 @@ fn split<'s>(
                 if shared.stopped() {
                     return;
                 }
-                // The chunked input is the only linked input of a tiled node's split.
-                let Some(whole) = stash.drain(..).map(|r| r.value).next() else {
+                // The record on the link named by the chunking, with the shape it was planned for.
+                let links = &wf.nodes[ix].links;
+                let Some(whole) = stash
+                    .drain(..)
+                    .find(|r| links.get(r.port as usize).map(|l| l.input) == Some(which))
+                    .map(|r| r.value)
+                else {
                     shared.fail(ix, NodeError::input(which, "no value arrived"));
                     return;
                 };
+                let planned = plan.nodes[ix].chunked_input;
+                if planned != Some(whole.info()) {
+                    shared.fail(
+                        ix,
+                        NodeError::input(
+                            which,
+                            format!(
+                                "arrived as {:?}, but the plan cut it as {:?}",
+                                whole.info(),
+                                planned
+                            ),
+                        ),
+                    );
+                    return;
+                }
                 for chunk in &plan.nodes[ix].chunks {
                     match guarded(|| op.split(&whole, chunk)) {
                         Ok(piece) => {
@@ -592,16 +614,37 @@ fn merge<'s>(
                     .collect();
                 pieces.sort_by_key(|(c, _)| c.index);
                 match guarded(|| op.merge(&info, pieces)) {
-                    Ok(value) => output.session(&cap).give(Record {
-                        port: 0,
-                        chunk: 0,
-                        value,
-                    }),
+                    Ok(value) => {
+                        shared.mark_ran(ix);
+                        output.session(&cap).give(Record {
+                            port: 0,
+                            chunk: 0,
+                            value,
+                        })
+                    }
                     Err(e) => shared.fail(ix, e),
                 }
             }
         },
     )
+}
+
+/// The output nodes that consume node `ix`'s first output as an image: the nodes its chunks
+/// are announced to as partial outputs.
+fn image_output_consumers(wf: &ValidatedWorkflow, plan: &ExecutionPlan, ix: usize) -> Vec<usize> {
+    if !matches!(plan.nodes[ix].outputs.first(), Some(ValueInfo::Image(_))) {
+        return Vec::new();
+    }
+    wf.consumers(ix)
+        .into_iter()
+        .filter(|&c| {
+            wf.nodes[c].node.schema().output_node
+                && wf.nodes[c]
+                    .links
+                    .iter()
+                    .any(|l| l.from == ix && l.output == 0)
+        })
+        .collect()
 }
 
 /// Per-node progress as the driver has announced it.
@@ -635,21 +678,7 @@ impl Driver {
         emitter: &Arc<Emitter>,
     ) -> Driver {
         let output_consumers = (0..wf.nodes.len())
-            .map(|ix| {
-                wf.consumers(ix)
-                    .into_iter()
-                    .filter(|&c| {
-                        wf.nodes[c].node.schema().output_node
-                            && wf.nodes[c].links.iter().any(|l| {
-                                l.from == ix
-                                    && matches!(
-                                        plan.nodes[ix].outputs.get(l.output),
-                                        Some(ValueInfo::Image(_))
-                                    )
-                            })
-                    })
-                    .collect()
-            })
+            .map(|ix| image_output_consumers(wf, plan, ix))
             .collect();
         Driver {
             wf: wf.clone(),
@@ -675,7 +704,9 @@ impl Driver {
     }
 
     fn poll(&mut self, probes: &[NodeProbes]) {
-        if self.shared.stopped() {
+        // After a stop, frontiers also pass nodes that never ran: report only those that did.
+        let stopped = self.shared.stopped();
+        if stopped && !self.running {
             return;
         }
         if !self.running {
@@ -685,7 +716,7 @@ impl Driver {
             });
         }
         for ix in 0..self.wf.nodes.len() {
-            if self.seen[ix].ended.is_some() {
+            if self.seen[ix].ended.is_some() || (stopped && !self.shared.has_run(ix)) {
                 continue;
             }
             let wf = self.wf.clone();
@@ -757,7 +788,8 @@ impl Driver {
                 }
             }
         }
-        if !self.finalizing
+        if !stopped
+            && !self.finalizing
             && self
                 .seen
                 .iter()

@@ -36,7 +36,7 @@ pub use exec::{run, CancelToken, RunError, RunOptions, RunReport};
 pub use node::{
     Args, Chunking, ExecContext, Inputs, JobEnv, Node, NodeError, NodeId, NodeOutput, NodeRegistry,
 };
-pub use plan::{plan, ExecutionPlan, NodePlan, PlanError, PlanOptions};
+pub use plan::{plan, ExecutionPlan, NodePlan, PlanError, PlanOptions, MIN_TILE};
 pub use schema::{
     ExecMode, FileFolder, InputKind, InputSpec, MemoryEstimate, MemoryQuery, NodeMeta, NodeSchema,
     OutputSpec,

@@ -15,6 +15,7 @@ use candle_core::Device;
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -334,5 +335,22 @@ impl NodeRegistry {
             .map(|(k, n)| (k.to_string(), n.schema().object_info(&n.meta())))
             .collect();
         Json::Object(map)
+    }
+}
+
+/// Runs node code, turning a panic into a [`NodeError`] so that a bug in one node fails its
+/// job with a message instead of taking down the process. Used for every call into a node,
+/// at plan time and at run time.
+pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, NodeError>) -> Result<T, NodeError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(NodeError::Other(format!("internal error in node: {msg}")))
+        }
     }
 }

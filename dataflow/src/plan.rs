@@ -12,11 +12,15 @@
 //! the frontier pass a chunk's time knows that chunk — and every earlier one — is final.
 
 use crate::chunk::{ChunkSize, ChunkSpec};
-use crate::node::{Inputs, JobEnv, NodeError};
+use crate::node::{guarded, Inputs, JobEnv, NodeError};
 use crate::schema::{ExecMode, MemoryEstimate, MemoryQuery};
 use crate::value::ValueInfo;
 use crate::workflow::ValidatedWorkflow;
 use serde::Serialize;
+
+/// The smallest tile side the planner cuts: below it, per-record overhead and halos dominate
+/// the work, and the chunk count of a large image would explode.
+pub const MIN_TILE: usize = 16;
 
 /// Planner settings.
 #[derive(Clone, Debug)]
@@ -124,7 +128,8 @@ pub fn plan(
             input_list.push(info);
             in_time = in_time.max(p.out_time);
         }
-        let outputs = n.node.infer(&n.args, &infos, env).map_err(fail)?;
+        // Every call into node code is guarded: a node bug fails the plan, not the process.
+        let outputs = guarded(|| n.node.infer(&n.args, &infos, env)).map_err(fail)?;
         for (i, o) in outputs.iter().enumerate() {
             if let Some(b) = o.bytes().filter(|b| *b > opts.max_value_bytes) {
                 return Err(fail(NodeError::Other(format!(
@@ -138,27 +143,39 @@ pub fn plan(
         let mut mode = ExecMode::Atomic;
         let mut chunks = Vec::new();
         let mut chunked_input = None;
-        let mut memory = n.node.memory(
-            &n.args,
-            &MemoryQuery {
-                inputs: &input_list,
-                outputs: &outputs,
-                bytes_per_element: opts.bytes_per_element,
-            },
-        );
-        if let (Some(size), true, Some(chunking)) = (
-            opts.tile,
-            meta.supports(ExecMode::Tiled),
-            n.node.chunked(&n.args),
-        ) {
+        let mut memory = guarded(|| {
+            Ok(n.node.memory(
+                &n.args,
+                &MemoryQuery {
+                    inputs: &input_list,
+                    outputs: &outputs,
+                    bytes_per_element: opts.bytes_per_element,
+                },
+            ))
+        })
+        .map_err(fail)?;
+        let chunking = match (opts.tile, meta.supports(ExecMode::Tiled)) {
+            (Some(size), true) => guarded(|| Ok(n.node.chunked(&n.args)))
+                .map_err(fail)?
+                .map(|c| (size, c)),
+            _ => None,
+        };
+        if let Some((ChunkSize::Tile { width, height }, chunking)) = chunking {
+            let size = ChunkSize::Tile {
+                width: width.max(MIN_TILE),
+                height: height.max(MIN_TILE),
+            };
             if let Some(input) = infos.get(chunking.input).filter(|i| i.image().is_some()) {
-                let planned = chunking.op.plan(input, size).map_err(fail)?;
+                let planned = guarded(|| chunking.op.plan(input, size)).map_err(fail)?;
                 if planned.len() > 1 {
-                    let per_chunk = planned
-                        .iter()
-                        .map(|c| chunking.op.chunk_bytes(input, c))
-                        .max()
-                        .unwrap_or(0);
+                    let per_chunk = guarded(|| {
+                        Ok(planned
+                            .iter()
+                            .map(|c| chunking.op.chunk_bytes(input, c))
+                            .max()
+                            .unwrap_or(0))
+                    })
+                    .map_err(fail)?;
                     memory = MemoryEstimate {
                         weights: memory.weights,
                         activations: per_chunk / 4 * opts.bytes_per_element,

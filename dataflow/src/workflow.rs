@@ -272,18 +272,43 @@ pub fn validate(
                     c.ok = false;
                     continue;
                 };
+                if !matches!(spec.kind, InputKind::Link(_)) {
+                    // ComfyUI lets a client convert a widget to an input; no NOVA node
+                    // produces widget values yet, so refuse such a link up front.
+                    errors.push(WorkflowError::InvalidValue {
+                        node,
+                        class_type,
+                        input,
+                        reason: format!(
+                            "is a widget input and takes a literal value here, not a link \
+                             to node {target}"
+                        ),
+                    });
+                    c.ok = false;
+                    continue;
+                }
                 let outs = &src.node.schema().outputs;
-                let idx = index.as_i64();
-                let Some(out) = idx
-                    .filter(|i| *i >= 0 && (*i as usize) < outs.len())
-                    .map(|i| &outs[i as usize])
+                let Some(idx) = index.as_i64() else {
+                    errors.push(WorkflowError::InvalidValue {
+                        node,
+                        class_type,
+                        input,
+                        reason: format!(
+                            "link to node {target} has output index {index}, not an integer"
+                        ),
+                    });
+                    c.ok = false;
+                    continue;
+                };
+                let Some(out) =
+                    (idx >= 0 && (idx as usize) < outs.len()).then(|| &outs[idx as usize])
                 else {
                     errors.push(WorkflowError::OutputIndexOutOfRange {
                         node,
                         class_type,
                         input,
                         from: target,
-                        output: idx.unwrap_or(-1),
+                        output: idx,
                         count: outs.len(),
                     });
                     c.ok = false;
@@ -299,13 +324,13 @@ pub fn validate(
                         input,
                         expected: expected.to_string(),
                         from: target,
-                        output: idx.unwrap_or(0) as usize,
+                        output: idx as usize,
                         found: out.data_type.to_string(),
                     });
                     c.ok = false;
                     continue;
                 }
-                c.links.push((spec.name, target, idx.unwrap_or(0) as usize));
+                c.links.push((spec.name, target, idx as usize));
                 continue;
             }
             match literal(&spec.kind, v, env) {
@@ -577,7 +602,8 @@ fn literal(kind: &InputKind, v: &Json, env: &JobEnv) -> Result<Json, Fault> {
             let s = v
                 .as_str()
                 .ok_or_else(|| Fault::Invalid(format!("expects a file name, got {v}")))?;
-            // ComfyUI appends " [input]" / " [output]" annotations in some clients.
+            // Some ComfyUI clients annotate a file with its folder: "name.png [input]".
+            // Only the input folder is read from, so only that annotation is accepted.
             let name = s.strip_suffix(" [input]").unwrap_or(s);
             let (base, folder_name) = match folder {
                 FileFolder::Input => (&env.input_dir, "the input folder"),

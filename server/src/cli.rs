@@ -72,12 +72,24 @@ struct RunArgs {
     /// Worker threads (default: available cores).
     #[arg(long)]
     workers: Option<usize>,
-    /// Largest tile side in pixels for tileable nodes; 0 disables tiling.
-    #[arg(long, default_value_t = 256)]
+    /// Largest tile side in pixels for tileable nodes (at least 16); 0 disables tiling.
+    #[arg(long, default_value_t = 256, value_parser = parse_tile_size)]
     tile_size: usize,
     /// Job id used in events.
     #[arg(long, default_value = "cli")]
     job_id: String,
+}
+
+/// `--tile-size`: 0 (off) or at least [`nova_dataflow::MIN_TILE`].
+fn parse_tile_size(s: &str) -> Result<usize, String> {
+    let v: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if v != 0 && v < nova_dataflow::MIN_TILE {
+        return Err(format!(
+            "tiles smaller than {} pixels are not useful; use 0 to turn tiling off",
+            nova_dataflow::MIN_TILE
+        ));
+    }
+    Ok(v)
 }
 
 /// Entry point of the binary.

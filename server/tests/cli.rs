@@ -121,7 +121,7 @@ fn each_invalid_workflow_exits_3_with_node_and_input_named() {
                 "\"3\": {",
                 "\"4\": {\"class_type\": \"ImageInvert\", \"inputs\": {\"image\": [\"2\", 0]}},\n  \"3\": {",
             ),
-            vec!["cycle", "2", "4"],
+            vec!["cycle through nodes 4 -> 2 -> 4"],
         ),
         ("file", OK.replace("card.png", "absent.png"), vec!["node 1", "'image'", "absent.png"]),
         (
@@ -136,9 +136,12 @@ fn each_invalid_workflow_exits_3_with_node_and_input_named() {
         let wf = s.workflow(&format!("{name}.json"), &text);
         let out = nova(&["run", &wf], &s.dir);
         assert_clean_failure(&out, 3, &needles);
+        let written: Vec<_> = std::fs::read_dir(s.dir.join("output"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
         assert!(
-            !s.dir.join("output/cli_00001_.png").exists(),
-            "{name}: nothing may be written"
+            written.is_empty(),
+            "{name}: nothing may be written: {written:?}"
         );
     }
 }
@@ -165,6 +168,29 @@ fn bad_usage_exits_2() {
     let s = Setup::new("usage");
     let out = nova(&["run", "x.json", "--workers", "many"], &s.dir);
     assert_eq!(out.status.code(), Some(2));
+    let wf = s.workflow("ok.json", OK);
+    let out = nova(&["run", &wf, "--tile-size", "4"], &s.dir);
+    assert_clean_failure(&out, 2, &["--tile-size", "16"]);
+}
+
+#[test]
+fn non_ascii_text_in_a_workflow_is_saved_with_the_image() {
+    let s = Setup::new("unicode");
+    let wf = s.workflow("u.json", &OK.replace("\"cli\"", "\"café/東京\""));
+    let out = nova(&["run", &wf], &s.dir);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = std::fs::read(s.dir.join("output/café/東京_00001_.png")).unwrap();
+    // The workflow rides along in a tEXt chunk, escaped to ASCII as ComfyUI writes it.
+    let text = String::from_utf8_lossy(&png);
+    assert!(
+        text.contains("caf\\u00e9/\\u6771\\u4eac"),
+        "prompt chunk missing"
+    );
 }
 
 #[test]

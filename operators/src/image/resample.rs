@@ -88,7 +88,16 @@ fn lanczos3(x: f64) -> f64 {
 }
 
 /// Builds the table mapping `n_out` outputs onto inputs `offset .. offset + n_in`.
+/// An empty input (`n_in == 0`) has nothing to read: every output reads index `offset` with
+/// weight 0 rather than panicking; callers never size an image at 0.
 pub fn table(method: Method, n_in: usize, n_out: usize, offset: usize) -> AxisTable {
+    if n_in == 0 {
+        return AxisTable {
+            taps: 1,
+            index: vec![offset as u32; n_out],
+            weight: vec![0.0; n_out],
+        };
+    }
     let scale = n_in as f64 / n_out as f64;
     let last = n_in as i64 - 1;
     let clampi = |i: i64| i.clamp(0, last) as usize;

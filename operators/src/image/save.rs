@@ -49,27 +49,28 @@ fn save_images(
         path: folder.display().to_string(),
         reason: e.to_string(),
     })?;
-    // ComfyUI stores `255 * x` clipped and truncated to u8.
-    let samples: Vec<u8> = image
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(|v| (v * 255.0).clamp(0.0, 255.0) as u8)
-        .collect();
     let text = match &ctx.prompt {
-        Some(p) => vec![("prompt".to_string(), p.to_string())],
+        Some(p) => vec![("prompt".to_string(), ascii_json(&p.to_string()))],
         None => vec![],
     };
     let _guard = SAVE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let first = next_counter(&folder, &stem);
     let mut images = Vec::with_capacity(b);
-    let per = h * w * c;
-    for (i, chunk) in samples.chunks(per).enumerate() {
+    for i in 0..b {
+        // One image at a time, so a batch never holds a second full copy as bytes.
+        // ComfyUI stores `255 * x` clipped and truncated to u8.
+        let samples: Vec<u8> = image
+            .get(i)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|v| (v * 255.0).clamp(0.0, 255.0) as u8)
+            .collect();
         let counter = first + i as u64;
         let name = stem.replace("%batch_num%", &i.to_string());
         let file = format!("{name}_{counter:05}_.png");
         let path = folder.join(&file);
-        nova_media::encode_png(&path, w, h, c, chunk, &text).map_err(|e| NodeError::File {
+        nova_media::encode_png(&path, w, h, c, &samples, &text).map_err(|e| NodeError::File {
             path: path.display().to_string(),
             reason: e.reason().to_string(),
         })?;
@@ -83,6 +84,38 @@ fn save_images(
         values: vec![],
         ui: Some(json!({ "images": images })),
     })
+}
+
+/// JSON text with every non-ASCII character escaped as `\uXXXX` (surrogate pairs beyond the
+/// BMP), as ComfyUI's `json.dumps` writes it: PNG `tEXt` chunks hold Latin-1 only, and the
+/// escaped text parses back to the same JSON.
+fn ascii_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for ch in text.chars() {
+        if ch.is_ascii() {
+            out.push(ch);
+        } else {
+            let mut units = [0u16; 2];
+            for u in ch.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{u:04x}"));
+            }
+        }
+    }
+    out
+}
+
+/// A node id made safe for a file name: anything but ASCII letters, digits, `-` and `_`
+/// becomes `_`.
+fn file_safe(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// Splits `sub/dir/name` into a safe subfolder and a file stem.
@@ -206,7 +239,7 @@ impl Node for PreviewImage {
         inputs: Inputs<Value>,
         ctx: &ExecContext,
     ) -> Result<NodeOutput, NodeError> {
-        let prefix = format!("NOVA_temp_{}", ctx.node_id);
+        let prefix = format!("NOVA_temp_{}", file_safe(&ctx.node_id.0));
         save_images(Kind::Temp, &prefix, &inputs, ctx)
     }
 }
@@ -226,6 +259,23 @@ mod tests {
     fn escaping_prefix_is_refused() {
         assert!(split_prefix("../evil").is_err());
         assert!(split_prefix("/abs/evil").is_err());
+    }
+
+    #[test]
+    fn non_ascii_prompt_text_is_escaped_and_parses_back() {
+        let v = serde_json::json!({"1": {"inputs": {"text": "café 東京 🎨"}}});
+        let text = ascii_json(&v.to_string());
+        assert!(text.is_ascii(), "{text}");
+        assert!(text.contains("caf\\u00e9"), "{text}");
+        assert!(text.contains("\\ud83c\\udfa8"), "{text}");
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn node_ids_become_safe_file_names() {
+        assert_eq!(file_safe("../x/é 1"), "___x___1");
+        assert_eq!(file_safe("12:sub-a_b"), "12_sub-a_b");
     }
 
     #[test]

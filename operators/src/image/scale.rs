@@ -3,12 +3,13 @@
 //! `ImageScaleBy` rounds `size * scale_by` (Python's round: half to even).
 //! Receptive field: the span of the resampling taps of a tile's rows and columns.
 
-use super::resample::{apply_axis, quantize_in, quantize_out, table, Method, METHODS};
+use super::resample::{apply_axis, quantize_in, quantize_out, table, AxisTable, Method, METHODS};
 use super::TileNode;
 use crate::spec::{combo, float, int, link, out, MAX_RESOLUTION};
 use candle_core::{Result, Tensor};
 use nova_dataflow::{Args, DataType, NodeError, NodeSchema, Rect};
 use nova_engines::{Border, TileKernel, Window};
+use std::sync::{Arc, Mutex};
 
 /// How the output size is derived from the input size.
 #[derive(Clone, Copy, Debug)]
@@ -25,9 +26,15 @@ pub enum Target {
 
 /// Resampling kernel for a method and target.
 pub struct ScaleKernel {
-    pub method: Method,
-    pub target: Target,
+    method: Method,
+    target: Target,
+    /// Tables for the last input size asked about: a tiled run asks once per tile, and the
+    /// tables of a large image take a while to build.
+    cache: Mutex<Option<(usize, usize, Arc<Tables>)>>,
 }
+
+/// Row and column tables.
+type Tables = (AxisTable, AxisTable);
 
 /// The crop ComfyUI's `common_upscale(crop="center")` applies: `(x, y, w, h)` of the input.
 fn crop_box(h: usize, w: usize, oh: usize, ow: usize, crop: bool) -> (usize, usize, usize, usize) {
@@ -42,22 +49,50 @@ fn crop_box(h: usize, w: usize, oh: usize, ow: usize, crop: bool) -> (usize, usi
     } else if old < new {
         y = ((h as f64 - h as f64 * (old / new)) / 2.0).round_ties_even() as usize;
     }
+    // An extreme aspect change would crop to nothing; keep at least the centre pixel.
+    let x = x.min(w.saturating_sub(1) / 2);
+    let y = y.min(h.saturating_sub(1) / 2);
     (x, y, w - 2 * x, h - 2 * y)
 }
 
 impl ScaleKernel {
-    fn tables(
-        &self,
-        h: usize,
-        w: usize,
-    ) -> (super::resample::AxisTable, super::resample::AxisTable) {
+    /// A kernel for `method` and `target`.
+    pub fn new(method: Method, target: Target) -> Self {
+        ScaleKernel {
+            method,
+            target,
+            cache: Mutex::new(None),
+        }
+    }
+
+    /// ComfyUI's `ImageScale` with width and height both 0 returns the image unchanged.
+    fn identity(&self) -> bool {
+        matches!(
+            self.target,
+            Target::Size {
+                width: 0,
+                height: 0,
+                ..
+            }
+        )
+    }
+
+    fn tables(&self, h: usize, w: usize) -> Arc<Tables> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((ch, cw, t)) = cache.as_ref() {
+            if (*ch, *cw) == (h, w) {
+                return t.clone();
+            }
+        }
         let (oh, ow) = self.output_size(h, w);
         let crop = matches!(self.target, Target::Size { crop: true, .. });
         let (cx, cy, cw, ch) = crop_box(h, w, oh, ow, crop);
-        (
+        let t = Arc::new((
             table(self.method, ch, oh, cy),
             table(self.method, cw, ow, cx),
-        )
+        ));
+        *cache = Some((h, w, t.clone()));
+        t
     }
 }
 
@@ -90,7 +125,11 @@ impl TileKernel for ScaleKernel {
     }
 
     fn window(&self, out: Rect, h: usize, w: usize) -> Window {
-        let (ty, tx) = self.tables(h, w);
+        if self.identity() {
+            return Window::around(out, 0);
+        }
+        let t = self.tables(h, w);
+        let (ty, tx) = (&t.0, &t.1);
         let (y0, y1) = ty.span(out.y, out.h);
         let (x0, x1) = tx.span(out.x, out.w);
         Window {
@@ -113,16 +152,20 @@ impl TileKernel for ScaleKernel {
         h: usize,
         w: usize,
     ) -> Result<Tensor> {
-        let (ty, tx) = self.tables(h, w);
+        if self.identity() {
+            return Ok(source.clone());
+        }
+        let t = self.tables(h, w);
+        let (ty, tx) = (&t.0, &t.1);
         let q = self.method.quantized();
         let src = if q {
             quantize_in(source)?
         } else {
             source.clone()
         };
-        let rows = apply_axis(&src, 2, &tx, out.x, out.w, window.x as usize)?;
+        let rows = apply_axis(&src, 2, tx, out.x, out.w, window.x as usize)?;
         let rows = if q { quantize_out(&rows)? } else { rows };
-        let res = apply_axis(&rows, 1, &ty, out.y, out.h, window.y as usize)?;
+        let res = apply_axis(&rows, 1, ty, out.y, out.h, window.y as usize)?;
         if q {
             quantize_out(&res)
         } else {
@@ -182,14 +225,14 @@ impl TileNode for ImageScale {
     }
 
     fn kernel(&self, args: &Args) -> std::result::Result<ScaleKernel, NodeError> {
-        Ok(ScaleKernel {
-            method: method(args)?,
-            target: Target::Size {
+        Ok(ScaleKernel::new(
+            method(args)?,
+            Target::Size {
                 width: args.int("width")? as usize,
                 height: args.int("height")? as usize,
                 crop: args.string("crop")? == "center",
             },
-        })
+        ))
     }
 }
 
@@ -232,9 +275,24 @@ impl TileNode for ImageScaleBy {
     }
 
     fn kernel(&self, args: &Args) -> std::result::Result<ScaleKernel, NodeError> {
-        Ok(ScaleKernel {
-            method: method(args)?,
-            target: Target::Factor(args.float("scale_by")?),
-        })
+        Ok(ScaleKernel::new(
+            method(args)?,
+            Target::Factor(args.float("scale_by")?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extreme_aspect_crop_keeps_at_least_one_pixel() {
+        // 640x480 to 16384x1 with a centre crop: the crop would be 0 rows high.
+        let (x, y, w, h) = crop_box(480, 640, 1, 16384, true);
+        assert_eq!((x, w), (0, 640));
+        assert!(h >= 1 && y + h <= 480, "crop {y}+{h}");
+        let (_, _, w, h) = crop_box(1, 1, 7, 9000, true);
+        assert_eq!((w, h), (1, 1));
     }
 }
