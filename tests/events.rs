@@ -187,6 +187,7 @@ fn a_node_failing_at_run_time_ends_the_job_with_its_id_and_the_engine_runs_on() 
             node_id,
             node_type,
             message,
+            ..
         } => {
             assert_eq!(node_id.as_deref(), Some("1"));
             assert_eq!(node_type.as_deref(), Some("LoadImage"));

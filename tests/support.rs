@@ -2,7 +2,7 @@
 //! through the real engine while collecting its events.
 
 use nova_dataflow::{
-    plan, run, workflow, CancelToken, ChunkSize, Emitter, Event, EventKind, EventSink, JobEnv,
+    plan, run, workflow, Bytes, CancelToken, Emitter, Event, EventKind, EventSink, JobEnv,
     Lifecycle, PlanOptions, RunError, RunOptions, RunReport,
 };
 use std::path::{Path, PathBuf};
@@ -79,6 +79,17 @@ pub fn run_workflow(json: &str, env: &JobEnv, tile: Option<usize>, workers: usiz
     run_workflow_cancelling(json, env, tile, workers, |_| false)
 }
 
+/// Plan options for tiles of at most `tile` pixels (down to 16 where a tile must be cut
+/// smaller) on `workers` workers, without a memory limit.
+pub fn options(tile: Option<usize>, workers: usize) -> PlanOptions {
+    PlanOptions {
+        tile,
+        min_tile: tile.unwrap_or(16).min(16),
+        workers,
+        ..PlanOptions::default()
+    }
+}
+
 /// Like [`run_workflow`], and cancels the job as soon as `cancel_on` holds for an event.
 pub fn run_workflow_cancelling(
     json: &str,
@@ -87,16 +98,20 @@ pub fn run_workflow_cancelling(
     workers: usize,
     cancel_on: fn(&Event) -> bool,
 ) -> Outcome {
+    run_planned(json, env, &options(tile, workers), None, cancel_on)
+}
+
+/// Validates, plans with `opts` and runs a workflow, reporting `budget` with its end.
+pub fn run_planned(
+    json: &str,
+    env: &JobEnv,
+    opts: &PlanOptions,
+    budget: Option<Bytes>,
+    cancel_on: fn(&Event) -> bool,
+) -> Outcome {
     let registry = nova_operators::registry();
     let wf = workflow::load(json, &registry, env).expect("workflow validates");
-    let opts = PlanOptions {
-        tile: tile.map(|t| ChunkSize::Tile {
-            width: t,
-            height: t,
-        }),
-        ..PlanOptions::default()
-    };
-    let plan = plan(&wf, env, &opts).expect("workflow plans");
+    let plan = plan(&wf, env, opts).expect("workflow plans");
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink_events = events.clone();
     let cancel = CancelToken::new();
@@ -116,9 +131,9 @@ pub fn run_workflow_cancelling(
         Arc::new(plan.clone()),
         env.clone(),
         RunOptions {
-            workers,
             job_id: "test".into(),
             cancel,
+            budget,
         },
         emitter,
     );

@@ -56,14 +56,14 @@ fn assert_tiled_equals_whole(
         "{class_type}: expected several tiles, got {}",
         chunks.len()
     );
-    let parts = chunks
-        .iter()
-        .map(|c| {
-            let piece = op.split(&input, c).unwrap();
-            (*c, op.process(&info, c, piece).unwrap())
-        })
-        .collect();
-    let merged = op.merge(&op.output_info(&info).unwrap(), parts).unwrap();
+    let mut merger = op.merger(&op.output_info(&info).unwrap()).unwrap();
+    for c in &chunks {
+        let piece = op.split(&input, c).unwrap();
+        merger
+            .add(c, op.process(&info, c, &piece).unwrap())
+            .unwrap();
+    }
+    let merged = merger.finish().unwrap();
     let merged = merged.as_image().unwrap();
     assert_eq!(merged.dims(), whole.dims(), "{class_type} {args:?}: shape");
     let a: Vec<u32> = whole

@@ -1,9 +1,9 @@
 //! The engine-overhead benchmark's two contenders, built from the same plan.
 
 use nova_dataflow::{
-    plan, run, workflow, Args, ChunkSize, DataType, Emitter, EventSink, ExecContext, ExecutionPlan,
-    InputKind, InputSpec, Inputs, JobEnv, Node, NodeError, NodeId, NodeOutput, NodeRegistry,
-    NodeSchema, PlanOptions, RunOptions, ValidatedWorkflow, Value,
+    plan, run, workflow, Args, DataType, Emitter, EventSink, ExecContext, ExecutionPlan, InputKind,
+    InputSpec, Inputs, JobEnv, Node, NodeError, NodeId, NodeOutput, NodeRegistry, NodeSchema,
+    PlanOptions, RunOptions, ValidatedWorkflow, Value,
 };
 use std::sync::Arc;
 
@@ -77,10 +77,8 @@ impl Setup {
         let env = JobEnv::new("bench-in", "bench-out", "bench-tmp");
         let wf = workflow::load(&text, &registry, &env).expect("bench workflow is valid");
         let opts = PlanOptions {
-            tile: Some(ChunkSize::Tile {
-                width: tile,
-                height: tile,
-            }),
+            tile: Some(tile),
+            workers: 1,
             ..PlanOptions::default()
         };
         let plan = plan(&wf, &env, &opts).expect("bench workflow plans");
@@ -110,10 +108,7 @@ impl Setup {
             self.wf.clone(),
             self.plan.clone(),
             self.env.clone(),
-            RunOptions {
-                workers: 1,
-                ..RunOptions::default()
-            },
+            RunOptions::default(),
             Arc::new(Emitter::new("bench", sink)),
         )
         .expect("bench run succeeds");
@@ -132,14 +127,12 @@ impl Setup {
         let op = blur.node.chunked(&blur.args).expect("blur is tileable").op;
         let np = &self.plan.nodes[1];
         let info = np.chunked_input.expect("tiled");
-        let parts = np
-            .chunks
-            .iter()
-            .map(|c| {
-                let piece = op.split(&image, c).expect("split");
-                (*c, op.process(&info, c, piece).expect("process"))
-            })
-            .collect();
-        op.merge(&np.outputs[0], parts).expect("merge")
+        let mut merger = op.merger(&np.outputs[0]).expect("merger");
+        for c in &np.chunks {
+            let piece = op.split(&image, c).expect("split");
+            let part = op.process(&info, c, &piece).expect("process");
+            merger.add(c, part).expect("merge");
+        }
+        merger.finish().expect("merge")
     }
 }

@@ -65,6 +65,26 @@ pub enum ChunkSize {
     Tile { width: usize, height: usize },
 }
 
+/// Device memory of one chunk while it is processed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ChunkMemory {
+    /// What `split` cut for it (the tile with its halo).
+    pub piece: u64,
+    /// The processed chunk.
+    pub result: u64,
+    /// Kernel temporaries while it is processed.
+    pub workspace: u64,
+}
+
+/// Assembles a node's output from processed chunks as they arrive, so a chunk's memory
+/// returns as soon as it is pasted.
+pub trait Merger: Send {
+    /// Pastes one processed chunk.
+    fn add(&mut self, chunk: &ChunkSpec, part: Value) -> Result<(), NodeError>;
+    /// The assembled output, once every chunk was added.
+    fn finish(self: Box<Self>) -> Result<Value, NodeError>;
+}
+
 /// How a node runs chunk by chunk. Implemented by the media engines.
 pub trait ChunkedOp: Send + Sync {
     /// Cuts the output that `input` produces into chunks of at most `size`. Pure.
@@ -82,13 +102,30 @@ pub trait ChunkedOp: Send + Sync {
         &self,
         input: &ValueInfo,
         chunk: &ChunkSpec,
-        piece: Value,
+        piece: &Value,
     ) -> Result<Value, NodeError>;
 
-    /// Assembles the output from all processed chunks (in any order).
-    fn merge(&self, output: &ValueInfo, parts: Vec<(ChunkSpec, Value)>)
-        -> Result<Value, NodeError>;
+    /// Cuts `chunk` into sub-chunks of at most `size`, for a retry when memory ran short. The
+    /// default cannot cut: the chunk itself.
+    fn subdivide(&self, chunk: &ChunkSpec, _size: ChunkSize) -> Vec<ChunkSpec> {
+        vec![*chunk]
+    }
 
-    /// Bytes of device memory one chunk needs while it is processed (piece, result, workspace).
-    fn chunk_bytes(&self, input: &ValueInfo, chunk: &ChunkSpec) -> u64;
+    /// Computes `chunk` from its `piece` as the sub-chunks `subs` (from [`Self::subdivide`]),
+    /// one after another; the result equals [`Self::process`]'s.
+    fn process_subdivided(
+        &self,
+        input: &ValueInfo,
+        chunk: &ChunkSpec,
+        piece: &Value,
+        _subs: &[ChunkSpec],
+    ) -> Result<Value, NodeError> {
+        self.process(input, chunk, piece)
+    }
+
+    /// A fresh assembler for an output of shape `output`.
+    fn merger(&self, output: &ValueInfo) -> Result<Box<dyn Merger>, NodeError>;
+
+    /// Device memory one chunk needs while it is processed.
+    fn chunk_memory(&self, input: &ValueInfo, chunk: &ChunkSpec) -> ChunkMemory;
 }

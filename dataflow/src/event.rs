@@ -10,21 +10,29 @@
 //! | type | data | when |
 //! |---|---|---|
 //! | `lifecycle` | `state`: `planning`, `running`, `streaming_partial`, `finalizing` | the job enters that state |
+//! | `telemetry.memory_forecast` | `profile` (when known), `budget_bytes`, `limit_bytes` (budget minus headroom), `forecast_peak_bytes`, `naive_peak_bytes` (every node whole), `fits`, `nodes`: `[{node, mode, tile, chunks, forecast_bytes}]` | the plan is fixed, before any node runs |
+//! | `telemetry.retry` | `node`, `chunk`, `tile_from`, `tile_to`, `reason` | a chunk ran short of memory and is re-run as smaller tiles |
 //! | `telemetry.node_start` | `node`, `class_type`, `mode`, `chunks` | the frontier of every input of the node passed the time of its input: the node may run |
 //! | `telemetry.chunk` | `node`, `chunk`, `chunks`, `rect` (tiles), `progress` `{value, max}` over all chunks of the job | the frontier after the node's kernel passed the chunk's timestamp |
 //! | `telemetry.node_end` | `node`, `class_type`, `wall_ms`, `chunks` | the frontier of the node's output passed its output time |
 //! | `output.partial.image` | `node` (the output node), `source_node`, `tile` `{x,y,w,h}`, `tile_index`, `tiles`, `width`, `height` | a tile of an image that an output node consumes is final |
 //! | `executed` | `node`, `output` (ComfyUI's UI record, e.g. `{"images": [...]}`) | an output node finished |
-//! | `execution_success` | `wall_ms` | the job finished; always the last event |
-//! | `execution_error` | `node_id`, `node_type`, `message` | the job failed; always the last event |
-//! | `execution_interrupted` | `node_id` (if known) | the job was interrupted; always the last event |
+//! | `execution_success` | `wall_ms`, `budget_bytes`, `tracked_peak_bytes` | the job finished; always the last event |
+//! | `execution_error` | `node_id`, `node_type`, `message`, and once it ran `budget_bytes`, `tracked_peak_bytes` | the job failed; always the last event |
+//! | `execution_interrupted` | `node_id` (if known), `budget_bytes`, `tracked_peak_bytes` | the job was interrupted; always the last event |
 //!
-//! Invariant: every event except `lifecycle: planning` and the final one is derived by the
-//! driver from probes on the dataflow's frontiers — operators never call back to report.
+//! `budget_bytes` is `null` when the device memory could not be read (the job was admitted
+//! without a limit); `tracked_peak_bytes` is the most device memory the accountant counted
+//! the job holding at once. `profile` in the forecast is filled in by the caller that chose it.
+//!
+//! Invariant: every event except `lifecycle: planning`, the forecast and the final one is
+//! derived by the driver from probes on the dataflow's frontiers and from what operators
+//! recorded (retries) — operators never call back to report.
 //! Hence for every node: `node_start` < its `chunk` events < `node_end`, and a tile's
 //! `output.partial.image` follows the `chunk` event that made it final.
 
 use crate::chunk::Rect;
+use crate::plan::ExecutionPlan;
 use crate::schema::ExecMode;
 use crate::value::Value;
 use serde::Serialize;
@@ -53,12 +61,77 @@ pub struct Progress {
     pub max: u64,
 }
 
+/// Memory figures of a finished job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct MemoryUse {
+    pub budget_bytes: Option<u64>,
+    pub tracked_peak_bytes: u64,
+}
+
+/// One node of a memory forecast.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NodeForecastEvent {
+    pub node: String,
+    pub mode: ExecMode,
+    pub tile: Option<usize>,
+    pub chunks: u32,
+    pub forecast_bytes: u64,
+}
+
+/// The `telemetry.memory_forecast` payload.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MemoryForecast {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    pub budget_bytes: Option<u64>,
+    pub limit_bytes: Option<u64>,
+    pub forecast_peak_bytes: u64,
+    pub naive_peak_bytes: u64,
+    pub fits: bool,
+    pub nodes: Vec<NodeForecastEvent>,
+}
+
+impl MemoryForecast {
+    /// The forecast of a plan.
+    pub fn of(plan: &ExecutionPlan, budget_bytes: Option<u64>) -> MemoryForecast {
+        MemoryForecast {
+            profile: None,
+            budget_bytes,
+            limit_bytes: plan.limit_bytes,
+            forecast_peak_bytes: plan.forecast_peak_bytes,
+            naive_peak_bytes: plan.naive_peak_bytes,
+            fits: plan.fits,
+            nodes: plan
+                .nodes
+                .iter()
+                .map(|n| NodeForecastEvent {
+                    node: n.node.clone(),
+                    mode: n.mode,
+                    tile: n.tile,
+                    chunks: n.chunk_count(),
+                    forecast_bytes: n.forecast.peak_bytes,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The payload of an event; see the module docs for the schema.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", content = "data")]
 pub enum EventKind {
     #[serde(rename = "lifecycle")]
     Lifecycle { state: Lifecycle },
+    #[serde(rename = "telemetry.memory_forecast")]
+    MemoryForecast(MemoryForecast),
+    #[serde(rename = "telemetry.retry")]
+    Retry {
+        node: String,
+        chunk: u32,
+        tile_from: usize,
+        tile_to: usize,
+        reason: String,
+    },
     #[serde(rename = "telemetry.node_start")]
     NodeStart {
         node: String,
@@ -95,15 +168,25 @@ pub enum EventKind {
     #[serde(rename = "executed")]
     Executed { node: String, output: Json },
     #[serde(rename = "execution_success")]
-    Success { wall_ms: f64 },
+    Success {
+        wall_ms: f64,
+        #[serde(flatten)]
+        memory: MemoryUse,
+    },
     #[serde(rename = "execution_error")]
     Error {
         node_id: Option<String>,
         node_type: Option<String>,
         message: String,
+        #[serde(flatten, skip_serializing_if = "Option::is_none")]
+        memory: Option<MemoryUse>,
     },
     #[serde(rename = "execution_interrupted")]
-    Interrupted { node_id: Option<String> },
+    Interrupted {
+        node_id: Option<String>,
+        #[serde(flatten, skip_serializing_if = "Option::is_none")]
+        memory: Option<MemoryUse>,
+    },
 }
 
 /// One event of a job.
@@ -133,6 +216,8 @@ impl Event {
     pub fn type_name(&self) -> &'static str {
         match self.kind {
             EventKind::Lifecycle { .. } => "lifecycle",
+            EventKind::MemoryForecast(_) => "telemetry.memory_forecast",
+            EventKind::Retry { .. } => "telemetry.retry",
             EventKind::NodeStart { .. } => "telemetry.node_start",
             EventKind::Chunk { .. } => "telemetry.chunk",
             EventKind::NodeEnd { .. } => "telemetry.node_end",

@@ -18,8 +18,9 @@
 //! panic is caught, recorded, and turns every later operator into a no-op, so a failed job
 //! drains quickly and fails alone.
 
-use crate::chunk::ChunkSpec;
-use crate::event::{Emitter, EventKind, Lifecycle, Progress};
+use crate::chunk::{ChunkSize, ChunkSpec, ChunkedOp, Merger};
+use crate::event::{Emitter, EventKind, Lifecycle, MemoryForecast, MemoryUse, Progress};
+use crate::memory::{Accountant, Bytes, Lease};
 use crate::node::{guarded, Chunking, ExecContext, Inputs, JobEnv, NodeError, NodeId};
 use crate::plan::ExecutionPlan;
 use crate::schema::ExecMode;
@@ -29,7 +30,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use timely::container::CapacityContainerBuilder;
@@ -71,26 +72,32 @@ impl CancelToken {
     }
 }
 
-/// How to run a job.
+/// How to run a job. The worker count and the memory limit come from the plan, which was
+/// fitted to them.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    /// Worker threads (at least 1).
-    pub workers: usize,
     /// The job's id in events.
     pub job_id: String,
     pub cancel: CancelToken,
+    /// The device budget (headroom included), reported with the job's end.
+    pub budget: Option<Bytes>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
-            workers: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
             job_id: "job".into(),
             cancel: CancelToken::new(),
+            budget: None,
         }
     }
+}
+
+/// Worker threads by default: the machine's cores.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Timing of one node in a finished run.
@@ -110,6 +117,12 @@ pub struct RunReport {
     pub outputs: BTreeMap<String, Json>,
     pub nodes: Vec<NodeStats>,
     pub wall_ms: f64,
+    /// The device budget, if known.
+    pub budget_bytes: Option<u64>,
+    /// The most device memory the run held at once, as the accountant counted it.
+    pub tracked_peak_bytes: u64,
+    /// Chunks re-run at a smaller tile because memory ran short.
+    pub retries: u32,
 }
 
 /// Why a run failed.
@@ -137,6 +150,21 @@ struct Shared {
     captured: Mutex<HashMap<(usize, u32), Value>>,
     /// Per node: whether it produced its outputs (so a stop after it still reports it).
     ran: Vec<AtomicBool>,
+    /// Counts every value and workspace the run holds against the limit.
+    acct: Arc<Accountant>,
+    /// Chunks re-run at a smaller tile, for the driver to announce.
+    retries: Mutex<Vec<Retry>>,
+    retry_count: AtomicU64,
+}
+
+/// A chunk that ran short of memory and was re-run as smaller tiles.
+#[derive(Clone, Debug)]
+struct Retry {
+    node: usize,
+    chunk: u32,
+    from: usize,
+    to: usize,
+    reason: String,
 }
 
 impl Shared {
@@ -186,9 +214,19 @@ pub fn run(
         ui: Mutex::new(BTreeMap::new()),
         captured: Mutex::new(HashMap::new()),
         ran: wf.nodes.iter().map(|_| AtomicBool::new(false)).collect(),
+        acct: match plan.limit_bytes {
+            Some(l) => Accountant::new(Bytes(l)),
+            None => Accountant::unlimited(),
+        },
+        retries: Mutex::new(Vec::new()),
+        retry_count: AtomicU64::new(0),
     });
     let stats: Arc<Mutex<Vec<NodeStats>>> = Arc::new(Mutex::new(Vec::new()));
-    let workers = opts.workers.max(1);
+    let workers = plan.workers.max(1);
+    emitter.emit(EventKind::MemoryForecast(MemoryForecast::of(
+        &plan,
+        opts.budget.map(|b| b.0),
+    )));
     let result = {
         let (wf, plan, shared, emitter, stats) = (
             wf.clone(),
@@ -255,11 +293,18 @@ pub fn run(
                     .collect(),
                 nodes: std::mem::take(&mut *stats.lock().unwrap_or_else(|p| p.into_inner())),
                 wall_ms,
+                budget_bytes: opts.budget.map(|b| b.0),
+                tracked_peak_bytes: shared.acct.peak().0,
+                retries: shared.retry_count.load(Ordering::SeqCst) as u32,
             })
         }
     };
+    let memory = MemoryUse {
+        budget_bytes: opts.budget.map(|b| b.0),
+        tracked_peak_bytes: shared.acct.peak().0,
+    };
     match &outcome {
-        Ok(_) => emitter.emit(EventKind::Success { wall_ms }),
+        Ok(_) => emitter.emit(EventKind::Success { wall_ms, memory }),
         Err(RunError::Node {
             node,
             class_type,
@@ -268,12 +313,17 @@ pub fn run(
             node_id: Some(node.clone()),
             node_type: Some(class_type.clone()),
             message: error.to_string(),
+            memory: Some(memory),
         }),
-        Err(RunError::Interrupted) => emitter.emit(EventKind::Interrupted { node_id: None }),
+        Err(RunError::Interrupted) => emitter.emit(EventKind::Interrupted {
+            node_id: None,
+            memory: Some(memory),
+        }),
         Err(e @ RunError::Runtime(_)) => emitter.emit(EventKind::Error {
             node_id: None,
             node_type: None,
             message: e.to_string(),
+            memory: Some(memory),
         }),
     }
     outcome
@@ -313,6 +363,12 @@ fn build(
                 })
             })
             .collect();
+        // Nodes run one after another in plan order (the memory forecast assumes it): the
+        // previous node's output joins the input as a gate that carries no data.
+        let mut tagged = tagged;
+        if ix > 0 {
+            tagged.push(outputs[ix - 1].clone().flat_map(|_r: Record| None));
+        }
         let input: Recs = if tagged.is_empty() {
             empty(scope)
         } else {
@@ -347,7 +403,17 @@ fn build(
                 .probe_with(&out_probe)
             }
             Some(chunking) => {
-                let pieces = split(input, ix, owner == me, &chunking, wf, plan, shared);
+                let pieces = split(
+                    scope,
+                    input,
+                    ix,
+                    owner == me,
+                    &chunking,
+                    wf,
+                    plan,
+                    shared,
+                    &chunk_probe,
+                );
                 let done = process(scope, pieces, ix, &chunking, plan, shared);
                 let sh = shared.clone();
                 let done = done
@@ -394,6 +460,9 @@ fn named_inputs(wf: &ValidatedWorkflow, ix: usize, stash: &mut Vec<Record>) -> I
 }
 
 /// An atomic node: waits for all inputs, runs once, emits all outputs at the output time.
+///
+/// Memory: before the kernel runs it leases the node's forecast working set (outputs and
+/// workspace); the outputs then carry leases of their own and the working lease is returned.
 fn atomic<'s>(
     input: Recs<'s>,
     ix: usize,
@@ -403,7 +472,7 @@ fn atomic<'s>(
     ctx: ExecContext,
     shared: &Arc<Shared>,
 ) -> Recs<'s> {
-    let (wf, shared) = (wf.clone(), shared.clone());
+    let (wf, plan, shared) = (wf.clone(), plan.clone(), shared.clone());
     let (in_time, out_time) = (plan.nodes[ix].in_time, plan.nodes[ix].out_time);
     let owner_ix = (ix % input.scope().peers()) as u64;
     let name = format!("{}:{}", wf.nodes[ix].id, wf.nodes[ix].class_type);
@@ -420,11 +489,19 @@ fn atomic<'s>(
                 }
                 let cap = cap.take().expect("checked above");
                 if shared.stopped() {
+                    stash.clear();
                     return;
                 }
                 let n = &wf.nodes[ix];
                 let inputs = named_inputs(&wf, ix, &mut stash);
-                match guarded(|| n.node.execute(&n.args, inputs, &ctx)) {
+                let working = plan.nodes[ix].atomic_working_bytes();
+                let lease = match shared.acct.try_lease(working, &format!("node {}", n.id)) {
+                    Ok(l) => l,
+                    Err(oom) => return shared.fail(ix, NodeError::OutOfMemory(oom.to_string())),
+                };
+                let result = guarded(|| n.node.execute(&n.args, inputs, &ctx));
+                drop(lease);
+                match result {
                     Ok(out) => {
                         if let Some(ui) = out.ui {
                             shared
@@ -439,7 +516,7 @@ fn atomic<'s>(
                             session.give(Record {
                                 port: port as u32,
                                 chunk: 0,
-                                value,
+                                value: value.track(&shared.acct),
                             });
                         }
                     }
@@ -450,8 +527,12 @@ fn atomic<'s>(
     )
 }
 
-/// Cuts the whole input into chunk records, chunk `i` at `in_time + i`.
+/// Cuts the whole input into chunk records, chunk `i` at `in_time + i`, keeping at most the
+/// plan's in-flight count cut ahead of the chunks the probe has seen finished, so a node never
+/// holds all its pieces at once.
+#[allow(clippy::too_many_arguments)]
 fn split<'s>(
+    scope: Scope<'s, u64>,
     input: Recs<'s>,
     ix: usize,
     owner: bool,
@@ -459,71 +540,103 @@ fn split<'s>(
     wf: &Arc<ValidatedWorkflow>,
     plan: &Arc<ExecutionPlan>,
     shared: &Arc<Shared>,
+    done_probe: &ProbeHandle<u64>,
 ) -> Recs<'s> {
     let in_time = plan.nodes[ix].in_time;
-    let (wf, plan, shared, op, which) = (
+    let (wf, plan, shared, op, which, done_probe) = (
         wf.clone(),
         plan.clone(),
         shared.clone(),
         chunking.op.clone(),
         chunking.input,
+        done_probe.clone(),
     );
     let owner_ix = (ix % input.scope().peers()) as u64;
+    let total = plan.nodes[ix].chunks.len();
+    let ahead = plan.inflight_chunks(total);
     input.unary_frontier::<Cb, _, _, _>(
         Exchange::new(move |_r: &Record| owner_ix),
         "split",
-        move |cap, _info| {
+        move |cap, info| {
+            let activator = scope.activator_for(info.address.clone());
             let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&in_time));
             let mut stash: Vec<Record> = Vec::new();
+            let mut whole: Option<Value> = None;
+            let mut next = 0usize;
             move |(input, frontier), output| {
                 input.for_each(|_c, data| stash.append(data));
                 if cap.is_none() || frontier.frontier().less_equal(&in_time) {
                     return;
                 }
-                let cap = cap.take().expect("checked above");
                 if shared.stopped() {
+                    cap = None;
+                    whole = None;
+                    stash.clear();
                     return;
                 }
-                // The record on the link named by the chunking, with the shape it was planned for.
-                let links = &wf.nodes[ix].links;
-                let Some(whole) = stash
-                    .drain(..)
-                    .find(|r| links.get(r.port as usize).map(|l| l.input) == Some(which))
-                    .map(|r| r.value)
-                else {
-                    shared.fail(ix, NodeError::input(which, "no value arrived"));
-                    return;
-                };
-                let planned = plan.nodes[ix].chunked_input;
-                if planned != Some(whole.info()) {
-                    shared.fail(
-                        ix,
-                        NodeError::input(
-                            which,
-                            format!(
-                                "arrived as {:?}, but the plan cut it as {:?}",
-                                whole.info(),
-                                planned
-                            ),
-                        ),
-                    );
-                    return;
+                if whole.is_none() {
+                    // The record on the link the chunking names, with the shape it was planned for.
+                    let links = &wf.nodes[ix].links;
+                    let Some(value) = stash
+                        .drain(..)
+                        .find(|r| links.get(r.port as usize).map(|l| l.input) == Some(which))
+                        .map(|r| r.value)
+                    else {
+                        cap = None;
+                        return shared.fail(ix, NodeError::input(which, "no value arrived"));
+                    };
+                    stash.clear();
+                    let planned = plan.nodes[ix].chunked_input;
+                    if planned != Some(value.info()) {
+                        cap = None;
+                        let msg = format!(
+                            "arrived as {:?}, but the plan cut it as {:?}",
+                            value.info(),
+                            planned
+                        );
+                        return shared.fail(ix, NodeError::input(which, msg));
+                    }
+                    whole = Some(value);
                 }
-                for chunk in &plan.nodes[ix].chunks {
-                    match guarded(|| op.split(&whole, chunk)) {
+                // Chunks whose time the probe after the kernel has passed are finished.
+                let finished = done_probe.with_frontier(|f| {
+                    f.iter()
+                        .map(|t| t.saturating_sub(in_time) as usize)
+                        .min()
+                        .unwrap_or(total)
+                });
+                let c = cap.as_ref().expect("checked above");
+                let source = whole.as_ref().expect("set above");
+                while next < total && next < finished + ahead {
+                    let chunk = &plan.nodes[ix].chunks[next];
+                    match guarded(|| op.split(source, chunk)) {
                         Ok(piece) => {
-                            let at = cap.delayed(&(in_time + chunk.index as u64));
+                            let at = c.delayed(&(in_time + chunk.index as u64));
                             output.session(&at).give(Record {
                                 port: 0,
                                 chunk: chunk.index,
-                                value: piece,
+                                value: piece.track(&shared.acct),
                             });
                         }
                         Err(e) => {
-                            shared.fail(ix, e);
-                            return;
+                            cap = None;
+                            whole = None;
+                            return shared.fail(ix, e);
                         }
                     }
+                    next += 1;
+                }
+                if next < total {
+                    // Hold only the time of the next piece, so the probe after the kernel can
+                    // pass the chunks in flight as they finish; look again shortly.
+                    if let Some(c) = cap.as_mut() {
+                        c.downgrade(&(in_time + next as u64));
+                    }
+                    activator.activate_after(Duration::from_micros(200));
+                } else {
+                    // Every piece is cut: release the whole input and the capability.
+                    whole = None;
+                    cap = None;
                 }
             }
         },
@@ -531,6 +644,11 @@ fn split<'s>(
 }
 
 /// Processes chunk records on whichever worker they land, one per activation.
+///
+/// Memory: a chunk's result and workspace are leased before the kernel runs; if the lease is
+/// refused, the chunk is re-run as tiles of half the side (down to the plan's smallest),
+/// which read sub-windows of the same piece and so give the same pixels; each such retry is
+/// recorded for the driver to announce.
 fn process<'s>(
     scope: Scope<'s, u64>,
     pieces: Recs<'s>,
@@ -557,14 +675,11 @@ fn process<'s>(
                 // One chunk per activation: the frontier, and so the events, move per chunk.
                 if let Some((cap, r)) = queue.pop_front() {
                     if !shared.stopped() {
-                        let np = &plan.nodes[ix];
-                        let spec: ChunkSpec = np.chunks[r.chunk as usize];
-                        let info = np.chunked_input.unwrap_or(ValueInfo::Unknown);
-                        match guarded(|| op.process(&info, &spec, r.value)) {
+                        match process_chunk(&plan, &shared, op.as_ref(), ix, &r) {
                             Ok(value) => output.session(&cap).give(Record {
                                 port: 0,
                                 chunk: r.chunk,
-                                value,
+                                value: value.track(&shared.acct),
                             }),
                             Err(e) => shared.fail(ix, e),
                         }
@@ -578,7 +693,84 @@ fn process<'s>(
     )
 }
 
-/// Assembles processed chunks once the frontier passes the node's output time.
+/// Runs one chunk under a memory lease, subdividing it while the lease is refused.
+fn process_chunk(
+    plan: &ExecutionPlan,
+    shared: &Shared,
+    op: &dyn ChunkedOp,
+    ix: usize,
+    r: &Record,
+) -> Result<Value, NodeError> {
+    let np = &plan.nodes[ix];
+    let spec: ChunkSpec = *np
+        .chunks
+        .get(r.chunk as usize)
+        .ok_or_else(|| NodeError::Other(format!("chunk {} is not in the plan", r.chunk)))?;
+    let info = np.chunked_input.unwrap_or(ValueInfo::Unknown);
+    let full = guarded(|| Ok(op.chunk_memory(&info, &spec)))?;
+    let what = format!("chunk {} of node {}", r.chunk, np.node);
+    let mut side = np.tile.unwrap_or(0);
+    let min = plan.min_tile;
+    let mut subs = vec![spec];
+    loop {
+        // A subdivided chunk holds its whole result plus one sub-chunk's result and workspace.
+        let need = if subs.len() > 1 {
+            let worst = subs
+                .iter()
+                .map(|s| op.chunk_memory(&info, s))
+                .map(|m| m.result + m.workspace)
+                .max()
+                .unwrap_or(0);
+            full.result + worst
+        } else {
+            full.result + full.workspace
+        };
+        match shared.acct.try_lease(need, &what) {
+            Ok(lease) => {
+                let out = if subs.len() > 1 {
+                    guarded(|| op.process_subdivided(&info, &spec, &r.value, &subs))
+                } else {
+                    guarded(|| op.process(&info, &spec, &r.value))
+                };
+                drop(lease);
+                return out;
+            }
+            Err(oom) => {
+                let smaller = side / 2;
+                if side == 0 || smaller < min {
+                    return Err(NodeError::OutOfMemory(oom.to_string()));
+                }
+                let next = op.subdivide(
+                    &spec,
+                    ChunkSize::Tile {
+                        width: smaller,
+                        height: smaller,
+                    },
+                );
+                shared
+                    .retries
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Retry {
+                        node: ix,
+                        chunk: r.chunk,
+                        from: side,
+                        to: smaller,
+                        reason: oom.to_string(),
+                    });
+                shared.retry_count.fetch_add(1, Ordering::SeqCst);
+                side = smaller;
+                subs = next;
+            }
+        }
+    }
+}
+
+/// Assembles processed chunks as they arrive, and emits the output once the frontier passes
+/// the node's output time.
+///
+/// Memory: the output buffer is leased when the first chunk arrives and the lease passes to
+/// the output value; each chunk's memory returns as soon as it is pasted.
 #[allow(clippy::too_many_arguments)]
 fn merge<'s>(
     done: Recs<'s>,
@@ -596,30 +788,65 @@ fn merge<'s>(
         "merge",
         move |cap, _info| {
             let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&out_time));
-            let mut parts: Vec<Record> = Vec::new();
+            let mut merger: Option<(Box<dyn Merger>, Lease)> = None;
+            let mut failed = false;
             move |(input, frontier), output| {
-                input.for_each(|_c, data| parts.append(data));
+                let np = &plan.nodes[ix];
+                let info = np.outputs.first().copied().unwrap_or(ValueInfo::Unknown);
+                input.for_each(|_c, data| {
+                    for r in data.drain(..) {
+                        if failed || shared.stopped() {
+                            continue;
+                        }
+                        if merger.is_none() {
+                            let bytes = info.bytes().unwrap_or(0);
+                            let what = format!("output of node {}", np.node);
+                            let made = shared
+                                .acct
+                                .try_lease(bytes, &what)
+                                .map_err(|oom| NodeError::OutOfMemory(oom.to_string()))
+                                .and_then(|l| guarded(|| op.merger(&info)).map(|m| (m, l)));
+                            match made {
+                                Ok(m) => merger = Some(m),
+                                Err(e) => {
+                                    failed = true;
+                                    shared.fail(ix, e);
+                                    continue;
+                                }
+                            }
+                        }
+                        let (m, _) = merger.as_mut().expect("made above");
+                        let spec = np.chunks.get(r.chunk as usize).copied();
+                        let added = match spec {
+                            Some(spec) => guarded(|| m.add(&spec, r.value)),
+                            None => Err(NodeError::Other(format!(
+                                "chunk {} is not in the plan",
+                                r.chunk
+                            ))),
+                        };
+                        if let Err(e) = added {
+                            failed = true;
+                            shared.fail(ix, e);
+                        }
+                    }
+                });
                 if cap.is_none() || frontier.frontier().less_equal(&out_time) {
                     return;
                 }
                 let cap = cap.take().expect("checked above");
-                if shared.stopped() {
+                let Some((m, lease)) = merger.take() else {
+                    return;
+                };
+                if failed || shared.stopped() {
                     return;
                 }
-                let np = &plan.nodes[ix];
-                let info = np.outputs.first().copied().unwrap_or(ValueInfo::Unknown);
-                let mut pieces: Vec<(ChunkSpec, Value)> = parts
-                    .drain(..)
-                    .map(|r| (np.chunks[r.chunk as usize], r.value))
-                    .collect();
-                pieces.sort_by_key(|(c, _)| c.index);
-                match guarded(|| op.merge(&info, pieces)) {
+                match guarded(|| m.finish()) {
                     Ok(value) => {
                         shared.mark_ran(ix);
                         output.session(&cap).give(Record {
                             port: 0,
                             chunk: 0,
-                            value,
+                            value: value.with_lease(lease),
                         })
                     }
                     Err(e) => shared.fail(ix, e),
@@ -715,6 +942,7 @@ impl Driver {
                 state: Lifecycle::Running,
             });
         }
+
         for ix in 0..self.wf.nodes.len() {
             if self.seen[ix].ended.is_some() || (stopped && !self.shared.has_run(ix)) {
                 continue;
@@ -724,10 +952,13 @@ impl Driver {
             let n = &wf.nodes[ix];
             let p = &plan.nodes[ix];
             if self.seen[ix].started.is_none() {
-                let ready = n
-                    .links
-                    .iter()
-                    .all(|l| !probes[l.from].out.less_equal(&plan.nodes[l.from].out_time));
+                // Inputs complete, and the previous node done (nodes run in plan order).
+                let after_previous =
+                    ix == 0 || !probes[ix - 1].out.less_equal(&plan.nodes[ix - 1].out_time);
+                let ready = after_previous
+                    && n.links
+                        .iter()
+                        .all(|l| !probes[l.from].out.less_equal(&plan.nodes[l.from].out_time));
                 if !ready {
                     continue;
                 }
@@ -737,6 +968,26 @@ impl Driver {
                     class_type: n.class_type.to_string(),
                     mode: p.mode,
                     chunks: p.chunk_count(),
+                });
+            }
+            // Retries of this node's chunks, before the chunk events they delayed.
+            let retries: Vec<Retry> = {
+                let mut all = self
+                    .shared
+                    .retries
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let (mine, rest) = all.drain(..).partition(|r| r.node == ix);
+                *all = rest;
+                mine
+            };
+            for r in retries {
+                self.emitter.emit(EventKind::Retry {
+                    node: n.id.0.clone(),
+                    chunk: r.chunk,
+                    tile_from: r.from,
+                    tile_to: r.to,
+                    reason: r.reason,
                 });
             }
             let count = p.chunk_count();

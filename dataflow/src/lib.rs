@@ -23,20 +23,26 @@ pub mod chunk;
 pub mod error;
 pub mod event;
 pub mod exec;
+pub mod memory;
 pub mod node;
 pub mod plan;
+pub mod profile;
 pub mod schema;
 pub mod value;
 pub mod workflow;
 
-pub use chunk::{ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, Rect};
+pub use chunk::{ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, Merger, Rect};
 pub use error::{ValidationErrors, WorkflowError};
 pub use event::{Emitter, Event, EventKind, EventSink, Lifecycle, EVENT_SCHEMA_VERSION};
 pub use exec::{run, CancelToken, RunError, RunOptions, RunReport};
+pub use memory::{Accountant, Bytes, Lease, OutOfMemory};
 pub use node::{
     Args, Chunking, ExecContext, Inputs, JobEnv, Node, NodeError, NodeId, NodeOutput, NodeRegistry,
 };
 pub use plan::{plan, ExecutionPlan, NodePlan, PlanError, PlanOptions, MIN_TILE};
+pub use profile::{
+    Admission, Detection, MemoryConfig, MemoryOverrides, Precision, Profile, ProfileId,
+};
 pub use schema::{
     ExecMode, FileFolder, InputKind, InputSpec, MemoryEstimate, MemoryQuery, NodeMeta, NodeSchema,
     OutputSpec,

@@ -39,6 +39,9 @@ pub enum NodeError {
     File { path: String, reason: String },
     #[error("tensor operation failed: {0}")]
     Tensor(String),
+    /// The device budget could not hold what the node needed, even at the smallest tile.
+    #[error("{0}")]
+    OutOfMemory(String),
     #[error("{0}")]
     Other(String),
 }

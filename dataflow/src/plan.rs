@@ -1,17 +1,31 @@
-//! The execution plan: for each node, its mode, its chunks, the shapes it sees, a memory
-//! forecast, and the timestamps its records carry.
+//! The control plane: the execution plan of a job, fitted to a device-memory budget.
 //!
-//! Planning is pure: a function of the validated workflow, the shapes nodes infer, and the
-//! options. This first planner tiles every tileable node whose output exceeds the tile size;
-//! the budget-driven choice of modes and sizes builds on the same structure.
+//! For each node the plan fixes its mode, its chunks (tiles) and the shapes it sees, and
+//! forecasts the device memory held while it runs; admission ([`admit`]) compares the
+//! forecast with the budget. Planning is pure: a function of the validated workflow, the shapes
+//! nodes infer, and the options.
+//!
+//! # The memory model
+//! Nodes run one after another in plan order (a node's chunks run in parallel across
+//! workers), so the device holds, while node `n` runs:
+//! - every value produced earlier whose last consumer is `n` or later (`live_bytes`), and
+//! - `n`'s working set: for an atomic node its outputs and workspace; for a tiled node its
+//!   output (assembled as chunks arrive), the pieces cut ahead of the workers
+//!   (`workers + prefetch`), and each busy worker's result and workspace.
+//!
+//! The forecast peak is the largest such sum. The planner gives each tileable node the largest
+//! tile (from the configured size down by halves to the smallest) whose forecast, plus the
+//! safety margin, fits the limit (the budget minus headroom).
 //!
 //! # Timestamps
-//! Records carry a `u64` time. A node's input time is the latest output time of its producers
-//! (0 for sources); chunk `i` of a node travels at `input time + i`; its output at
-//! `input time + chunks - 1`. So along any path times never decrease, and a probe that sees
-//! the frontier pass a chunk's time knows that chunk — and every earlier one — is final.
+//! Records carry a `u64` time. Node `n`'s input time is node `n-1`'s output time (0 for the
+//! first), which is at least every producer's; chunk `i` of a node travels at `input time + i`;
+//! its output at `input time + chunks - 1`. So along any path times never decrease, and a
+//! probe that sees the frontier pass a chunk's time knows that chunk — and every earlier one —
+//! is final.
 
-use crate::chunk::{ChunkSize, ChunkSpec};
+use crate::chunk::{ChunkMemory, ChunkSize, ChunkSpec};
+use crate::memory::Bytes;
 use crate::node::{guarded, Inputs, JobEnv, NodeError};
 use crate::schema::{ExecMode, MemoryEstimate, MemoryQuery};
 use crate::value::ValueInfo;
@@ -25,27 +39,78 @@ pub const MIN_TILE: usize = 16;
 /// Planner settings.
 #[derive(Clone, Debug)]
 pub struct PlanOptions {
-    /// Size of the chunks tileable nodes are cut into; `None` runs every node whole.
-    pub tile: Option<ChunkSize>,
+    /// Largest tile side for tileable nodes; `None` runs every node whole.
+    pub tile: Option<usize>,
+    /// The smallest tile side the planner may go down to (at least [`MIN_TILE`]).
+    pub min_tile: usize,
+    /// Device memory the run may hold (the budget minus headroom); `None`: no limit known.
+    pub limit: Option<Bytes>,
+    /// Fraction added to a forecast before it is compared with the limit.
+    pub safety_margin: f64,
+    /// Worker threads (chunks processed at once).
+    pub workers: usize,
+    /// Chunks cut ahead of the workers.
+    pub prefetch: usize,
     /// Bytes per activation element under the precision policy.
     pub bytes_per_element: u64,
     /// Largest single value (as f32) a run may create; larger ones are refused at plan time
-    /// rather than failing an allocation mid-run. The budget-driven admission control
-    /// refines this with the device budget.
+    /// rather than failing an allocation mid-run.
     pub max_value_bytes: u64,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
         PlanOptions {
-            tile: Some(ChunkSize::Tile {
-                width: 256,
-                height: 256,
-            }),
+            tile: Some(256),
+            min_tile: MIN_TILE,
+            limit: None,
+            safety_margin: 0.0,
+            workers: 1,
+            prefetch: 1,
             bytes_per_element: 4,
             max_value_bytes: 16 << 30,
         }
     }
+}
+
+impl PlanOptions {
+    /// Chunks in flight at once for a node of `chunks` chunks: cut but not yet merged.
+    pub fn inflight(&self, chunks: usize) -> usize {
+        (self.workers.max(1) + self.prefetch).min(chunks.max(1))
+    }
+
+    /// Tile sides to try, largest first: the configured size, halved down to the smallest.
+    fn tile_sizes(&self) -> Vec<usize> {
+        let Some(top) = self.tile else {
+            return vec![];
+        };
+        let min = self.min_tile.max(MIN_TILE);
+        let mut v = vec![top.max(min)];
+        while let Some(&last) = v.last() {
+            if last <= min {
+                break;
+            }
+            v.push((last / 2).max(min));
+        }
+        v
+    }
+
+    fn with_margin(&self, b: u64) -> u64 {
+        (b as f64 * (1.0 + self.safety_margin.max(0.0))).ceil() as u64
+    }
+}
+
+/// The memory forecast of one node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NodeForecast {
+    /// Earlier values still held while the node runs (its inputs among them).
+    pub live_bytes: u64,
+    /// The node's own working set.
+    pub working_bytes: u64,
+    /// `live_bytes + working_bytes`.
+    pub peak_bytes: u64,
+    /// Whether the peak plus the safety margin fits the limit.
+    pub fits: bool,
 }
 
 /// The plan of one node.
@@ -54,16 +119,24 @@ pub struct NodePlan {
     pub node: String,
     pub class_type: &'static str,
     pub mode: ExecMode,
+    /// Tile side of a tiled node.
+    pub tile: Option<usize>,
     /// The chunks of a tiled node; empty for an atomic one.
     pub chunks: Vec<ChunkSpec>,
     /// Shape of the input that is cut into chunks (tiled nodes).
     pub chunked_input: Option<ValueInfo>,
+    /// Memory of the largest chunk (tiled nodes).
+    pub chunk_memory: Option<ChunkMemory>,
     /// Shapes of the linked inputs, in link order.
     pub inputs: Vec<ValueInfo>,
     /// Shapes of the outputs.
     pub outputs: Vec<ValueInfo>,
-    /// Forecast device memory while the node runs one unit (a chunk, or the whole).
+    /// The node's own estimate for an atomic run (weights and activations).
     pub memory: MemoryEstimate,
+    /// What the device holds while the node runs, in the chosen mode.
+    pub forecast: NodeForecast,
+    /// The forecast had the node run atomic (the naive plan).
+    pub atomic_peak_bytes: u64,
     /// Time of the node's inputs.
     pub in_time: u64,
     /// Time of the node's outputs.
@@ -75,20 +148,49 @@ impl NodePlan {
     pub fn chunk_count(&self) -> u32 {
         self.chunks.len().max(1) as u32
     }
+
+    /// Bytes an atomic run must take beyond what it already holds: outputs and workspace.
+    pub fn atomic_working_bytes(&self) -> u64 {
+        self.atomic_peak_bytes
+            .saturating_sub(self.forecast.live_bytes)
+    }
 }
 
 /// The plan of a whole job.
 #[derive(Clone, Debug, Serialize)]
 pub struct ExecutionPlan {
     pub nodes: Vec<NodePlan>,
-    /// The largest single-node forecast (nodes run one unit at a time per worker).
+    /// The largest node forecast: the most the device holds at once.
     pub forecast_peak_bytes: u64,
+    /// The same for the naive plan that runs every node whole.
+    pub naive_peak_bytes: u64,
+    /// The limit the plan was fitted to (budget minus headroom), if any.
+    pub limit_bytes: Option<u64>,
+    pub safety_margin: f64,
+    /// Whether every node's forecast fits the limit.
+    pub fits: bool,
+    /// Worker threads the plan was fitted to (chunks processed at once).
+    pub workers: usize,
+    /// Chunks cut ahead of the workers.
+    pub prefetch: usize,
+    /// The smallest tile a chunk may be re-run at when memory runs short.
+    pub min_tile: usize,
 }
 
 impl ExecutionPlan {
     /// Total chunks over all nodes.
     pub fn total_chunks(&self) -> u64 {
         self.nodes.iter().map(|n| n.chunk_count() as u64).sum()
+    }
+
+    /// Chunks in flight at once for a node of `chunks` chunks: cut but not yet merged.
+    pub fn inflight_chunks(&self, chunks: usize) -> usize {
+        (self.workers.max(1) + self.prefetch).min(chunks.max(1))
+    }
+
+    /// The node with the largest forecast.
+    pub fn peak_node(&self) -> Option<&NodePlan> {
+        self.nodes.iter().max_by_key(|n| n.forecast.peak_bytes)
     }
 }
 
@@ -107,7 +209,10 @@ pub fn plan(
     env: &JobEnv,
     opts: &PlanOptions,
 ) -> Result<ExecutionPlan, PlanError> {
-    let mut plans: Vec<NodePlan> = Vec::with_capacity(wf.nodes.len());
+    let count = wf.nodes.len();
+    // Pass 1: shapes, and each node's own estimate.
+    let mut shapes: Vec<(Vec<ValueInfo>, Vec<ValueInfo>, MemoryEstimate)> =
+        Vec::with_capacity(count);
     for n in &wf.nodes {
         let fail = |error: NodeError| PlanError {
             node: n.id.0.clone(),
@@ -116,34 +221,27 @@ pub fn plan(
         };
         let mut infos = Inputs::new();
         let mut input_list = Vec::new();
-        let mut in_time = 0;
         for l in &n.links {
-            let p = &plans[l.from];
-            let info = p
-                .outputs
+            let info = shapes[l.from]
+                .1
                 .get(l.output)
                 .copied()
                 .unwrap_or(ValueInfo::Unknown);
             infos.insert(l.input, info);
             input_list.push(info);
-            in_time = in_time.max(p.out_time);
         }
         // Every call into node code is guarded: a node bug fails the plan, not the process.
         let outputs = guarded(|| n.node.infer(&n.args, &infos, env)).map_err(fail)?;
         for (i, o) in outputs.iter().enumerate() {
             if let Some(b) = o.bytes().filter(|b| *b > opts.max_value_bytes) {
                 return Err(fail(NodeError::Other(format!(
-                    "output {i} would take {:.1} GiB, over the {:.1} GiB limit of one value",
-                    b as f64 / (1u64 << 30) as f64,
-                    opts.max_value_bytes as f64 / (1u64 << 30) as f64
+                    "output {i} would take {}, over the {} limit of one value",
+                    Bytes(b),
+                    Bytes(opts.max_value_bytes)
                 ))));
             }
         }
-        let meta = n.node.meta();
-        let mut mode = ExecMode::Atomic;
-        let mut chunks = Vec::new();
-        let mut chunked_input = None;
-        let mut memory = guarded(|| {
+        let memory = guarded(|| {
             Ok(n.node.memory(
                 &n.args,
                 &MemoryQuery {
@@ -154,57 +252,292 @@ pub fn plan(
             ))
         })
         .map_err(fail)?;
-        let chunking = match (opts.tile, meta.supports(ExecMode::Tiled)) {
-            (Some(size), true) => guarded(|| Ok(n.node.chunked(&n.args)))
-                .map_err(fail)?
-                .map(|c| (size, c)),
-            _ => None,
-        };
-        if let Some((ChunkSize::Tile { width, height }, chunking)) = chunking {
-            let size = ChunkSize::Tile {
-                width: width.max(MIN_TILE),
-                height: height.max(MIN_TILE),
-            };
-            if let Some(input) = infos.get(chunking.input).filter(|i| i.image().is_some()) {
-                let planned = guarded(|| chunking.op.plan(input, size)).map_err(fail)?;
-                if planned.len() > 1 {
-                    let per_chunk = guarded(|| {
-                        Ok(planned
-                            .iter()
-                            .map(|c| chunking.op.chunk_bytes(input, c))
-                            .max()
-                            .unwrap_or(0))
-                    })
-                    .map_err(fail)?;
-                    memory = MemoryEstimate {
-                        weights: memory.weights,
-                        activations: per_chunk / 4 * opts.bytes_per_element,
-                    };
-                    mode = ExecMode::Tiled;
-                    chunks = planned;
-                    chunked_input = Some(*input);
-                }
+        shapes.push((input_list, outputs, memory));
+    }
+
+    // Pass 2: liveness. A value (node, port) is held from its node until its last consumer.
+    let mut last_use: Vec<Vec<usize>> = (0..count).map(|ix| vec![ix; shapes[ix].1.len()]).collect();
+    for (ix, n) in wf.nodes.iter().enumerate() {
+        for l in &n.links {
+            if let Some(u) = last_use[l.from].get_mut(l.output) {
+                *u = (*u).max(ix);
             }
         }
-        let count = chunks.len().max(1) as u64;
+    }
+    let live_before = |ix: usize| -> u64 {
+        (0..ix)
+            .flat_map(|p| {
+                shapes[p]
+                    .1
+                    .iter()
+                    .zip(&last_use[p])
+                    .filter(move |(_, &u)| u >= ix)
+                    .map(|(o, _)| o.bytes().unwrap_or(0))
+            })
+            .sum()
+    };
+
+    // Pass 3: modes and sizes.
+    let limit = opts.limit.map(|b| b.0);
+    let fits = |peak: u64| limit.is_none_or(|l| opts.with_margin(peak) <= l);
+    let mut plans: Vec<NodePlan> = Vec::with_capacity(count);
+    let mut time = 0u64;
+    for (ix, n) in wf.nodes.iter().enumerate() {
+        let fail = |error: NodeError| PlanError {
+            node: n.id.0.clone(),
+            class_type: n.class_type.to_string(),
+            error,
+        };
+        let (input_list, outputs, memory) = shapes[ix].clone();
+        let live = live_before(ix);
+        // Inputs are part of `live`; an atomic run adds its outputs and workspace.
+        let mut linked: Vec<(usize, usize)> = n.links.iter().map(|l| (l.from, l.output)).collect();
+        linked.sort_unstable();
+        linked.dedup();
+        let input_bytes: u64 = linked
+            .iter()
+            .map(|&(f, o)| shapes[f].1.get(o).and_then(|i| i.bytes()).unwrap_or(0))
+            .sum();
+        let atomic_working = memory.total().saturating_sub(input_bytes);
+        let atomic_peak = live + atomic_working;
+        let feeds_output = wf
+            .consumers(ix)
+            .iter()
+            .any(|&c| wf.nodes[c].node.schema().output_node);
+
+        let mut choice = Choice {
+            mode: ExecMode::Atomic,
+            tile: None,
+            chunks: Vec::new(),
+            chunked_input: None,
+            chunk_memory: None,
+            working: atomic_working,
+        };
+        let meta = n.node.meta();
+        let chunking = if meta.supports(ExecMode::Tiled) {
+            guarded(|| Ok(n.node.chunked(&n.args))).map_err(fail)?
+        } else {
+            None
+        };
+        let input = chunking.as_ref().and_then(|c| {
+            n.links
+                .iter()
+                .position(|l| l.input == c.input)
+                .map(|i| input_list[i])
+                .filter(|i| i.image().is_some())
+        });
+        if let (Some(chunking), Some(input)) = (chunking, input) {
+            let output_bytes = outputs.first().and_then(|o| o.bytes()).unwrap_or(0);
+            let mut best: Option<Choice> = None;
+            for side in opts.tile_sizes() {
+                let size = ChunkSize::Tile {
+                    width: side,
+                    height: side,
+                };
+                let chunks = guarded(|| chunking.op.plan(&input, size)).map_err(fail)?;
+                if chunks.len() <= 1 {
+                    // One tile covers the whole output: run it whole if that fits, else try
+                    // smaller tiles.
+                    if fits(atomic_peak) {
+                        break;
+                    }
+                    continue;
+                }
+                let mem = guarded(|| {
+                    Ok(chunks.iter().fold(ChunkMemory::default(), |m, c| {
+                        let x = chunking.op.chunk_memory(&input, c);
+                        ChunkMemory {
+                            piece: m.piece.max(x.piece),
+                            result: m.result.max(x.result),
+                            workspace: m.workspace.max(x.workspace),
+                        }
+                    }))
+                })
+                .map_err(fail)?;
+                let inflight = opts.inflight(chunks.len()) as u64;
+                let busy = (opts.workers.max(1) as u64).min(chunks.len() as u64);
+                let captured = if feeds_output {
+                    inflight * mem.result
+                } else {
+                    0
+                };
+                let working = memory.weights
+                    + output_bytes
+                    + inflight * mem.piece
+                    + busy * (mem.result + mem.workspace)
+                    + captured;
+                let c = Choice {
+                    mode: ExecMode::Tiled,
+                    tile: Some(side),
+                    chunks,
+                    chunked_input: Some(input),
+                    chunk_memory: Some(mem),
+                    working,
+                };
+                let ok = fits(live + working);
+                best = Some(c);
+                if ok {
+                    break;
+                }
+            }
+            if let Some(b) = best {
+                // Prefer tiles (partial outputs, bounded workspace) over a whole run that
+                // fits, except where one tile would cover everything.
+                choice = b;
+            }
+        }
+        let chunk_count = choice.chunks.len().max(1) as u64;
+        let in_time = time;
+        let out_time = in_time + chunk_count - 1;
+        time = out_time;
+        let peak = live + choice.working;
         plans.push(NodePlan {
             node: n.id.0.clone(),
             class_type: n.class_type,
-            mode,
-            chunks,
-            chunked_input,
+            mode: choice.mode,
+            tile: choice.tile,
+            chunks: choice.chunks,
+            chunked_input: choice.chunked_input,
+            chunk_memory: choice.chunk_memory,
             inputs: input_list,
             outputs,
             memory,
+            forecast: NodeForecast {
+                live_bytes: live,
+                working_bytes: choice.working,
+                peak_bytes: peak,
+                fits: fits(peak),
+            },
+            atomic_peak_bytes: atomic_peak,
             in_time,
-            out_time: in_time + count - 1,
+            out_time,
         });
     }
-    let forecast_peak_bytes = plans.iter().map(|p| p.memory.total()).max().unwrap_or(0);
+    let forecast_peak_bytes = plans
+        .iter()
+        .map(|p| p.forecast.peak_bytes)
+        .max()
+        .unwrap_or(0);
+    let naive_peak_bytes = plans.iter().map(|p| p.atomic_peak_bytes).max().unwrap_or(0);
     Ok(ExecutionPlan {
+        fits: plans.iter().all(|p| p.forecast.fits),
         nodes: plans,
         forecast_peak_bytes,
+        naive_peak_bytes,
+        limit_bytes: limit,
+        safety_margin: opts.safety_margin,
+        workers: opts.workers.max(1),
+        prefetch: opts.prefetch,
+        min_tile: opts.min_tile.max(MIN_TILE),
     })
+}
+
+/// A candidate mode for one node.
+struct Choice {
+    mode: ExecMode,
+    tile: Option<usize>,
+    chunks: Vec<ChunkSpec>,
+    chunked_input: Option<ValueInfo>,
+    chunk_memory: Option<ChunkMemory>,
+    working: u64,
+}
+
+/// A job refused by admission control: its most frugal plan does not fit.
+#[derive(Clone, Debug, PartialEq, Serialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    /// The node whose forecast is largest.
+    pub node: String,
+    pub class_type: String,
+    /// Its forecast, safety margin included.
+    pub need_bytes: u64,
+    pub budget_bytes: u64,
+    pub headroom_bytes: u64,
+    /// What the plan may fill: the budget minus headroom.
+    pub limit_bytes: u64,
+    /// The tile side it would need at the smallest (if tiled).
+    pub tile: Option<usize>,
+    /// A smaller resolution that would fit, `(width, height)`.
+    pub suggest_resolution: Option<(usize, usize)>,
+    /// A profile whose budget would fit.
+    pub suggest_profile: Option<String>,
+    /// The whole message, for people.
+    pub message: String,
+}
+
+/// Admission control: accepts a plan whose forecast fits, or says what it would need.
+///
+/// `budget` and `headroom` are what the limit was derived from; `profiles` lists the profiles
+/// to suggest, each with its usable bytes (budget minus headroom), smallest first.
+pub fn admit(
+    plan: &ExecutionPlan,
+    budget: Bytes,
+    headroom: Bytes,
+    profiles: &[(String, Bytes)],
+) -> Result<(), Box<Refusal>> {
+    if plan.fits {
+        return Ok(());
+    }
+    let worst = plan
+        .nodes
+        .iter()
+        .filter(|n| !n.forecast.fits)
+        .max_by_key(|n| n.forecast.peak_bytes)
+        .or_else(|| plan.peak_node())
+        .expect("a plan that does not fit has nodes");
+    let limit = budget.saturating_sub(headroom);
+    let need = (worst.forecast.peak_bytes as f64 * (1.0 + plan.safety_margin)).ceil() as u64;
+    // Memory grows with pixels: scale the node's image sides by sqrt(limit / need).
+    let suggest_resolution = worst
+        .outputs
+        .first()
+        .and_then(|o| o.image())
+        .or_else(|| worst.inputs.iter().find_map(|i| i.image()))
+        .map(|i| {
+            let f = (limit.0 as f64 / need.max(1) as f64).sqrt().min(1.0) * 0.95;
+            let side = |v: usize| ((v as f64 * f) as usize / 8 * 8).max(8);
+            (side(i.width), side(i.height))
+        })
+        .filter(|(w, h)| *w >= 8 && *h >= 8 && limit.0 > 0);
+    let suggest_profile = profiles
+        .iter()
+        .find(|(_, usable)| usable.0 >= need)
+        .map(|(p, _)| p.clone());
+    let at = match worst.tile {
+        Some(t) => format!("at the smallest tile ({t} px)"),
+        None => "running whole (it cannot be tiled)".to_string(),
+    };
+    let mut message = format!(
+        "node {} ({}) needs {} {at}; budget {} after {} headroom",
+        worst.node,
+        worst.class_type,
+        Bytes(need),
+        limit,
+        headroom
+    );
+    let mut tips = Vec::new();
+    if let Some((w, h)) = suggest_resolution {
+        tips.push(format!("lower the resolution to {w}x{h}"));
+    }
+    if let Some(p) = &suggest_profile {
+        tips.push(format!("use the {p} profile on a larger device"));
+    }
+    if !tips.is_empty() {
+        message.push_str("; ");
+        message.push_str(&tips.join(" or "));
+    }
+    Err(Box::new(Refusal {
+        node: worst.node.clone(),
+        class_type: worst.class_type.to_string(),
+        need_bytes: need,
+        budget_bytes: budget.0,
+        headroom_bytes: headroom.0,
+        limit_bytes: limit.0,
+        tile: worst.tile,
+        suggest_resolution,
+        suggest_profile,
+        message,
+    }))
 }
 
 #[cfg(test)]

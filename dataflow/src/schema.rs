@@ -89,19 +89,20 @@ impl MemoryEstimate {
 pub struct MemoryQuery<'a> {
     pub inputs: &'a [ValueInfo],
     pub outputs: &'a [ValueInfo],
-    /// Bytes per activation element under the active precision policy (4 for f32, 2 for f16).
+    /// Bytes per element of the activations a node computes itself under the profile's
+    /// precision policy (4 for f32, 2 for f16). IMAGE and MASK values are f32 whatever the
+    /// policy (ComfyUI's convention), and their [`ValueInfo::bytes`] already says so.
     pub bytes_per_element: u64,
 }
 
 impl MemoryQuery<'_> {
     /// The conservative default: all inputs and outputs whole, plus workspace.
     pub fn whole(&self, meta: &NodeMeta) -> MemoryEstimate {
-        let scale = |b: u64| b / 4 * self.bytes_per_element;
         let data: u64 = self
             .inputs
             .iter()
             .chain(self.outputs.iter())
-            .map(|i| i.bytes().map(scale).unwrap_or(0))
+            .map(|i| i.bytes().unwrap_or(0))
             .sum();
         MemoryEstimate {
             weights: 0,
@@ -296,12 +297,12 @@ mod tests {
         // Input and output whole (2 x 240,000 bytes) plus the same again as workspace.
         assert_eq!(m.activations, 4 * 100 * 200 * 3 * 2 * 2);
         assert_eq!(m.weights, 0);
-        // Half-precision activations halve it.
+        // Image values stay f32 under a half-precision policy.
         let q16 = MemoryQuery {
             bytes_per_element: 2,
             ..q
         };
-        assert_eq!(q16.whole(&meta).activations, m.activations / 2);
+        assert_eq!(q16.whole(&meta).activations, m.activations);
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! clone (tensors share storage), which matters because timely clones records for every
 //! consumer of a stream.
 
+use crate::memory::{Accountant, Lease};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
+use std::sync::Arc;
 
 /// The type of a node input or output, named as ComfyUI names it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -71,13 +73,38 @@ impl fmt::Display for DataType {
     }
 }
 
-/// A tensor that can travel in a timely record.
+/// A tensor that can travel in a timely record, with the memory lease that counts it.
 ///
 /// Within one process timely moves records between worker threads without serializing them,
-/// so cloning is an `Arc` bump. The serde impls exist for the cluster case (records crossing
-/// processes): they write dims and f32 data, and read back onto the CPU.
+/// so cloning is an `Arc` bump, and clones share one lease: the bytes are counted once and
+/// returned when the last clone is dropped. The serde impls exist for the cluster case
+/// (records crossing processes): they write dims and f32 data, and read back onto the CPU
+/// untracked (the receiving engine tracks what it holds).
 #[derive(Clone, Debug)]
-pub struct TensorBox(pub Tensor);
+pub struct TensorBox {
+    tensor: Tensor,
+    lease: Option<Arc<Lease>>,
+}
+
+impl TensorBox {
+    /// An untracked tensor.
+    pub fn new(tensor: Tensor) -> Self {
+        TensorBox {
+            tensor,
+            lease: None,
+        }
+    }
+
+    /// The tensor.
+    pub fn tensor(&self) -> &Tensor {
+        &self.tensor
+    }
+
+    /// Bytes of the tensor's elements.
+    pub fn bytes(&self) -> u64 {
+        (self.tensor.elem_count() * self.tensor.dtype().size_in_bytes()) as u64
+    }
+}
 
 #[derive(Serialize, Deserialize)]
 struct TensorWire {
@@ -88,13 +115,13 @@ struct TensorWire {
 impl Serialize for TensorBox {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let flat = self
-            .0
+            .tensor
             .to_dtype(DType::F32)
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(serde::ser::Error::custom)?;
         TensorWire {
-            dims: self.0.dims().to_vec(),
+            dims: self.tensor.dims().to_vec(),
             data: flat,
         }
         .serialize(serializer)
@@ -105,7 +132,7 @@ impl<'de> Deserialize<'de> for TensorBox {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let wire = TensorWire::deserialize(deserializer)?;
         Tensor::from_vec(wire.data, wire.dims, &Device::Cpu)
-            .map(TensorBox)
+            .map(TensorBox::new)
             .map_err(serde::de::Error::custom)
     }
 }
@@ -126,12 +153,57 @@ pub enum Value {
 impl Value {
     /// Wraps an image tensor.
     pub fn image(t: Tensor) -> Value {
-        Value::Image(TensorBox(t))
+        Value::Image(TensorBox::new(t))
     }
 
     /// Wraps a mask tensor.
     pub fn mask(t: Tensor) -> Value {
-        Value::Mask(TensorBox(t))
+        Value::Mask(TensorBox::new(t))
+    }
+
+    /// The tensor of a tensor value.
+    fn tensor_box(&mut self) -> Option<&mut TensorBox> {
+        match self {
+            Value::Image(t) | Value::Mask(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Bytes of device memory the value holds (0 for scalars).
+    pub fn device_bytes(&self) -> u64 {
+        match self {
+            Value::Image(t) | Value::Mask(t) => t.bytes(),
+            _ => 0,
+        }
+    }
+
+    /// Whether the value's memory is counted by an accountant (or it holds none).
+    pub fn is_tracked(&self) -> bool {
+        match self {
+            Value::Image(t) | Value::Mask(t) => t.lease.is_some(),
+            _ => true,
+        }
+    }
+
+    /// Counts the value's memory against `acct`, unless it is counted already (a value passed
+    /// through unchanged keeps its lease). A value that already exists is counted even past
+    /// the limit, so the tracked peak shows any overrun.
+    pub fn track(mut self, acct: &Arc<Accountant>) -> Value {
+        if let Some(t) = self.tensor_box() {
+            if t.lease.is_none() {
+                let bytes = t.bytes();
+                t.lease = Some(Arc::new(acct.lease(bytes)));
+            }
+        }
+        self
+    }
+
+    /// Hands an existing lease (taken before the value was built) to the value.
+    pub fn with_lease(mut self, lease: Lease) -> Value {
+        if let Some(t) = self.tensor_box() {
+            t.lease = Some(Arc::new(lease));
+        }
+        self
     }
 
     /// The data type this value satisfies.
@@ -149,7 +221,7 @@ impl Value {
     /// The image tensor, if this is an image.
     pub fn as_image(&self) -> Option<&Tensor> {
         match self {
-            Value::Image(t) => Some(&t.0),
+            Value::Image(t) => Some(&t.tensor),
             _ => None,
         }
     }
@@ -157,7 +229,7 @@ impl Value {
     /// The shape of this value, as the planner sees it.
     pub fn info(&self) -> ValueInfo {
         match self {
-            Value::Image(t) => match t.0.dims4() {
+            Value::Image(t) => match t.tensor.dims4() {
                 Ok((batch, height, width, channels)) => ValueInfo::Image(ImageInfo {
                     batch,
                     height,
@@ -166,7 +238,7 @@ impl Value {
                 }),
                 Err(_) => ValueInfo::Unknown,
             },
-            Value::Mask(t) => match t.0.dims3() {
+            Value::Mask(t) => match t.tensor.dims3() {
                 Ok((batch, height, width)) => ValueInfo::Mask {
                     batch,
                     height,

@@ -13,7 +13,8 @@
 
 use candle_core::{Device, Tensor};
 use nova_dataflow::{
-    ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, ImageInfo, NodeError, Rect, Value, ValueInfo,
+    ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, ImageInfo, Merger, NodeError, Rect,
+    Value, ValueInfo,
 };
 
 /// How pixels outside the image are filled when a window reaches past an edge.
@@ -177,17 +178,7 @@ impl<K: TileKernel> ChunkedOp for TiledImage<K> {
         let i = image_info(input)?;
         let (oh, ow) = self.kernel.output_size(i.height, i.width);
         let ChunkSize::Tile { width, height } = size;
-        let rects = tile_grid(ow, oh, width, height);
-        let count = rects.len() as u32;
-        Ok(rects
-            .into_iter()
-            .enumerate()
-            .map(|(index, rect)| ChunkSpec {
-                index: index as u32,
-                count,
-                region: ChunkRegion::Tile { rect },
-            })
-            .collect())
+        Ok(specs(tile_grid(ow, oh, width, height)))
     }
 
     fn output_info(&self, input: &ValueInfo) -> Result<ValueInfo, NodeError> {
@@ -209,58 +200,159 @@ impl<K: TileKernel> ChunkedOp for TiledImage<K> {
         &self,
         input: &ValueInfo,
         chunk: &ChunkSpec,
-        piece: Value,
+        piece: &Value,
     ) -> Result<Value, NodeError> {
         let out = self.input_dims(chunk)?;
         let i = image_info(input)?;
         let (h, w) = (i.height, i.width);
         let window = self.kernel.window(out, h, w);
-        let source = image_of(&piece)?;
+        let source = image_of(piece)?;
         Ok(Value::image(self.kernel.apply(source, window, out, h, w)?))
     }
 
-    fn merge(
-        &self,
-        output: &ValueInfo,
-        parts: Vec<(ChunkSpec, Value)>,
-    ) -> Result<Value, NodeError> {
-        let info = image_info(output)?;
-        let (b, oh, ow, c) = (info.batch, info.height, info.width, info.channels);
-        let mut buf = vec![0f32; b * oh * ow * c];
-        for (chunk, v) in parts {
-            let rect = self.input_dims(&chunk)?;
-            let t = image_of(&v)?;
-            let data = t.flatten_all()?.to_vec1::<f32>()?;
-            if data.len() != b * rect.h * rect.w * c {
-                return Err(NodeError::Other(format!(
-                    "tile {} has {} values, expected {}",
-                    chunk.index,
-                    data.len(),
-                    b * rect.h * rect.w * c
-                )));
-            }
-            let row = rect.w * c;
-            for bi in 0..b {
-                for y in 0..rect.h {
-                    let src = (bi * rect.h + y) * row;
-                    let dst = ((bi * oh + rect.y + y) * ow + rect.x) * c;
-                    buf[dst..dst + row].copy_from_slice(&data[src..src + row]);
-                }
-            }
-        }
-        Ok(Value::image(Tensor::from_vec(
-            buf,
-            (b, oh, ow, c),
-            &Device::Cpu,
-        )?))
+    fn subdivide(&self, chunk: &ChunkSpec, size: ChunkSize) -> Vec<ChunkSpec> {
+        let (Some(rect), ChunkSize::Tile { width, height }) = (chunk.rect(), size) else {
+            return vec![*chunk];
+        };
+        let subs: Vec<Rect> = tile_grid(rect.w, rect.h, width, height)
+            .into_iter()
+            .map(|r| Rect::new(rect.x + r.x, rect.y + r.y, r.w, r.h))
+            .collect();
+        specs(subs)
     }
 
-    fn chunk_bytes(&self, input: &ValueInfo, chunk: &ChunkSpec) -> u64 {
-        let Some(i) = input.image() else { return 0 };
-        let Some(out) = chunk.rect() else { return 0 };
+    fn process_subdivided(
+        &self,
+        input: &ValueInfo,
+        chunk: &ChunkSpec,
+        piece: &Value,
+        subs: &[ChunkSpec],
+    ) -> Result<Value, NodeError> {
+        let out = self.input_dims(chunk)?;
+        let i = image_info(input)?;
+        let (h, w) = (i.height, i.width);
+        let window = self.kernel.window(out, h, w);
+        let source = image_of(piece)?;
+        let mut merger = ImageMerger::new(ImageInfo {
+            height: out.h,
+            width: out.w,
+            ..i
+        });
+        for sub in subs {
+            let r = self.input_dims(sub)?;
+            // A sub-rectangle reads a sub-window of the chunk's window (receptive fields are
+            // monotone), so its pixels are a plain crop of the piece.
+            let sw = self.kernel.window(r, h, w);
+            let (dx, dy) = (sw.x - window.x, sw.y - window.y);
+            if dx < 0 || dy < 0 || dx as usize + sw.w > window.w || dy as usize + sw.h > window.h {
+                return Err(NodeError::Other(format!(
+                    "sub-tile {r:?} reads outside its tile's window"
+                )));
+            }
+            let src = source
+                .narrow(1, dy as usize, sw.h)?
+                .narrow(2, dx as usize, sw.w)?;
+            let part = self.kernel.apply(&src, sw, r, h, w)?;
+            let local = Rect::new(r.x - out.x, r.y - out.y, r.w, r.h);
+            merger.paste(local, &part)?;
+        }
+        Box::new(merger).finish()
+    }
+
+    fn merger(&self, output: &ValueInfo) -> Result<Box<dyn Merger>, NodeError> {
+        Ok(Box::new(ImageMerger::new(image_info(output)?)))
+    }
+
+    fn chunk_memory(&self, input: &ValueInfo, chunk: &ChunkSpec) -> ChunkMemory {
+        let (Some(i), Some(out)) = (input.image(), chunk.rect()) else {
+            return ChunkMemory::default();
+        };
         let window = self.kernel.window(out, i.height, i.width);
-        let px = (window.w * window.h + out.area()) as u64;
-        let data = px * (i.batch * i.channels) as u64 * 4;
-        data + (data as f64 * self.kernel.workspace_factor()) as u64
+        let px_bytes = (i.batch * i.channels * 4) as u64;
+        let piece = (window.w * window.h) as u64 * px_bytes;
+        let result = out.area() as u64 * px_bytes;
+        ChunkMemory {
+            piece,
+            result,
+            workspace: ((piece + result) as f64 * self.kernel.workspace_factor()) as u64,
+        }
+    }
+}
+
+/// Chunk specs for rectangles, in order.
+fn specs(rects: Vec<Rect>) -> Vec<ChunkSpec> {
+    let count = rects.len() as u32;
+    rects
+        .into_iter()
+        .enumerate()
+        .map(|(index, rect)| ChunkSpec {
+            index: index as u32,
+            count,
+            region: ChunkRegion::Tile { rect },
+        })
+        .collect()
+}
+
+/// Pastes tiles into an image buffer as they arrive.
+struct ImageMerger {
+    info: ImageInfo,
+    buf: Vec<f32>,
+}
+
+impl ImageMerger {
+    fn new(info: ImageInfo) -> Self {
+        ImageMerger {
+            info,
+            buf: vec![0f32; info.batch * info.height * info.width * info.channels],
+        }
+    }
+
+    fn paste(&mut self, rect: Rect, t: &Tensor) -> Result<(), NodeError> {
+        let ImageInfo {
+            batch: b,
+            height: oh,
+            width: ow,
+            channels: c,
+        } = self.info;
+        if rect.x + rect.w > ow || rect.y + rect.h > oh {
+            return Err(NodeError::Other(format!(
+                "tile {rect:?} lies outside the {ow}x{oh} output"
+            )));
+        }
+        let data = t.flatten_all()?.to_vec1::<f32>()?;
+        if data.len() != b * rect.h * rect.w * c {
+            return Err(NodeError::Other(format!(
+                "tile {rect:?} has {} values, expected {}",
+                data.len(),
+                b * rect.h * rect.w * c
+            )));
+        }
+        let row = rect.w * c;
+        for bi in 0..b {
+            for y in 0..rect.h {
+                let src = (bi * rect.h + y) * row;
+                let dst = ((bi * oh + rect.y + y) * ow + rect.x) * c;
+                self.buf[dst..dst + row].copy_from_slice(&data[src..src + row]);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Merger for ImageMerger {
+    fn add(&mut self, chunk: &ChunkSpec, part: Value) -> Result<(), NodeError> {
+        let rect = chunk
+            .rect()
+            .ok_or_else(|| NodeError::Other("image chunk without a tile rectangle".into()))?;
+        self.paste(rect, image_of(&part)?)
+    }
+
+    fn finish(self: Box<Self>) -> Result<Value, NodeError> {
+        let i = self.info;
+        Ok(Value::image(Tensor::from_vec(
+            self.buf,
+            (i.batch, i.height, i.width, i.channels),
+            &Device::Cpu,
+        )?))
     }
 }

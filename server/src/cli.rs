@@ -1,34 +1,47 @@
-//! The command line: `nova run WORKFLOW.json` and `nova nodes`.
+//! The command line: `nova run`, `nova plan`, `nova profiles` and `nova nodes`.
+//!
+//! Memory settings resolve into one [`MemoryConfig`]: command-line flags first, then the
+//! workflow's `extra_data.nova`, then the environment (`NOVA_PROFILE`, `NOVA_VRAM_BUDGET`,
+//! `NOVA_HEADROOM`, `NOVA_ADMISSION`, `NOVA_SAFETY_MARGIN`, `NOVA_TILE_SIZE`), then detection.
 //!
 //! Exit codes (documented in `nova --help` and the README):
 //!
 //! | code | meaning |
 //! |---|---|
 //! | 0 | success |
-//! | 2 | bad command-line usage |
+//! | 2 | bad command-line usage or setting (flag or environment variable) |
 //! | 3 | invalid workflow: malformed JSON, unknown node, missing/mistyped input, cycle, missing file |
 //! | 4 | the workflow failed while running (a node's error is printed) |
 //! | 5 | a file the command itself needs could not be read or written (workflow, events file) |
+//! | 6 | refused by admission control: the most frugal plan does not fit the memory budget |
 //! | 70 | internal error (a bug: please report it) |
 //! | 130 | interrupted |
 
 use crate::progress::Progress;
 use clap::{Args as ClapArgs, Parser, Subcommand};
+use nova_dataflow::event::MemoryForecast;
+use nova_dataflow::plan::{admit, Refusal};
+use nova_dataflow::profile::{detect, parse_margin, Admission};
 use nova_dataflow::{
-    plan, run, workflow, ChunkSize, Emitter, EventKind, EventSink, JobEnv, Lifecycle, PlanOptions,
-    RunError, RunOptions,
+    plan, run, workflow, Bytes, Emitter, EventKind, EventSink, ExecutionPlan, JobEnv, Lifecycle,
+    MemoryConfig, MemoryOverrides, PlanOptions, ProfileId, RunError, RunOptions, ValidatedWorkflow,
+    MIN_TILE,
 };
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{mpsc, Arc};
 
+/// Exit code: bad usage or setting.
+pub const EXIT_USAGE: u8 = 2;
 /// Exit code: invalid workflow.
 pub const EXIT_INVALID: u8 = 3;
 /// Exit code: failure while running.
 pub const EXIT_RUN_FAILED: u8 = 4;
 /// Exit code: the command's own files.
 pub const EXIT_IO: u8 = 5;
+/// Exit code: refused by admission control.
+pub const EXIT_REFUSED: u8 = 6;
 /// Exit code: internal error.
 pub const EXIT_INTERNAL: u8 = 70;
 /// Exit code: interrupted.
@@ -36,7 +49,8 @@ pub const EXIT_INTERRUPTED: u8 = 130;
 
 const EXIT_HELP: &str =
     "Exit codes: 0 success, 2 usage, 3 invalid workflow, 4 failed while running, \
-5 cannot read/write the command's own files, 70 internal error, 130 interrupted.";
+5 cannot read/write the command's own files, 6 refused: does not fit the memory budget, \
+70 internal error, 130 interrupted.";
 
 #[derive(Parser, Debug)]
 #[command(name = "nova", version, about = "NOVA: low-VRAM media generation as timely dataflows", after_help = EXIT_HELP)]
@@ -49,12 +63,21 @@ struct Cli {
 enum Command {
     /// Run a workflow (ComfyUI API format) to completion.
     Run(RunArgs),
+    /// Print the plan a run would use: per node mode, tile, forecast memory; and whether it fits.
+    Plan(PlanArgs),
+    /// List the hardware profiles and show what was detected.
+    Profiles {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the node catalogue as ComfyUI's /object_info JSON.
     Nodes,
 }
 
+/// What a job reads and where it writes.
 #[derive(ClapArgs, Debug)]
-struct RunArgs {
+struct JobArgs {
     /// The workflow file, in ComfyUI's API format.
     workflow: PathBuf,
     /// Folder that file inputs (LoadImage) are read from.
@@ -66,27 +89,81 @@ struct RunArgs {
     /// Folder for previews (PreviewImage); defaults to OUT/../temp.
     #[arg(long)]
     temp_dir: Option<PathBuf>,
-    /// Write the event stream as JSON lines to FILE (`-` for stdout).
-    #[arg(long, value_name = "FILE")]
-    events: Option<PathBuf>,
     /// Worker threads (default: available cores).
     #[arg(long)]
     workers: Option<usize>,
-    /// Largest tile side in pixels for tileable nodes (at least 16); 0 disables tiling.
-    #[arg(long, default_value_t = 256, value_parser = parse_tile_size)]
-    tile_size: usize,
+}
+
+/// Memory settings (each also settable by environment variable and per workflow).
+#[derive(ClapArgs, Debug)]
+struct MemoryArgs {
+    /// Hardware profile (PASCAL_2G, PASCAL_4G, PASCAL_6G_8G, RTX_MODERN, AMD_ROCM, INTEL_XPU,
+    /// CPU_SAFE); default: detected.
+    #[arg(long, value_parser = ProfileId::parse)]
+    profile: Option<ProfileId>,
+    /// Device memory budget, e.g. 2GiB or 768MiB; default: the device's (half of system
+    /// memory on CPU).
+    #[arg(long, value_name = "SIZE", value_parser = Bytes::parse)]
+    vram_budget: Option<Bytes>,
+    /// Memory kept free of the budget; default: the profile's.
+    #[arg(long, value_name = "SIZE", value_parser = Bytes::parse)]
+    headroom: Option<Bytes>,
+    /// What to do with a job that cannot fit: enforce (refuse it), dry-run (log and run), off.
+    #[arg(long, value_parser = Admission::parse)]
+    admission: Option<Admission>,
+    /// Added to forecasts before they are compared with the budget: 0.1 or 10%.
+    #[arg(long, value_name = "MARGIN", value_parser = parse_margin)]
+    safety_margin: Option<f64>,
+    /// Largest tile side in pixels (at least 16; the planner goes smaller to fit); 0 disables
+    /// tiling. Default: the profile's.
+    #[arg(long, value_parser = parse_tile_size)]
+    tile_size: Option<usize>,
+}
+
+impl MemoryArgs {
+    fn overrides(&self) -> MemoryOverrides {
+        MemoryOverrides {
+            profile: self.profile,
+            budget: self.vram_budget,
+            headroom: self.headroom,
+            admission: self.admission,
+            safety_margin: self.safety_margin,
+            tile: self.tile_size,
+        }
+    }
+}
+
+#[derive(ClapArgs, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    job: JobArgs,
+    #[command(flatten)]
+    memory: MemoryArgs,
+    /// Write the event stream as JSON lines to FILE (`-` for stdout).
+    #[arg(long, value_name = "FILE")]
+    events: Option<PathBuf>,
     /// Job id used in events.
     #[arg(long, default_value = "cli")]
     job_id: String,
 }
 
-/// `--tile-size`: 0 (off) or at least [`nova_dataflow::MIN_TILE`].
+#[derive(ClapArgs, Debug)]
+struct PlanArgs {
+    #[command(flatten)]
+    job: JobArgs,
+    #[command(flatten)]
+    memory: MemoryArgs,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `--tile-size`: 0 (off) or at least [`MIN_TILE`].
 fn parse_tile_size(s: &str) -> Result<usize, String> {
     let v: usize = s.parse().map_err(|e| format!("{e}"))?;
-    if v != 0 && v < nova_dataflow::MIN_TILE {
+    if v != 0 && v < MIN_TILE {
         return Err(format!(
-            "tiles smaller than {} pixels are not useful; use 0 to turn tiling off",
-            nova_dataflow::MIN_TILE
+            "tiles smaller than {MIN_TILE} pixels are not useful; use 0 to turn tiling off"
         ));
     }
     Ok(v)
@@ -122,6 +199,8 @@ fn dispatch(cli: Cli) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::Profiles { json } => profiles_command(json),
+        Command::Plan(args) => plan_command(args),
         Command::Run(args) => run_command(args),
     }
 }
@@ -131,24 +210,236 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn run_command(args: RunArgs) -> ExitCode {
-    let text = match std::fs::read_to_string(&args.workflow) {
-        Ok(t) => t,
-        Err(e) => {
-            return fail(
-                EXIT_IO,
-                format!("cannot read workflow {}: {e}", args.workflow.display()),
-            )
-        }
-    };
-    let temp = args.temp_dir.clone().unwrap_or_else(|| {
-        args.out
+fn profiles_command(json: bool) -> ExitCode {
+    let d = detect();
+    let specs: Vec<_> = ProfileId::ALL.iter().map(|p| p.spec()).collect();
+    if json {
+        let v = serde_json::json!({ "detected": d, "profiles": specs });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).unwrap_or_else(|_| "{}".into())
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<13} {:>9} {:>9} {:>5} {:>5} {:>8} {:<6} quantization / kernels",
+        "profile", "memory", "headroom", "tile", "min", "prefetch", "dtype"
+    );
+    for p in &specs {
+        let mark = if p.id == d.profile { "*" } else { " " };
+        println!(
+            "{mark}{:<12} {:>9} {:>9} {:>5} {:>5} {:>8} {:<6} {} / {}",
+            p.id.name(),
+            p.device_memory
+                .map(|b| b.to_string())
+                .unwrap_or_else(|| "system".into()),
+            p.headroom.to_string(),
+            p.tile,
+            p.min_tile,
+            p.prefetch_depth,
+            format!("{:?}", p.precision).to_lowercase(),
+            p.quantization.join(","),
+            p.kernels
+        );
+    }
+    println!();
+    println!("detected: {} ({})", d.profile, d.reason);
+    for g in &d.gpus {
+        println!(
+            "  GPU {}: {} compute {}.{} total {} free {}",
+            g.index, g.name, g.compute_capability.0, g.compute_capability.1, g.total, g.free
+        );
+    }
+    if let Some(m) = d.system_memory {
+        println!("  system memory: {m}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// A validated, planned job and the settings it was planned under.
+struct Prepared {
+    wf: ValidatedWorkflow,
+    plan: ExecutionPlan,
+    config: MemoryConfig,
+    env: JobEnv,
+    /// Admission's verdict when the plan does not fit.
+    refusal: Option<Box<Refusal>>,
+}
+
+/// Reads, validates and plans a job; resolves its memory settings.
+fn prepare(job: &JobArgs, memory: &MemoryArgs) -> Result<Prepared, (u8, String)> {
+    let text = std::fs::read_to_string(&job.workflow).map_err(|e| {
+        (
+            EXIT_IO,
+            format!("cannot read workflow {}: {e}", job.workflow.display()),
+        )
+    })?;
+    let temp = job.temp_dir.clone().unwrap_or_else(|| {
+        job.out
             .parent()
             .map(|p| p.join("temp"))
             .unwrap_or_else(|| PathBuf::from("temp"))
     });
-    let env = JobEnv::new(&args.input_dir, &args.out, temp);
+    let env = JobEnv::new(&job.input_dir, &job.out, temp);
+    let from_env = MemoryOverrides::from_env(|k| std::env::var(k).ok())
+        .map_err(|e| (EXIT_USAGE, format!("bad setting: {e}")))?;
+    // `{"prompt": ..., "extra_data": {"nova": {...}}}` carries per-workflow settings.
+    let from_workflow = match serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("extra_data")?.get("nova").cloned())
+    {
+        Some(v) => MemoryOverrides::from_json(&v).map_err(|e| (EXIT_INVALID, e))?,
+        None => MemoryOverrides::default(),
+    };
+    let overrides = memory.overrides().or(from_workflow).or(from_env);
+    let config = MemoryConfig::resolve(&overrides, &detect());
+    let registry = nova_operators::registry();
+    let wf = workflow::load(&text, &registry, &env).map_err(|e| (EXIT_INVALID, e.to_string()))?;
+    let workers = job
+        .workers
+        .unwrap_or_else(nova_dataflow::exec::default_workers);
+    let tile = (config.tile > 0).then_some(config.tile);
+    let opts = PlanOptions {
+        tile,
+        min_tile: config.profile.min_tile.min(config.tile.max(MIN_TILE)),
+        limit: config.usable(),
+        safety_margin: config.safety_margin,
+        workers: workers.max(1),
+        prefetch: config.profile.prefetch_depth,
+        bytes_per_element: config.profile.precision.bytes(),
+        ..PlanOptions::default()
+    };
+    let plan =
+        plan(&wf, &env, &opts).map_err(|e| (EXIT_INVALID, format!("invalid workflow: {e}")))?;
+    let refusal = match config.budget {
+        Some(budget) if !plan.fits => {
+            let profiles: Vec<(String, Bytes)> = ProfileId::ALL
+                .iter()
+                .map(|p| p.spec())
+                .filter_map(|p| {
+                    p.device_memory
+                        .map(|m| (p.id.name().to_string(), m.saturating_sub(p.headroom)))
+                })
+                .filter(|(_, usable)| Some(*usable) > config.usable())
+                .collect();
+            admit(&plan, budget, config.headroom, &profiles).err()
+        }
+        _ => None,
+    };
+    Ok(Prepared {
+        wf,
+        plan,
+        config,
+        env,
+        refusal,
+    })
+}
 
+/// One line on the memory settings, for the log.
+fn memory_line(c: &MemoryConfig) -> String {
+    match c.budget {
+        Some(b) => format!(
+            "profile {} ({}); budget {b} ({:?}), {} headroom",
+            c.profile.id, c.reason, c.budget_source, c.headroom
+        )
+        .replace("Given", "given")
+        .replace("Device", "device")
+        .replace("Profile", "profile size")
+        .replace("System", "half of system memory"),
+        None => format!(
+            "profile {} ({}); memory could not be read: admitting without a limit",
+            c.profile.id, c.reason
+        ),
+    }
+}
+
+fn plan_command(args: PlanArgs) -> ExitCode {
+    let p = match prepare(&args.job, &args.memory) {
+        Ok(p) => p,
+        Err((code, msg)) => return fail(code, msg),
+    };
+    let c = &p.config;
+    if args.json {
+        let mut forecast = MemoryForecast::of(&p.plan, c.budget.map(|b| b.0));
+        forecast.profile = Some(c.profile.id.name().to_string());
+        let v = serde_json::json!({
+            "profile": c.profile.id.name(),
+            "profile_reason": c.reason,
+            "budget_bytes": c.budget.map(|b| b.0),
+            "headroom_bytes": c.headroom.0,
+            "limit_bytes": p.plan.limit_bytes,
+            "safety_margin": c.safety_margin,
+            "forecast_peak_bytes": p.plan.forecast_peak_bytes,
+            "naive_peak_bytes": p.plan.naive_peak_bytes,
+            "fits": p.plan.fits,
+            "admission": c.admission,
+            "refusal": p.refusal,
+            "workers": p.plan.workers,
+            "nodes": p.plan.nodes.iter().map(|n| serde_json::json!({
+                "node": n.node,
+                "class_type": n.class_type,
+                "mode": n.mode,
+                "tile": n.tile,
+                "chunks": n.chunk_count(),
+                "outputs": n.outputs,
+                "weights_bytes": n.memory.weights,
+                "activations_bytes": n.forecast.working_bytes.saturating_sub(n.memory.weights),
+                "live_bytes": n.forecast.live_bytes,
+                "forecast_bytes": n.forecast.peak_bytes,
+                "fits": n.forecast.fits,
+                "estimated_ms": serde_json::Value::Null,
+            })).collect::<Vec<_>>(),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).unwrap_or_else(|_| "{}".into())
+        );
+    } else {
+        println!("{}", memory_line(c));
+        println!(
+            "{:<6} {:<16} {:<7} {:>5} {:>6} {:>11} {:>11} {:>11}",
+            "node", "class", "mode", "tile", "chunks", "weights", "activations", "forecast"
+        );
+        for n in &p.plan.nodes {
+            println!(
+                "{:<6} {:<16} {:<7} {:>5} {:>6} {:>11} {:>11} {:>11}{}",
+                n.node,
+                n.class_type,
+                format!("{:?}", n.mode).to_lowercase(),
+                n.tile.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                n.chunk_count(),
+                Bytes(n.memory.weights).to_string(),
+                Bytes(n.forecast.working_bytes.saturating_sub(n.memory.weights)).to_string(),
+                Bytes(n.forecast.peak_bytes).to_string(),
+                if n.forecast.fits {
+                    ""
+                } else {
+                    "  (does not fit)"
+                }
+            );
+        }
+        println!(
+            "forecast peak {} (every node whole: {}); limit {}; {}",
+            Bytes(p.plan.forecast_peak_bytes),
+            Bytes(p.plan.naive_peak_bytes),
+            p.plan
+                .limit_bytes
+                .map(|l| Bytes(l).to_string())
+                .unwrap_or_else(|| "none".into()),
+            if p.plan.fits { "fits" } else { "does NOT fit" }
+        );
+    }
+    match (&p.refusal, c.admission) {
+        (Some(r), Admission::Enforce) => fail(EXIT_REFUSED, format!("refused: {}", r.message)),
+        (Some(r), _) => {
+            eprintln!("nova: would refuse ({:?}): {}", c.admission, r.message);
+            ExitCode::SUCCESS
+        }
+        (None, _) => ExitCode::SUCCESS,
+    }
+}
+
+fn run_command(args: RunArgs) -> ExitCode {
     // Event consumers: the events file and the progress display, fed from one channel.
     let mut events_out: Option<Box<dyn Write + Send>> = match &args.events {
         None => None,
@@ -200,34 +491,32 @@ fn run_command(args: RunArgs) -> ExitCode {
     emitter.emit(EventKind::Lifecycle {
         state: Lifecycle::Planning,
     });
+    let mut env_out: Option<JobEnv> = None;
     let outcome = (|| {
-        let registry = nova_operators::registry();
-        let wf =
-            workflow::load(&text, &registry, &env).map_err(|e| (EXIT_INVALID, e.to_string()))?;
-        let opts = PlanOptions {
-            tile: (args.tile_size > 0).then_some(ChunkSize::Tile {
-                width: args.tile_size,
-                height: args.tile_size,
-            }),
-            ..PlanOptions::default()
-        };
-        let plan =
-            plan(&wf, &env, &opts).map_err(|e| (EXIT_INVALID, format!("invalid workflow: {e}")))?;
-        for dir in [&env.output_dir, &env.temp_dir] {
+        let p = prepare(&args.job, &args.memory)?;
+        eprintln!("nova: {}", memory_line(&p.config));
+        if let Some(r) = &p.refusal {
+            match p.config.admission {
+                Admission::Enforce => {
+                    return Err((EXIT_REFUSED, format!("refused: {}", r.message)))
+                }
+                a => eprintln!("nova: would refuse ({a:?}), running anyway: {}", r.message),
+            }
+        }
+        for dir in [&p.env.output_dir, &p.env.temp_dir] {
             std::fs::create_dir_all(dir)
                 .map_err(|e| (EXIT_IO, format!("cannot create {}: {e}", dir.display())))?;
         }
+        env_out = Some(p.env.clone());
         let run_opts = RunOptions {
-            workers: args
-                .workers
-                .unwrap_or_else(|| RunOptions::default().workers),
             job_id: args.job_id.clone(),
+            budget: p.config.budget,
             ..RunOptions::default()
         };
         run(
-            Arc::new(wf),
-            Arc::new(plan),
-            env.clone(),
+            Arc::new(p.wf),
+            Arc::new(p.plan),
+            p.env.clone(),
             run_opts,
             emitter.clone(),
         )
@@ -237,13 +526,14 @@ fn run_command(args: RunArgs) -> ExitCode {
             e => (EXIT_RUN_FAILED, e.to_string()),
         })
     })();
-    if let Err((_, msg)) = &outcome {
-        // Validation and planning failures end the event stream too.
-        if !msg.is_empty() && matches!(outcome, Err((EXIT_INVALID, _)) | Err((EXIT_IO, _))) {
+    if let Err((code, msg)) = &outcome {
+        // Failures before the run end the event stream too.
+        if !msg.is_empty() && [EXIT_INVALID, EXIT_IO, EXIT_REFUSED, EXIT_USAGE].contains(code) {
             emitter.emit(EventKind::Error {
                 node_id: None,
                 node_type: None,
                 message: msg.clone(),
+                memory: None,
             });
         }
     }
@@ -253,6 +543,7 @@ fn run_command(args: RunArgs) -> ExitCode {
         .unwrap_or(Some("event writer crashed".into()));
     match outcome {
         Ok(report) => {
+            let env = env_out.expect("set before the run");
             for (node, ui) in &report.outputs {
                 if let Some(images) = ui.get("images").and_then(|i| i.as_array()) {
                     for img in images {
@@ -270,7 +561,15 @@ fn run_command(args: RunArgs) -> ExitCode {
                     }
                 }
             }
-            eprintln!("nova: done in {:.0} ms", report.wall_ms);
+            eprintln!(
+                "nova: done in {:.0} ms; tracked peak {}{}",
+                report.wall_ms,
+                Bytes(report.tracked_peak_bytes),
+                report
+                    .budget_bytes
+                    .map(|b| format!(" of {} budget", Bytes(b)))
+                    .unwrap_or_default()
+            );
             match write_failed {
                 Some(e) => fail(EXIT_IO, format!("writing events failed: {e}")),
                 None => ExitCode::SUCCESS,
