@@ -112,6 +112,28 @@ pub fn run_planned(
     let registry = nova_operators::registry();
     let wf = workflow::load(json, &registry, env).expect("workflow validates");
     let plan = plan(&wf, env, opts).expect("workflow plans");
+    run_plan(wf, plan, env, budget, cancel_on)
+}
+
+/// Plans `json` with `opts` (which should set no limit), then runs it under an accountant
+/// limited to `limit`: a budget the forecast did not foresee, as when memory was taken after
+/// planning.
+pub fn run_with_limit(json: &str, env: &JobEnv, opts: &PlanOptions, limit: u64) -> Outcome {
+    let registry = nova_operators::registry();
+    let wf = workflow::load(json, &registry, env).expect("workflow validates");
+    let mut plan = plan(&wf, env, opts).expect("workflow plans");
+    plan.limit_bytes = Some(limit);
+    run_plan(wf, plan, env, Some(Bytes(limit)), |_| false)
+}
+
+/// Runs a planned workflow, collecting its events.
+fn run_plan(
+    wf: nova_dataflow::ValidatedWorkflow,
+    plan: nova_dataflow::ExecutionPlan,
+    env: &JobEnv,
+    budget: Option<Bytes>,
+    cancel_on: fn(&Event) -> bool,
+) -> Outcome {
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink_events = events.clone();
     let cancel = CancelToken::new();

@@ -48,6 +48,10 @@ struct Record {
     /// Chunk index within the producing node (0 for whole values).
     chunk: u32,
     value: Value,
+    /// Memory set aside for processing this chunk (its result and workspace), taken when the
+    /// piece was cut. Records move between threads of one process, never serialized.
+    #[serde(skip)]
+    reserve: Option<Arc<Lease>>,
 }
 
 type Recs<'s> = Stream<'s, u64, Vec<Record>>;
@@ -155,6 +159,11 @@ struct Shared {
     /// Chunks re-run at a smaller tile, for the driver to announce.
     retries: Mutex<Vec<Retry>>,
     retry_count: AtomicU64,
+    /// Per tiled node: its output buffer, leased before its first piece is cut and handed to
+    /// the merge.
+    output_leases: Mutex<HashMap<usize, Lease>>,
+    /// Per node: how many of its chunks the driver has announced (and released).
+    announced: Vec<AtomicU64>,
 }
 
 /// A chunk that ran short of memory and was re-run as smaller tiles.
@@ -220,6 +229,8 @@ pub fn run(
         },
         retries: Mutex::new(Vec::new()),
         retry_count: AtomicU64::new(0),
+        output_leases: Mutex::new(HashMap::new()),
+        announced: wf.nodes.iter().map(|_| AtomicU64::new(0)).collect(),
     });
     let stats: Arc<Mutex<Vec<NodeStats>>> = Arc::new(Mutex::new(Vec::new()));
     let workers = plan.workers.max(1);
@@ -517,6 +528,7 @@ fn atomic<'s>(
                                 port: port as u32,
                                 chunk: 0,
                                 value: value.track(&shared.acct),
+                                reserve: None,
                             });
                         }
                     }
@@ -554,6 +566,9 @@ fn split<'s>(
     let owner_ix = (ix % input.scope().peers()) as u64;
     let total = plan.nodes[ix].chunks.len();
     let ahead = plan.inflight_chunks(total);
+    // A chunk an output node shows is kept until the driver announces it: count it in flight
+    // until then.
+    let announces = !image_output_consumers(&wf, &plan, ix).is_empty();
     input.unary_frontier::<Cb, _, _, _>(
         Exchange::new(move |_r: &Record| owner_ix),
         "split",
@@ -596,6 +611,25 @@ fn split<'s>(
                         );
                         return shared.fail(ix, NodeError::input(which, msg));
                     }
+                    // The output buffer first: without it no chunk can be kept.
+                    let np = &plan.nodes[ix];
+                    let out_bytes = np.outputs.first().and_then(|o| o.bytes()).unwrap_or(0);
+                    match shared
+                        .acct
+                        .try_lease(out_bytes, &format!("output of node {}", np.node))
+                    {
+                        Ok(l) => {
+                            shared
+                                .output_leases
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(ix, l);
+                        }
+                        Err(oom) => {
+                            cap = None;
+                            return shared.fail(ix, NodeError::OutOfMemory(oom.to_string()));
+                        }
+                    }
                     whole = Some(value);
                 }
                 // Chunks whose time the probe after the kernel has passed are finished.
@@ -605,10 +639,26 @@ fn split<'s>(
                         .min()
                         .unwrap_or(total)
                 });
+                let finished = if announces {
+                    finished.min(shared.announced[ix].load(Ordering::SeqCst) as usize)
+                } else {
+                    finished
+                };
                 let c = cap.as_ref().expect("checked above");
                 let source = whole.as_ref().expect("set above");
+                let info = plan.nodes[ix].chunked_input.unwrap_or(ValueInfo::Unknown);
                 while next < total && next < finished + ahead {
                     let chunk = &plan.nodes[ix].chunks[next];
+                    // Set aside the chunk's result and workspace before cutting it. If that
+                    // is refused while chunks are in flight, wait for them to return memory;
+                    // if none is, cut it anyway and let processing retry it smaller.
+                    let mem = guarded(|| Ok(op.chunk_memory(&info, chunk))).unwrap_or_default();
+                    let what = format!("chunk {} of node {}", chunk.index, plan.nodes[ix].node);
+                    let reserve = match shared.acct.try_lease(mem.result + mem.workspace, &what) {
+                        Ok(l) => Some(Arc::new(l)),
+                        Err(_) if next > finished => break,
+                        Err(_) => None,
+                    };
                     match guarded(|| op.split(source, chunk)) {
                         Ok(piece) => {
                             let at = c.delayed(&(in_time + chunk.index as u64));
@@ -616,6 +666,7 @@ fn split<'s>(
                                 port: 0,
                                 chunk: chunk.index,
                                 value: piece.track(&shared.acct),
+                                reserve,
                             });
                         }
                         Err(e) => {
@@ -645,8 +696,9 @@ fn split<'s>(
 
 /// Processes chunk records on whichever worker they land, one per activation.
 ///
-/// Memory: a chunk's result and workspace are leased before the kernel runs; if the lease is
-/// refused, the chunk is re-run as tiles of half the side (down to the plan's smallest),
+/// Memory: a chunk's result and workspace were set aside when its piece was cut; a piece cut
+/// without (nothing was in flight to wait for) leases them before the kernel runs, and if that
+/// is refused, the chunk is re-run as tiles of half the side (down to the plan's smallest),
 /// which read sub-windows of the same piece and so give the same pixels; each such retry is
 /// recorded for the driver to announce.
 fn process<'s>(
@@ -673,13 +725,19 @@ fn process<'s>(
                     }
                 });
                 // One chunk per activation: the frontier, and so the events, move per chunk.
-                if let Some((cap, r)) = queue.pop_front() {
+                if let Some((cap, mut r)) = queue.pop_front() {
                     if !shared.stopped() {
-                        match process_chunk(&plan, &shared, op.as_ref(), ix, &r) {
+                        let reserve = r.reserve.take();
+                        let done = process_chunk(&plan, &shared, op.as_ref(), ix, &r, reserve);
+                        // The piece is no longer needed once its chunk is computed.
+                        let chunk = r.chunk;
+                        drop(r);
+                        match done {
                             Ok(value) => output.session(&cap).give(Record {
                                 port: 0,
-                                chunk: r.chunk,
+                                chunk,
                                 value: value.track(&shared.acct),
+                                reserve: None,
                             }),
                             Err(e) => shared.fail(ix, e),
                         }
@@ -700,6 +758,7 @@ fn process_chunk(
     op: &dyn ChunkedOp,
     ix: usize,
     r: &Record,
+    reserve: Option<Arc<Lease>>,
 ) -> Result<Value, NodeError> {
     let np = &plan.nodes[ix];
     let spec: ChunkSpec = *np
@@ -708,6 +767,12 @@ fn process_chunk(
         .ok_or_else(|| NodeError::Other(format!("chunk {} is not in the plan", r.chunk)))?;
     let info = np.chunked_input.unwrap_or(ValueInfo::Unknown);
     let full = guarded(|| Ok(op.chunk_memory(&info, &spec)))?;
+    if let Some(reserve) = reserve {
+        // Memory was set aside when the piece was cut; it returns as the result is counted.
+        let out = guarded(|| op.process(&info, &spec, &r.value));
+        drop(reserve);
+        return out;
+    }
     let what = format!("chunk {} of node {}", r.chunk, np.node);
     let mut side = np.tile.unwrap_or(0);
     let min = plan.min_tile;
@@ -769,8 +834,8 @@ fn process_chunk(
 /// Assembles processed chunks as they arrive, and emits the output once the frontier passes
 /// the node's output time.
 ///
-/// Memory: the output buffer is leased when the first chunk arrives and the lease passes to
-/// the output value; each chunk's memory returns as soon as it is pasted.
+/// Memory: the output buffer, leased by the split before its first piece, passes to the
+/// output value; each chunk's memory returns as soon as it is pasted.
 #[allow(clippy::too_many_arguments)]
 fn merge<'s>(
     done: Recs<'s>,
@@ -801,11 +866,19 @@ fn merge<'s>(
                         if merger.is_none() {
                             let bytes = info.bytes().unwrap_or(0);
                             let what = format!("output of node {}", np.node);
-                            let made = shared
-                                .acct
-                                .try_lease(bytes, &what)
-                                .map_err(|oom| NodeError::OutOfMemory(oom.to_string()))
-                                .and_then(|l| guarded(|| op.merger(&info)).map(|m| (m, l)));
+                            let reserved = shared
+                                .output_leases
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .remove(&ix);
+                            let made = match reserved {
+                                Some(l) => Ok(l),
+                                None => shared
+                                    .acct
+                                    .try_lease(bytes, &what)
+                                    .map_err(|oom| NodeError::OutOfMemory(oom.to_string())),
+                            }
+                            .and_then(|l| guarded(|| op.merger(&info)).map(|m| (m, l)));
                             match made {
                                 Ok(m) => merger = Some(m),
                                 Err(e) => {
@@ -847,6 +920,7 @@ fn merge<'s>(
                             port: 0,
                             chunk: 0,
                             value: value.with_lease(lease),
+                            reserve: None,
                         })
                     }
                     Err(e) => shared.fail(ix, e),
@@ -1065,10 +1139,14 @@ impl Driver {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(ix, chunk));
+        // Event consumers get a host copy: what they keep is not device memory of this run.
+        let host = value.as_ref().and_then(|v| v.to_host().ok());
+        drop(value);
+        self.shared.announced[ix].fetch_max(chunk as u64 + 1, Ordering::SeqCst);
         let p = &self.plan.nodes[ix];
         let (width, height) = match p.outputs.first() {
             Some(ValueInfo::Image(i)) => (i.width, i.height),
-            _ => value
+            _ => host
                 .as_ref()
                 .and_then(|v| v.info().image())
                 .map(|i| (i.width, i.height))
@@ -1096,7 +1174,7 @@ impl Driver {
                     width,
                     height,
                 },
-                value.clone(),
+                host.clone(),
             );
         }
     }

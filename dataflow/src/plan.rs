@@ -10,8 +10,13 @@
 //! workers), so the device holds, while node `n` runs:
 //! - every value produced earlier whose last consumer is `n` or later (`live_bytes`), and
 //! - `n`'s working set: for an atomic node its outputs and workspace; for a tiled node its
-//!   output (assembled as chunks arrive), the pieces cut ahead of the workers
-//!   (`workers + prefetch`), and each busy worker's result and workspace.
+//!   output (assembled as chunks arrive) and, for each chunk in flight (`workers + prefetch`,
+//!   cut ahead of the workers), its piece plus the result and workspace set aside for it when
+//!   it was cut; and, if an output node consumes it, the results kept until announced.
+//!
+//! Setting memory aside when a chunk is cut, rather than when a worker happens to pick it up,
+//! makes the held memory depend on the plan and not on thread scheduling: the measured peak
+//! then tracks the forecast closely, and a chunk is never started without its memory.
 //!
 //! The forecast peak is the largest such sum. The planner gives each tileable node the largest
 //! tile (from the configured size down by halves to the smallest) whose forecast, plus the
@@ -355,7 +360,6 @@ pub fn plan(
                 })
                 .map_err(fail)?;
                 let inflight = opts.inflight(chunks.len()) as u64;
-                let busy = (opts.workers.max(1) as u64).min(chunks.len() as u64);
                 let captured = if feeds_output {
                     inflight * mem.result
                 } else {
@@ -363,8 +367,7 @@ pub fn plan(
                 };
                 let working = memory.weights
                     + output_bytes
-                    + inflight * mem.piece
-                    + busy * (mem.result + mem.workspace)
+                    + inflight * (mem.piece + mem.result + mem.workspace)
                     + captured;
                 let c = Choice {
                     mode: ExecMode::Tiled,
@@ -457,7 +460,7 @@ pub struct Refusal {
     pub limit_bytes: u64,
     /// The tile side it would need at the smallest (if tiled).
     pub tile: Option<usize>,
-    /// A smaller resolution that would fit, `(width, height)`.
+    /// A smaller resolution of the workflow's source image that would fit, `(width, height)`.
     pub suggest_resolution: Option<(usize, usize)>,
     /// A profile whose budget would fit.
     pub suggest_profile: Option<String>,
@@ -488,10 +491,16 @@ pub fn admit(
     let limit = budget.saturating_sub(headroom);
     let need = (worst.forecast.peak_bytes as f64 * (1.0 + plan.safety_margin)).ceil() as u64;
     // Memory grows with pixels: scale the node's image sides by sqrt(limit / need).
-    let suggest_resolution = worst
-        .outputs
-        .first()
-        .and_then(|o| o.image())
+    // Memory grows with pixels all the way down, so scale the image the workflow starts from
+    // (the first node that makes an image from no image, e.g. LoadImage), or else the node's.
+    let source = plan
+        .nodes
+        .iter()
+        .find(|n| n.inputs.iter().all(|i| i.image().is_none()))
+        .and_then(|n| n.outputs.first())
+        .and_then(|o| o.image());
+    let suggest_resolution = source
+        .or_else(|| worst.outputs.first().and_then(|o| o.image()))
         .or_else(|| worst.inputs.iter().find_map(|i| i.image()))
         .map(|i| {
             let f = (limit.0 as f64 / need.max(1) as f64).sqrt().min(1.0) * 0.95;

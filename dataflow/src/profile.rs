@@ -380,6 +380,15 @@ pub enum Admission {
 }
 
 impl Admission {
+    /// The name `parse` reads.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Admission::Enforce => "enforce",
+            Admission::DryRun => "dry-run",
+            Admission::Off => "off",
+        }
+    }
+
     /// Parses `enforce`, `dry-run` or `off`.
     pub fn parse(s: &str) -> Result<Admission, String> {
         match s.trim().to_ascii_lowercase().as_str() {
@@ -536,6 +545,19 @@ pub enum BudgetSource {
     Unknown,
 }
 
+impl BudgetSource {
+    /// Where the budget came from, for people.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            BudgetSource::Given => "given",
+            BudgetSource::Device => "the device's total",
+            BudgetSource::Profile => "the profile's size",
+            BudgetSource::System => "half of system memory",
+            BudgetSource::Unknown => "unknown",
+        }
+    }
+}
+
 /// The resolved memory settings of one run: the one place they live.
 #[derive(Clone, Debug, Serialize)]
 pub struct MemoryConfig {
@@ -577,8 +599,14 @@ impl MemoryConfig {
             }
             (None, _) => (profile.device_memory, BudgetSource::Profile),
         };
+        // The profile's headroom is sized for its own device; a smaller budget keeps at most
+        // an eighth of itself free unless a headroom was given.
+        let headroom = overrides.headroom.unwrap_or(match budget {
+            Some(b) => Bytes(profile.headroom.0.min(b.0 / 8)),
+            None => profile.headroom,
+        });
         MemoryConfig {
-            headroom: overrides.headroom.unwrap_or(profile.headroom),
+            headroom,
             admission: overrides.admission.unwrap_or(Admission::Enforce),
             safety_margin: overrides.safety_margin.unwrap_or(DEFAULT_SAFETY_MARGIN),
             tile: overrides.tile.unwrap_or(profile.tile),

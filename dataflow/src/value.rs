@@ -206,6 +206,16 @@ impl Value {
         self
     }
 
+    /// A copy of the value in host memory, not counted against any device budget (on the CPU
+    /// device it shares the buffer).
+    pub fn to_host(&self) -> candle_core::Result<Value> {
+        Ok(match self {
+            Value::Image(t) => Value::image(t.tensor.to_device(&candle_core::Device::Cpu)?),
+            Value::Mask(t) => Value::mask(t.tensor.to_device(&candle_core::Device::Cpu)?),
+            other => other.clone(),
+        })
+    }
+
     /// The data type this value satisfies.
     pub fn data_type(&self) -> DataType {
         match self {

@@ -339,13 +339,12 @@ fn prepare(job: &JobArgs, memory: &MemoryArgs) -> Result<Prepared, (u8, String)>
 fn memory_line(c: &MemoryConfig) -> String {
     match c.budget {
         Some(b) => format!(
-            "profile {} ({}); budget {b} ({:?}), {} headroom",
-            c.profile.id, c.reason, c.budget_source, c.headroom
-        )
-        .replace("Given", "given")
-        .replace("Device", "device")
-        .replace("Profile", "profile size")
-        .replace("System", "half of system memory"),
+            "profile {} ({}); budget {b} ({}), {} headroom",
+            c.profile.id,
+            c.reason,
+            c.budget_source.describe(),
+            c.headroom
+        ),
         None => format!(
             "profile {} ({}); memory could not be read: admitting without a limit",
             c.profile.id, c.reason
@@ -431,11 +430,11 @@ fn plan_command(args: PlanArgs) -> ExitCode {
     }
     match (&p.refusal, c.admission) {
         (Some(r), Admission::Enforce) => fail(EXIT_REFUSED, format!("refused: {}", r.message)),
-        (Some(r), _) => {
-            eprintln!("nova: would refuse ({:?}): {}", c.admission, r.message);
+        (Some(r), Admission::DryRun) => {
+            eprintln!("nova: would refuse (admission dry-run): {}", r.message);
             ExitCode::SUCCESS
         }
-        (None, _) => ExitCode::SUCCESS,
+        (_, _) => ExitCode::SUCCESS,
     }
 }
 
@@ -500,7 +499,11 @@ fn run_command(args: RunArgs) -> ExitCode {
                 Admission::Enforce => {
                     return Err((EXIT_REFUSED, format!("refused: {}", r.message)))
                 }
-                a => eprintln!("nova: would refuse ({a:?}), running anyway: {}", r.message),
+                Admission::DryRun => eprintln!(
+                    "nova: would refuse (admission dry-run), running anyway: {}",
+                    r.message
+                ),
+                Admission::Off => {}
             }
         }
         for dir in [&p.env.output_dir, &p.env.temp_dir] {

@@ -3,13 +3,41 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+/// The memory settings `nova` reads from the environment; tests set them explicitly.
+const MEMORY_ENV: [&str; 6] = [
+    "NOVA_PROFILE",
+    "NOVA_VRAM_BUDGET",
+    "NOVA_HEADROOM",
+    "NOVA_ADMISSION",
+    "NOVA_SAFETY_MARGIN",
+    "NOVA_TILE_SIZE",
+];
+
 fn nova(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nova"))
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .expect("run nova")
+    nova_with_env(args, cwd, &[])
+}
+
+fn nova_with_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nova"));
+    cmd.args(args).current_dir(cwd).env("RUST_BACKTRACE", "1");
+    for k in MEMORY_ENV {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run nova")
+}
+
+/// `nova plan --json` output, parsed.
+fn plan_json(out: &Output) -> serde_json::Value {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("plan --json prints JSON")
 }
 
 struct Setup {
@@ -207,4 +235,194 @@ fn nodes_prints_object_info_with_comfyui_names() {
         info["LoadImage"]["output"],
         serde_json::json!(["IMAGE", "MASK"])
     );
+}
+
+#[test]
+fn plan_json_reports_profile_budget_forecast_and_fit_per_node() {
+    let s = Setup::new("planjson");
+    let wf = s.workflow("ok.json", OK);
+    let out = nova(
+        &[
+            "plan",
+            &wf,
+            "--vram-budget",
+            "64MiB",
+            "--headroom",
+            "0",
+            "--json",
+        ],
+        &s.dir,
+    );
+    let p = plan_json(&out);
+    assert_eq!(p["budget_bytes"], 64 << 20);
+    assert_eq!(p["limit_bytes"], 64 << 20);
+    assert_eq!(p["fits"], true);
+    assert!(p["profile"].is_string());
+    let nodes = p["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    let peak = nodes
+        .iter()
+        .map(|n| n["forecast_bytes"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert_eq!(p["forecast_peak_bytes"].as_u64(), Some(peak));
+    // The loaded 48x40 RGB image is 48*40*3*4 bytes of f32; the blur holds it and its output.
+    assert!(peak >= 2 * 48 * 40 * 3 * 4, "{peak}");
+    assert_eq!(nodes[1]["class_type"], "ImageBlur");
+    // Nothing ran: plan writes no output.
+    assert!(!s.dir.join("output").exists());
+}
+
+#[test]
+fn a_tight_budget_tiles_the_run_and_the_final_event_reports_the_tracked_peak() {
+    let s = Setup::new("tight");
+    let samples: Vec<u8> = (0..320 * 240 * 3).map(|i| (i * 7 % 253) as u8).collect();
+    nova_media::encode_png(&s.dir.join("input/big.png"), 320, 240, 3, &samples, &[]).unwrap();
+    let wf = s.workflow("big.json", &OK.replace("card.png", "big.png"));
+    let whole = plan_json(&nova(&["plan", &wf, "--json"], &s.dir));
+    let naive = whole["naive_peak_bytes"].as_u64().unwrap();
+    let budget = (naive * 7 / 10).to_string();
+    let args = [
+        "--vram-budget",
+        &budget,
+        "--headroom",
+        "0",
+        "--tile-size",
+        "64",
+    ];
+    let mut plan_args = vec!["plan", &wf, "--json"];
+    plan_args.extend(args);
+    let p = plan_json(&nova(&plan_args, &s.dir));
+    assert_eq!(p["fits"], true);
+    assert_eq!(p["nodes"][1]["mode"], "tiled");
+    let mut run_args = vec!["run", &wf, "--events", "ev.jsonl"];
+    run_args.extend(args);
+    let out = nova(&run_args, &s.dir);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = std::fs::read_to_string(s.dir.join("ev.jsonl")).unwrap();
+    let events: Vec<serde_json::Value> = events
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let forecast = events
+        .iter()
+        .find(|e| e["type"] == "telemetry.memory_forecast")
+        .expect("a memory forecast event");
+    assert_eq!(
+        forecast["data"]["forecast_peak_bytes"],
+        p["forecast_peak_bytes"]
+    );
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "execution_success");
+    assert_eq!(last["data"]["budget_bytes"].as_u64(), budget.parse().ok());
+    let tracked = last["data"]["tracked_peak_bytes"].as_u64().unwrap();
+    assert!(
+        tracked > 0 && tracked <= budget.parse::<u64>().unwrap(),
+        "{tracked}"
+    );
+}
+
+#[test]
+fn a_workflow_that_cannot_fit_is_refused_by_plan_and_run_with_exit_6() {
+    let s = Setup::new("refuse");
+    let wf = s.workflow("ok.json", OK);
+    let budget = ["--vram-budget", "16KiB", "--headroom", "0"];
+    let mut args = vec!["plan", &wf];
+    args.extend(budget);
+    let out = nova(&args, &s.dir);
+    assert_clean_failure(
+        &out,
+        6,
+        &[
+            "refused: node ",
+            "at the smallest tile",
+            "budget 16.0 KiB after 0 B headroom",
+        ],
+    );
+    let mut args = vec!["run", &wf, "--events", "ev.jsonl"];
+    args.extend(budget);
+    let out = nova(&args, &s.dir);
+    assert_clean_failure(&out, 6, &["refused: node ", "lower the resolution to"]);
+    assert!(!s.dir.join("output").exists(), "nothing ran");
+    // Dry-run only logs; the run then meets the budget for real and fails cleanly.
+    let mut args = vec!["run", &wf, "--admission", "dry-run"];
+    args.extend(budget);
+    let out = nova(&args, &s.dir);
+    assert_clean_failure(
+        &out,
+        4,
+        &["would refuse (admission dry-run)", "out of device memory"],
+    );
+}
+
+#[test]
+fn profile_and_budget_come_from_flags_then_workflow_then_environment() {
+    let s = Setup::new("overrides");
+    let wf = s.workflow("ok.json", OK);
+    let wrapped = format!(
+        r#"{{"prompt": {OK}, "extra_data": {{"nova": {{"profile": "PASCAL_4G", "headroom": "1GiB"}}}}}}"#
+    );
+    let wrapped = s.workflow("wrapped.json", &wrapped);
+    let p = plan_json(&nova(
+        &["plan", &wf, "--json", "--profile", "PASCAL_2G"],
+        &s.dir,
+    ));
+    assert_eq!(p["profile"], "PASCAL_2G");
+    assert_eq!(p["budget_bytes"], 2u64 << 30);
+    let env = [("NOVA_PROFILE", "RTX_MODERN"), ("NOVA_VRAM_BUDGET", "3GiB")];
+    let p = plan_json(&nova_with_env(&["plan", &wf, "--json"], &s.dir, &env));
+    assert_eq!(p["profile"], "RTX_MODERN");
+    assert_eq!(p["budget_bytes"], 3u64 << 30);
+    // The workflow's settings beat the environment's; flags beat both.
+    let p = plan_json(&nova_with_env(&["plan", &wrapped, "--json"], &s.dir, &env));
+    assert_eq!(p["profile"], "PASCAL_4G");
+    assert_eq!(p["budget_bytes"], 3u64 << 30);
+    assert_eq!(p["headroom_bytes"], 1u64 << 30);
+    let args = ["plan", &wrapped, "--json", "--vram-budget", "5GiB"];
+    let p = plan_json(&nova_with_env(&args, &s.dir, &env));
+    assert_eq!(p["budget_bytes"], 5u64 << 30);
+    // Bad settings name their source and exit 2 (usage).
+    let out = nova_with_env(&["plan", &wf], &s.dir, &[("NOVA_VRAM_BUDGET", "lots")]);
+    assert_clean_failure(&out, 2, &["NOVA_VRAM_BUDGET", "lots"]);
+    let out = nova(&["plan", &wf, "--profile", "GTX_9000"], &s.dir);
+    assert_clean_failure(&out, 2, &["GTX_9000"]);
+    let bad = format!(r#"{{"prompt": {OK}, "extra_data": {{"nova": {{"budget": "1GiB"}}}}}}"#);
+    let bad = s.workflow("bad.json", &bad);
+    let out = nova(&["plan", &bad], &s.dir);
+    assert_clean_failure(&out, 3, &["extra_data.nova.budget", "unknown setting"]);
+}
+
+#[test]
+fn profiles_lists_every_profile_and_what_was_detected() {
+    let s = Setup::new("profiles");
+    let out = nova(&["profiles"], &s.dir);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for p in [
+        "PASCAL_2G",
+        "PASCAL_4G",
+        "PASCAL_6G_8G",
+        "RTX_MODERN",
+        "AMD_ROCM",
+        "INTEL_XPU",
+        "CPU_SAFE",
+    ] {
+        assert!(text.contains(p), "{p} missing: {text}");
+    }
+    assert!(text.contains("detected: "), "{text}");
+    let out = nova(&["profiles", "--json"], &s.dir);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["profiles"].as_array().unwrap().len(), 7);
+    let detected = j["detected"]["profile"].as_str().unwrap();
+    assert!(j["profiles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["id"] == detected));
+    assert!(!j["detected"]["reason"].as_str().unwrap().is_empty());
 }
