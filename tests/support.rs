@@ -8,6 +8,19 @@ use nova_dataflow::{
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// The project's shared models folder (`../shared/models` beside the repository), laid out
+/// as ComfyUI's `models/`. Tests that need it fail if it is missing: it is part of the
+/// project's environment, not optional.
+pub fn shared_models() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models");
+    assert!(
+        p.join("upscale_models").is_dir(),
+        "the shared models folder is missing at {}",
+        p.display()
+    );
+    p
+}
+
 /// The "card" test image of `shared/models/README.md`: RGB in [0, 1], row-major, interleaved.
 pub fn card(h: usize, w: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(h * w * 3);

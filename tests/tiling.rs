@@ -2,7 +2,7 @@
 //! kernel level in f32 (bitwise), then through the whole dataflow on saved files.
 
 use candle_core::{Device, Tensor};
-use nova_dataflow::{Args, ChunkSize, ExecContext, ExecMode, Inputs, JobEnv, NodeId, Value};
+use nova_dataflow::{Args, ChunkSize, ExecContext, ExecMode, Inputs, JobEnv, Value};
 use nova_tests::{card, chain_workflow, png_samples, reported_files, run_workflow, Job};
 use serde_json::json;
 
@@ -27,18 +27,15 @@ fn assert_tiled_equals_whole(
     let mut data = card(h, w);
     data.extend(card(h, w).iter().map(|v| 1.0 - v));
     let image = Tensor::from_vec(data, (2, h, w, 3), &Device::Cpu).unwrap();
-    let ctx = ExecContext {
-        env: JobEnv::new("in", "out", "tmp"),
-        device: Device::Cpu,
-        prompt: None,
-        node_id: NodeId("t".into()),
-    };
+    let ctx = ExecContext::standalone(JobEnv::new("in", "out", "tmp"), "t");
     let mut inputs = Inputs::new();
     inputs.insert("image", Value::image(image.clone()));
     let whole = node.execute(&args, inputs, &ctx).expect("whole run");
     let whole = whole.values[0].as_image().unwrap().clone();
 
-    let chunking = node.chunked(&args).expect("tileable");
+    let chunking = node
+        .chunked(&args, &nova_dataflow::Inputs::new())
+        .expect("tileable");
     let op = chunking.op;
     let input = Value::image(image);
     let info = input.info();
@@ -179,12 +176,7 @@ fn scale_to_zero_by_zero_returns_the_image_unchanged() {
     let image = Tensor::from_vec(data.clone(), (1, 21, 34, 3), &Device::Cpu).unwrap();
     let mut inputs = Inputs::new();
     inputs.insert("image", Value::image(image));
-    let ctx = ExecContext {
-        env: JobEnv::new("in", "out", "tmp"),
-        device: Device::Cpu,
-        prompt: None,
-        node_id: NodeId("t".into()),
-    };
+    let ctx = ExecContext::standalone(JobEnv::new("in", "out", "tmp"), "t");
     let out = node.execute(&args, inputs, &ctx).unwrap();
     let out = out.values[0].as_image().unwrap();
     assert_eq!(out.dims(), &[1, 21, 34, 3]);

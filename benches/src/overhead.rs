@@ -2,8 +2,8 @@
 
 use nova_dataflow::{
     plan, run, workflow, Args, DataType, Emitter, EventSink, ExecContext, ExecutionPlan, InputKind,
-    InputSpec, Inputs, JobEnv, Node, NodeError, NodeId, NodeOutput, NodeRegistry, NodeSchema,
-    PlanOptions, RunOptions, ValidatedWorkflow, Value,
+    InputSpec, Inputs, JobEnv, Node, NodeError, NodeOutput, NodeRegistry, NodeSchema, PlanOptions,
+    RunOptions, ValidatedWorkflow, Value,
 };
 use std::sync::Arc;
 
@@ -82,12 +82,7 @@ impl Setup {
             ..PlanOptions::default()
         };
         let plan = plan(&wf, &env, &opts).expect("bench workflow plans");
-        let ctx = ExecContext {
-            env: env.clone(),
-            device: candle_core::Device::Cpu,
-            prompt: None,
-            node_id: NodeId("bench".into()),
-        };
+        let ctx = ExecContext::standalone(env.clone(), "bench");
         Setup {
             wf: Arc::new(wf),
             plan: Arc::new(plan),
@@ -124,7 +119,11 @@ impl Setup {
             .values
             .remove(0);
         let blur = &self.wf.nodes[1];
-        let op = blur.node.chunked(&blur.args).expect("blur is tileable").op;
+        let op = blur
+            .node
+            .chunked(&blur.args, &nova_dataflow::Inputs::new())
+            .expect("blur is tileable")
+            .op;
         let np = &self.plan.nodes[1];
         let info = np.chunked_input.expect("tiled");
         let mut merger = op.merger(&np.outputs[0]).expect("merger");

@@ -123,6 +123,17 @@ pub trait ChunkedOp: Send + Sync {
         self.process(input, chunk, piece)
     }
 
+    /// This operator bound to the node's other inputs (those not cut into chunks, e.g. a
+    /// model) at run time, with what it needs to put weights on the device. `None`: the
+    /// operator needs nothing besides its pieces.
+    fn bind(
+        &self,
+        _side: &crate::node::Inputs<Value>,
+        _weights: &crate::residency::WeightContext,
+    ) -> Result<Option<std::sync::Arc<dyn ChunkedOp>>, NodeError> {
+        Ok(None)
+    }
+
     /// A fresh assembler for an output of shape `output`.
     fn merger(&self, output: &ValueInfo) -> Result<Box<dyn Merger>, NodeError>;
 

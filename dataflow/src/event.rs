@@ -12,6 +12,7 @@
 //! | `lifecycle` | `state`: `planning`, `running`, `streaming_partial`, `finalizing` | the job enters that state |
 //! | `telemetry.memory_forecast` | `profile` (when known), `budget_bytes`, `limit_bytes` (budget minus headroom), `forecast_peak_bytes`, `naive_peak_bytes` (every node whole), `fits`, `nodes`: `[{node, mode, tile, chunks, forecast_bytes}]` | the plan is fixed, before any node runs |
 //! | `telemetry.retry` | `node`, `chunk`, `tile_from`, `tile_to`, `reason` | a chunk ran short of memory and is re-run as smaller tiles |
+//! | `telemetry.residency_delta` | `asset`, `from`, `to` (`UNLOADED`, `CPU_MMAP`, `CPU_HOT`, `GPU_FULL`, `GPU_PARTIAL`), `bytes_on_device`, `reason` | a model asset changed state |
 //! | `telemetry.node_start` | `node`, `class_type`, `mode`, `chunks` | the frontier of every input of the node passed the time of its input: the node may run |
 //! | `telemetry.chunk` | `node`, `chunk`, `chunks`, `rect` (tiles), `progress` `{value, max}` over all chunks of the job | the frontier after the node's kernel passed the chunk's timestamp |
 //! | `telemetry.node_end` | `node`, `class_type`, `wall_ms`, `chunks` | the frontier of the node's output passed its output time |
@@ -27,7 +28,7 @@
 //!
 //! Invariant: every event except `lifecycle: planning`, the forecast and the final one is
 //! derived by the driver from probes on the dataflow's frontiers and from what operators
-//! recorded (retries) — operators never call back to report.
+//! recorded (retries, residency changes) — operators never call back to report.
 //! Hence for every node: `node_start` < its `chunk` events < `node_end`, and a tile's
 //! `output.partial.image` follows the `chunk` event that made it final.
 
@@ -124,6 +125,9 @@ pub enum EventKind {
     Lifecycle { state: Lifecycle },
     #[serde(rename = "telemetry.memory_forecast")]
     MemoryForecast(MemoryForecast),
+    /// A model asset changed state (loaded, streamed, released, evicted).
+    #[serde(rename = "telemetry.residency_delta")]
+    ResidencyDelta(crate::residency::ResidencyDelta),
     #[serde(rename = "telemetry.retry")]
     Retry {
         node: String,
@@ -218,6 +222,7 @@ impl Event {
             EventKind::Lifecycle { .. } => "lifecycle",
             EventKind::MemoryForecast(_) => "telemetry.memory_forecast",
             EventKind::Retry { .. } => "telemetry.retry",
+            EventKind::ResidencyDelta(_) => "telemetry.residency_delta",
             EventKind::NodeStart { .. } => "telemetry.node_start",
             EventKind::Chunk { .. } => "telemetry.chunk",
             EventKind::NodeEnd { .. } => "telemetry.node_end",

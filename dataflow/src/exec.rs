@@ -23,6 +23,7 @@ use crate::event::{Emitter, EventKind, Lifecycle, MemoryForecast, MemoryUse, Pro
 use crate::memory::{Accountant, Bytes, Lease};
 use crate::node::{guarded, Chunking, ExecContext, Inputs, JobEnv, NodeError, NodeId};
 use crate::plan::ExecutionPlan;
+use crate::residency::{DeltaLog, Registry, WeightContext, WeightMode};
 use crate::schema::ExecMode;
 use crate::value::{Value, ValueInfo};
 use crate::workflow::ValidatedWorkflow;
@@ -164,6 +165,10 @@ struct Shared {
     output_leases: Mutex<HashMap<usize, Lease>>,
     /// Per node: how many of its chunks the driver has announced (and released).
     announced: Vec<AtomicU64>,
+    /// Per tiled node: its operator bound to its other inputs (a model), while it runs.
+    bound: Mutex<HashMap<usize, Arc<dyn ChunkedOp>>>,
+    /// Residency changes the run caused, for the driver to announce.
+    residency: DeltaLog,
 }
 
 /// A chunk that ran short of memory and was re-run as smaller tiles.
@@ -177,6 +182,16 @@ struct Retry {
 }
 
 impl Shared {
+    /// The operator that processes node `ix`'s chunks: bound to its inputs if it was.
+    fn op_for(&self, ix: usize, unbound: &Arc<dyn ChunkedOp>) -> Arc<dyn ChunkedOp> {
+        self.bound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ix)
+            .cloned()
+            .unwrap_or_else(|| unbound.clone())
+    }
+
     fn stopped(&self) -> bool {
         if self.cancel.is_cancelled() {
             self.stop.store(true, Ordering::SeqCst);
@@ -231,6 +246,8 @@ pub fn run(
         retry_count: AtomicU64::new(0),
         output_leases: Mutex::new(HashMap::new()),
         announced: wf.nodes.iter().map(|_| AtomicU64::new(0)).collect(),
+        bound: Mutex::new(HashMap::new()),
+        residency: DeltaLog::default(),
     });
     let stats: Arc<Mutex<Vec<NodeStats>>> = Arc::new(Mutex::new(Vec::new()));
     let workers = plan.workers.max(1);
@@ -310,6 +327,7 @@ pub fn run(
             })
         }
     };
+    emit_residency(&shared, &emitter);
     let memory = MemoryUse {
         budget_bytes: opts.budget.map(|b| b.0),
         tracked_peak_bytes: shared.acct.peak().0,
@@ -338,6 +356,14 @@ pub fn run(
         }),
     }
     outcome
+}
+
+/// Announces the residency changes recorded since the last call.
+fn emit_residency(shared: &Shared, emitter: &Emitter) {
+    let deltas = std::mem::take(&mut *shared.residency.lock().unwrap_or_else(|p| p.into_inner()));
+    for d in deltas {
+        emitter.emit(EventKind::ResidencyDelta(d));
+    }
 }
 
 /// Builds the dataflow of one job on one worker; returns each node's probes.
@@ -390,9 +416,22 @@ fn build(
             device: Device::Cpu,
             prompt: Some(wf.prompt.clone()),
             node_id: NodeId(n.id.0.clone()),
+            weights: WeightContext {
+                registry: Registry::global(),
+                acct: shared.acct.clone(),
+                log: shared.residency.clone(),
+                device: Device::Cpu,
+                mode: p.weights.mode.unwrap_or(WeightMode::Resident),
+            },
         };
         let chunking = match p.mode {
-            ExecMode::Tiled => n.node.chunked(&n.args),
+            ExecMode::Tiled => {
+                let mut infos = Inputs::new();
+                for (l, info) in n.links.iter().zip(&p.inputs) {
+                    infos.insert(l.input, *info);
+                }
+                n.node.chunked(&n.args, &infos)
+            }
             _ => None,
         };
         let chunk_probe = ProbeHandle::new();
@@ -424,6 +463,7 @@ fn build(
                     plan,
                     shared,
                     &chunk_probe,
+                    ctx.weights.clone(),
                 );
                 let done = process(scope, pieces, ix, &chunking, plan, shared);
                 let sh = shared.clone();
@@ -553,6 +593,7 @@ fn split<'s>(
     plan: &Arc<ExecutionPlan>,
     shared: &Arc<Shared>,
     done_probe: &ProbeHandle<u64>,
+    weights: WeightContext,
 ) -> Recs<'s> {
     let in_time = plan.nodes[ix].in_time;
     let (wf, plan, shared, op, which, done_probe) = (
@@ -578,6 +619,7 @@ fn split<'s>(
             let mut stash: Vec<Record> = Vec::new();
             let mut whole: Option<Value> = None;
             let mut next = 0usize;
+            let mut op = op.clone();
             move |(input, frontier), output| {
                 input.for_each(|_c, data| stash.append(data));
                 if cap.is_none() || frontier.frontier().less_equal(&in_time) {
@@ -590,17 +632,28 @@ fn split<'s>(
                     return;
                 }
                 if whole.is_none() {
-                    // The record on the link the chunking names, with the shape it was planned for.
-                    let links = &wf.nodes[ix].links;
-                    let Some(value) = stash
-                        .drain(..)
-                        .find(|r| links.get(r.port as usize).map(|l| l.input) == Some(which))
-                        .map(|r| r.value)
-                    else {
+                    // The record on the link the chunking names, with the shape it was planned
+                    // for; the other inputs (a model) bind the operator.
+                    let mut inputs = named_inputs(&wf, ix, &mut stash);
+                    let Some(value) = inputs.take(which) else {
                         cap = None;
                         return shared.fail(ix, NodeError::input(which, "no value arrived"));
                     };
-                    stash.clear();
+                    match guarded(|| op.bind(&inputs, &weights)) {
+                        Ok(Some(bound)) => {
+                            shared
+                                .bound
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(ix, bound.clone());
+                            op = bound;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            cap = None;
+                            return shared.fail(ix, e);
+                        }
+                    }
                     let planned = plan.nodes[ix].chunked_input;
                     if planned != Some(value.info()) {
                         cap = None;
@@ -728,6 +781,7 @@ fn process<'s>(
                 if let Some((cap, mut r)) = queue.pop_front() {
                     if !shared.stopped() {
                         let reserve = r.reserve.take();
+                        let op = shared.op_for(ix, &op);
                         let done = process_chunk(&plan, &shared, op.as_ref(), ix, &r, reserve);
                         // The piece is no longer needed once its chunk is computed.
                         let chunk = r.chunk;
@@ -913,6 +967,12 @@ fn merge<'s>(
                 if failed || shared.stopped() {
                     return;
                 }
+                // Every chunk is in: the bound operator (and the weights it holds) can go.
+                shared
+                    .bound
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&ix);
                 match guarded(|| m.finish()) {
                     Ok(value) => {
                         shared.mark_ran(ix);
@@ -1016,6 +1076,7 @@ impl Driver {
                 state: Lifecycle::Running,
             });
         }
+        emit_residency(&self.shared, &self.emitter);
 
         for ix in 0..self.wf.nodes.len() {
             if self.seen[ix].ended.is_some() || (stopped && !self.shared.has_run(ix)) {

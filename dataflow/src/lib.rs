@@ -27,6 +27,7 @@ pub mod memory;
 pub mod node;
 pub mod plan;
 pub mod profile;
+pub mod residency;
 pub mod schema;
 pub mod value;
 pub mod workflow;
@@ -39,13 +40,17 @@ pub use memory::{Accountant, Bytes, Lease, OutOfMemory};
 pub use node::{
     Args, Chunking, ExecContext, Inputs, JobEnv, Node, NodeError, NodeId, NodeOutput, NodeRegistry,
 };
-pub use plan::{plan, ExecutionPlan, NodePlan, PlanError, PlanOptions, MIN_TILE};
+pub use plan::{plan, ExecutionPlan, NodePlan, PlanError, PlanOptions, WeightPlan, MIN_TILE};
 pub use profile::{
     Admission, Detection, MemoryConfig, MemoryOverrides, Precision, Profile, ProfileId,
+};
+pub use residency::{
+    Asset, AssetState, DeviceWeights, Registry, RegistryLimits, ResidencyDelta, WeightContext,
+    WeightMode, WeightSource,
 };
 pub use schema::{
     ExecMode, FileFolder, InputKind, InputSpec, MemoryEstimate, MemoryQuery, NodeMeta, NodeSchema,
     OutputSpec,
 };
-pub use value::{DataType, ImageInfo, TensorBox, Value, ValueInfo};
+pub use value::{DataType, ImageInfo, ModelInfo, ModelRef, TensorBox, Value, ValueInfo};
 pub use workflow::{ValidatedWorkflow, WorkflowNode};

@@ -183,6 +183,8 @@ pub struct JobEnv {
     pub output_dir: PathBuf,
     /// Where `PreviewImage` writes.
     pub temp_dir: PathBuf,
+    /// Model files, laid out as ComfyUI's `models/` (`upscale_models/`, ...).
+    pub models_dir: PathBuf,
 }
 
 impl JobEnv {
@@ -196,7 +198,14 @@ impl JobEnv {
             input_dir: input_dir.into(),
             output_dir: output_dir.into(),
             temp_dir: temp_dir.into(),
+            models_dir: PathBuf::from("models"),
         }
+    }
+
+    /// The same environment with models from `dir`.
+    pub fn with_models_dir(mut self, dir: impl Into<PathBuf>) -> JobEnv {
+        self.models_dir = dir.into();
+        self
     }
 
     /// Resolves a file name given in a workflow against `base`, refusing anything that would
@@ -236,6 +245,25 @@ pub struct ExecContext {
     pub prompt: Option<Arc<Json>>,
     /// The node being run.
     pub node_id: NodeId,
+    /// Where the node puts model weights: the registry, the run's accountant, and the plan's
+    /// residency decision for this node.
+    pub weights: crate::residency::WeightContext,
+}
+
+impl ExecContext {
+    /// A context for running a node outside a job (library use, tests): the CPU device, no
+    /// prompt, weights kept resident and counted by an unlimited accountant.
+    pub fn standalone(env: JobEnv, node_id: &str) -> ExecContext {
+        ExecContext {
+            env,
+            device: Device::Cpu,
+            prompt: None,
+            node_id: NodeId(node_id.to_string()),
+            weights: crate::residency::WeightContext::resident(
+                crate::memory::Accountant::unlimited(),
+            ),
+        }
+    }
 }
 
 /// What a node produced: one value per declared output, and for output nodes a UI record
@@ -288,8 +316,8 @@ pub trait Node: Send + Sync + 'static {
         query.whole(&self.meta())
     }
 
-    /// The chunked form of this node for these args, if it has one.
-    fn chunked(&self, _args: &Args) -> Option<Chunking> {
+    /// The chunked form of this node for these args and input shapes, if it has one.
+    fn chunked(&self, _args: &Args, _inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
         None
     }
 

@@ -32,6 +32,7 @@
 use crate::chunk::{ChunkMemory, ChunkSize, ChunkSpec};
 use crate::memory::Bytes;
 use crate::node::{guarded, Inputs, JobEnv, NodeError};
+use crate::residency::WeightMode;
 use crate::schema::{ExecMode, MemoryEstimate, MemoryQuery};
 use crate::value::ValueInfo;
 use crate::workflow::ValidatedWorkflow;
@@ -105,6 +106,47 @@ impl PlanOptions {
     }
 }
 
+/// Where a node's weights live while it runs, and what that costs on the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WeightPlan {
+    /// `None` for a node without weights.
+    pub mode: Option<WeightMode>,
+    /// Every weight of the node.
+    pub total_bytes: u64,
+    /// The largest block streamed at once (streamed mode).
+    pub block_bytes: u64,
+}
+
+impl WeightPlan {
+    fn resident(total: u64) -> WeightPlan {
+        WeightPlan {
+            mode: (total > 0).then_some(WeightMode::Resident),
+            total_bytes: total,
+            block_bytes: 0,
+        }
+    }
+
+    fn streamed(depth: usize, block: u64, total: u64) -> WeightPlan {
+        WeightPlan {
+            mode: Some(WeightMode::Streamed { depth }),
+            total_bytes: total,
+            block_bytes: block,
+        }
+    }
+
+    /// Device bytes of weights while `users` chunks run at once: all of them once when
+    /// resident; the block in use and `depth` ahead, per user, when streamed.
+    pub fn device_bytes(&self, users: u64) -> u64 {
+        match self.mode {
+            None => 0,
+            Some(WeightMode::Resident) => self.total_bytes,
+            Some(WeightMode::Streamed { depth }) => {
+                users.max(1) * (depth as u64 + 1) * self.block_bytes
+            }
+        }
+    }
+}
+
 /// The memory forecast of one node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct NodeForecast {
@@ -138,6 +180,8 @@ pub struct NodePlan {
     pub outputs: Vec<ValueInfo>,
     /// The node's own estimate for an atomic run (weights and activations).
     pub memory: MemoryEstimate,
+    /// Where the node's weights live while it runs.
+    pub weights: WeightPlan,
     /// What the device holds while the node runs, in the chosen mode.
     pub forecast: NodeForecast,
     /// The forecast had the node run atomic (the naive plan).
@@ -154,10 +198,12 @@ impl NodePlan {
         self.chunks.len().max(1) as u32
     }
 
-    /// Bytes an atomic run must take beyond what it already holds: outputs and workspace.
+    /// Bytes an atomic run leases before its kernel runs: outputs and workspace (its weights
+    /// are leased where they are put on the device).
     pub fn atomic_working_bytes(&self) -> u64 {
-        self.atomic_peak_bytes
-            .saturating_sub(self.forecast.live_bytes)
+        self.forecast
+            .working_bytes
+            .saturating_sub(self.weights.device_bytes(1))
     }
 }
 
@@ -218,6 +264,7 @@ pub fn plan(
     // Pass 1: shapes, and each node's own estimate.
     let mut shapes: Vec<(Vec<ValueInfo>, Vec<ValueInfo>, MemoryEstimate)> =
         Vec::with_capacity(count);
+    let mut named: Vec<Inputs<ValueInfo>> = Vec::with_capacity(count);
     for n in &wf.nodes {
         let fail = |error: NodeError| PlanError {
             node: n.id.0.clone(),
@@ -258,6 +305,7 @@ pub fn plan(
         })
         .map_err(fail)?;
         shapes.push((input_list, outputs, memory));
+        named.push(infos);
     }
 
     // Pass 2: liveness. A value (node, port) is held from its node until its last consumer.
@@ -303,24 +351,19 @@ pub fn plan(
             .iter()
             .map(|&(f, o)| shapes[f].1.get(o).and_then(|i| i.bytes()).unwrap_or(0))
             .sum();
-        let atomic_working = memory.total().saturating_sub(input_bytes);
-        let atomic_peak = live + atomic_working;
+        // Activations of an atomic run: outputs and workspace (inputs are part of `live`).
+        let activations = memory
+            .total()
+            .saturating_sub(memory.weights)
+            .saturating_sub(input_bytes);
+        let atomic_peak = live + memory.weights + activations;
         let feeds_output = wf
             .consumers(ix)
             .iter()
             .any(|&c| wf.nodes[c].node.schema().output_node);
-
-        let mut choice = Choice {
-            mode: ExecMode::Atomic,
-            tile: None,
-            chunks: Vec::new(),
-            chunked_input: None,
-            chunk_memory: None,
-            working: atomic_working,
-        };
         let meta = n.node.meta();
         let chunking = if meta.supports(ExecMode::Tiled) {
-            guarded(|| Ok(n.node.chunked(&n.args))).map_err(fail)?
+            guarded(|| Ok(n.node.chunked(&n.args, &named[ix]))).map_err(fail)?
         } else {
             None
         };
@@ -331,64 +374,97 @@ pub fn plan(
                 .map(|i| input_list[i])
                 .filter(|i| i.image().is_some())
         });
-        if let (Some(chunking), Some(input)) = (chunking, input) {
-            let output_bytes = outputs.first().and_then(|o| o.bytes()).unwrap_or(0);
-            let mut best: Option<Choice> = None;
-            for side in opts.tile_sizes() {
-                let size = ChunkSize::Tile {
-                    width: side,
-                    height: side,
-                };
-                let chunks = guarded(|| chunking.op.plan(&input, size)).map_err(fail)?;
-                if chunks.len() <= 1 {
-                    // One tile covers the whole output: run it whole if that fits, else try
-                    // smaller tiles.
-                    if fits(atomic_peak) {
+        // Where the weights can live: all resident, or else streamed block by block.
+        let mut weight_options = vec![WeightPlan::resident(memory.weights)];
+        if memory.weights > 0 && memory.weight_block > 0 && memory.weight_block < memory.weights {
+            weight_options.push(WeightPlan::streamed(
+                opts.prefetch,
+                memory.weight_block,
+                memory.weights,
+            ));
+        }
+        let mut chosen: Option<Choice> = None;
+        for weights in weight_options {
+            let users = opts.workers.max(1) as u64;
+            let atomic = Choice {
+                mode: ExecMode::Atomic,
+                tile: None,
+                chunks: Vec::new(),
+                chunked_input: None,
+                chunk_memory: None,
+                working: weights.device_bytes(1) + activations,
+                weights,
+            };
+            let mut choice = atomic.clone();
+            if let (Some(chunking), Some(input)) = (&chunking, input) {
+                let output_bytes = outputs.first().and_then(|o| o.bytes()).unwrap_or(0);
+                let mut best: Option<Choice> = None;
+                for side in opts.tile_sizes() {
+                    let size = ChunkSize::Tile {
+                        width: side,
+                        height: side,
+                    };
+                    let chunks = guarded(|| chunking.op.plan(&input, size)).map_err(fail)?;
+                    if chunks.len() <= 1 {
+                        // One tile covers the whole output: run it whole if that fits, else
+                        // try smaller tiles.
+                        if fits(live + atomic.working) {
+                            break;
+                        }
+                        continue;
+                    }
+                    let mem = guarded(|| {
+                        Ok(chunks.iter().fold(ChunkMemory::default(), |m, c| {
+                            let x = chunking.op.chunk_memory(&input, c);
+                            ChunkMemory {
+                                piece: m.piece.max(x.piece),
+                                result: m.result.max(x.result),
+                                workspace: m.workspace.max(x.workspace),
+                            }
+                        }))
+                    })
+                    .map_err(fail)?;
+                    let inflight = opts.inflight(chunks.len()) as u64;
+                    let captured = if feeds_output {
+                        inflight * mem.result
+                    } else {
+                        0
+                    };
+                    let working = weights.device_bytes(users.min(chunks.len() as u64))
+                        + output_bytes
+                        + inflight * (mem.piece + mem.result + mem.workspace)
+                        + captured;
+                    let c = Choice {
+                        mode: ExecMode::Tiled,
+                        tile: Some(side),
+                        chunks,
+                        chunked_input: Some(input),
+                        chunk_memory: Some(mem),
+                        working,
+                        weights,
+                    };
+                    let ok = fits(live + working);
+                    best = Some(c);
+                    if ok {
                         break;
                     }
-                    continue;
                 }
-                let mem = guarded(|| {
-                    Ok(chunks.iter().fold(ChunkMemory::default(), |m, c| {
-                        let x = chunking.op.chunk_memory(&input, c);
-                        ChunkMemory {
-                            piece: m.piece.max(x.piece),
-                            result: m.result.max(x.result),
-                            workspace: m.workspace.max(x.workspace),
-                        }
-                    }))
-                })
-                .map_err(fail)?;
-                let inflight = opts.inflight(chunks.len()) as u64;
-                let captured = if feeds_output {
-                    inflight * mem.result
-                } else {
-                    0
-                };
-                let working = memory.weights
-                    + output_bytes
-                    + inflight * (mem.piece + mem.result + mem.workspace)
-                    + captured;
-                let c = Choice {
-                    mode: ExecMode::Tiled,
-                    tile: Some(side),
-                    chunks,
-                    chunked_input: Some(input),
-                    chunk_memory: Some(mem),
-                    working,
-                };
-                let ok = fits(live + working);
-                best = Some(c);
-                if ok {
-                    break;
+                if let Some(b) = best {
+                    // Prefer tiles (partial outputs, bounded workspace) over a whole run
+                    // that fits, except where one tile would cover everything.
+                    choice = b;
                 }
             }
-            if let Some(b) = best {
-                // Prefer tiles (partial outputs, bounded workspace) over a whole run that
-                // fits, except where one tile would cover everything.
-                choice = b;
+            let ok = fits(live + choice.working);
+            let frugal = chosen.as_ref().is_none_or(|c| choice.working < c.working);
+            if ok || frugal {
+                chosen = Some(choice);
+            }
+            if ok {
+                break;
             }
         }
+        let choice = chosen.expect("at least the resident option was tried");
         let chunk_count = choice.chunks.len().max(1) as u64;
         let in_time = time;
         let out_time = in_time + chunk_count - 1;
@@ -405,6 +481,7 @@ pub fn plan(
             inputs: input_list,
             outputs,
             memory,
+            weights: choice.weights,
             forecast: NodeForecast {
                 live_bytes: live,
                 working_bytes: choice.working,
@@ -436,7 +513,9 @@ pub fn plan(
 }
 
 /// A candidate mode for one node.
+#[derive(Clone)]
 struct Choice {
+    weights: WeightPlan,
     mode: ExecMode,
     tile: Option<usize>,
     chunks: Vec<ChunkSpec>,

@@ -599,12 +599,18 @@ impl MemoryConfig {
             }
             (None, _) => (profile.device_memory, BudgetSource::Profile),
         };
-        // The profile's headroom is sized for its own device; a smaller budget keeps at most
-        // an eighth of itself free unless a headroom was given.
-        let headroom = overrides.headroom.unwrap_or(match budget {
-            Some(b) => Bytes(profile.headroom.0.min(b.0 / 8)),
-            None => profile.headroom,
-        });
+        // The profile's headroom is sized for its own device: a smaller budget keeps the same
+        // share of itself free (CPU_SAFE, sized by the machine: at most an eighth), unless a
+        // headroom was given.
+        let headroom = overrides
+            .headroom
+            .unwrap_or(match (budget, profile.device_memory) {
+                (Some(b), Some(nominal)) if b < nominal => {
+                    Bytes((profile.headroom.0 as u128 * b.0 as u128 / nominal.0 as u128) as u64)
+                }
+                (Some(b), None) => Bytes(profile.headroom.0.min(b.0 / 8)),
+                _ => profile.headroom,
+            });
         MemoryConfig {
             headroom,
             admission: overrides.admission.unwrap_or(Admission::Enforce),
@@ -679,7 +685,7 @@ mod tests {
             profile: Some(ProfileId::Pascal2G),
             ..Default::default()
         };
-        let c = MemoryConfig::resolve(&flags.or(wf).or(env), &cpu(Some(Bytes::gib(16))));
+        let c = MemoryConfig::resolve(&flags.clone().or(wf).or(env), &cpu(Some(Bytes::gib(16))));
         assert_eq!(c.profile.id, ProfileId::Pascal2G);
         assert_eq!(c.budget, Some(Bytes::gib(2)));
         assert_eq!(c.budget_source, BudgetSource::Given);
@@ -687,6 +693,20 @@ mod tests {
             c.usable(),
             Some(Bytes::gib(2).saturating_sub(Bytes::mib(320)))
         );
+        // A budget below the profile's size keeps the same share free.
+        let small = MemoryOverrides {
+            budget: Some(Bytes::gib(1)),
+            ..flags.clone()
+        };
+        let c = MemoryConfig::resolve(&small, &cpu(None));
+        assert_eq!(c.headroom, Bytes::mib(160));
+        // CPU_SAFE keeps at most an eighth of a small budget.
+        let cpu_small = MemoryOverrides {
+            budget: Some(Bytes::mib(64)),
+            ..Default::default()
+        };
+        let c = MemoryConfig::resolve(&cpu_small, &cpu(None));
+        assert_eq!(c.headroom, Bytes::mib(8));
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub struct MemoryEstimate {
     pub weights: u64,
     /// Inputs, outputs and workspace of one unit of work (the whole value, or one chunk).
     pub activations: u64,
+    /// The largest block of `weights` that can be put on the device on its own, so the
+    /// weights can be streamed when they do not fit whole (0: they cannot).
+    pub weight_block: u64,
 }
 
 impl MemoryEstimate {
@@ -107,6 +110,7 @@ impl MemoryQuery<'_> {
         MemoryEstimate {
             weights: 0,
             activations: data + (data as f64 * meta.workspace_factor) as u64,
+            weight_block: 0,
         }
     }
 }
@@ -153,6 +157,8 @@ pub enum InputKind {
 #[serde(rename_all = "snake_case")]
 pub enum FileFolder {
     Input,
+    /// A subfolder of the models folder laid out as ComfyUI's (`upscale_models`, `vae`, ...).
+    Models(&'static str),
 }
 
 impl InputKind {

@@ -26,6 +26,8 @@ pub enum DataType {
     Video,
     #[serde(rename = "MODEL")]
     Model,
+    #[serde(rename = "UPSCALE_MODEL")]
+    UpscaleModel,
     #[serde(rename = "VAE")]
     Vae,
     #[serde(rename = "CLIP")]
@@ -55,6 +57,7 @@ impl DataType {
             DataType::Audio => "AUDIO",
             DataType::Video => "VIDEO",
             DataType::Model => "MODEL",
+            DataType::UpscaleModel => "UPSCALE_MODEL",
             DataType::Vae => "VAE",
             DataType::Clip => "CLIP",
             DataType::Conditioning => "CONDITIONING",
@@ -137,6 +140,53 @@ impl<'de> Deserialize<'de> for TensorBox {
     }
 }
 
+/// A loaded model: its asset in the residency registry and what the loader learned of its
+/// architecture (owned by the operator that runs it).
+#[derive(Clone)]
+pub struct ModelRef {
+    /// The type of value it is (e.g. `UPSCALE_MODEL`).
+    pub kind: DataType,
+    pub asset: Arc<crate::residency::Asset>,
+    pub arch: Arc<dyn std::any::Any + Send + Sync>,
+    /// What the planner knows of it.
+    pub info: ModelInfo,
+}
+
+impl fmt::Debug for ModelRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind, self.asset.name())
+    }
+}
+
+impl Serialize for ModelRef {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.asset.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelRef {
+    fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::custom(
+            "models are shared between workers of one process, never deserialized",
+        ))
+    }
+}
+
+/// A model's size as the planner sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Every weight as f32.
+    pub bytes: u64,
+    /// The largest block of weights that can be streamed on its own (0: cannot stream).
+    pub block_bytes: u64,
+    /// Spatial scale of an image model's output (1 when it keeps the size).
+    pub scale: u32,
+    /// Input pixels each output pixel depends on, on every side (image models).
+    pub halo: u32,
+    /// Activation bytes the model needs per input pixel while it runs (image models).
+    pub activation_per_pixel: u64,
+}
+
 /// A value produced by a node output or consumed by a node input at run time.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Value {
@@ -148,6 +198,8 @@ pub enum Value {
     Float(f64),
     String(String),
     Boolean(bool),
+    /// A loaded model.
+    Model(ModelRef),
 }
 
 impl Value {
@@ -225,6 +277,7 @@ impl Value {
             Value::Float(_) => DataType::Float,
             Value::String(_) => DataType::String,
             Value::Boolean(_) => DataType::Boolean,
+            Value::Model(m) => m.kind.clone(),
         }
     }
 
@@ -256,6 +309,7 @@ impl Value {
                 },
                 Err(_) => ValueInfo::Unknown,
             },
+            Value::Model(m) => ValueInfo::Model(m.info),
             _ => ValueInfo::Scalar,
         }
     }
@@ -286,6 +340,8 @@ pub enum ValueInfo {
         height: usize,
         width: usize,
     },
+    /// A model, whose weights the planner places.
+    Model(ModelInfo),
     /// A scalar or small value whose size does not matter for planning.
     Scalar,
     /// Shape not known before running.
@@ -311,6 +367,8 @@ impl ValueInfo {
                 width,
             } => Some((batch * height * width * 4) as u64),
             ValueInfo::Scalar => Some(16),
+            // Weights are counted where a node puts them on the device, not as a value.
+            ValueInfo::Model(_) => Some(0),
             ValueInfo::Unknown => None,
         }
     }

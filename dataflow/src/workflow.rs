@@ -606,8 +606,13 @@ fn literal(kind: &InputKind, v: &Json, env: &JobEnv) -> Result<Json, Fault> {
             // Only the input folder is read from, so only that annotation is accepted.
             let name = s.strip_suffix(" [input]").unwrap_or(s);
             let (base, folder_name) = match folder {
-                FileFolder::Input => (&env.input_dir, "the input folder"),
+                FileFolder::Input => (env.input_dir.clone(), "the input folder".to_string()),
+                FileFolder::Models(sub) => (
+                    env.models_dir.join(sub),
+                    format!("the models folder's {sub}/"),
+                ),
             };
+            let base = &base;
             let path = JobEnv::resolve_in(base, name).map_err(Fault::Invalid)?;
             if !path.is_file() {
                 return Err(Fault::MissingFile {

@@ -13,9 +13,10 @@
 
 use candle_core::{Device, Tensor};
 use nova_dataflow::{
-    ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, ImageInfo, Merger, NodeError, Rect,
-    Value, ValueInfo,
+    ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, ImageInfo, Inputs, Merger,
+    NodeError, Rect, Value, ValueInfo, WeightContext,
 };
+use std::sync::Arc;
 
 /// How pixels outside the image are filled when a window reaches past an edge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +75,27 @@ pub trait TileKernel: Send + Sync + 'static {
     /// Working memory as a multiple of the window and output bytes.
     fn workspace_factor(&self) -> f64 {
         2.0
+    }
+
+    /// Bytes of kernel temporaries for one window and output rectangle of `batch` images of
+    /// `channels` channels; defaults to [`Self::workspace_factor`] times the data.
+    fn workspace_bytes(&self, window: Window, out: Rect, batch: usize, channels: usize) -> u64 {
+        let px = (batch * channels * 4) as u64;
+        let data = (window.w * window.h + out.area()) as u64 * px;
+        (data as f64 * self.workspace_factor()) as u64
+    }
+
+    /// This kernel bound to the node's other inputs (a model) at run time; `None` if it
+    /// needs none.
+    fn bind(
+        &self,
+        _side: &Inputs<Value>,
+        _weights: &WeightContext,
+    ) -> Result<Option<Self>, NodeError>
+    where
+        Self: Sized,
+    {
+        Ok(None)
     }
 }
 
@@ -274,8 +296,21 @@ impl<K: TileKernel> ChunkedOp for TiledImage<K> {
         ChunkMemory {
             piece,
             result,
-            workspace: ((piece + result) as f64 * self.kernel.workspace_factor()) as u64,
+            workspace: self
+                .kernel
+                .workspace_bytes(window, out, i.batch, i.channels),
         }
+    }
+
+    fn bind(
+        &self,
+        side: &Inputs<Value>,
+        weights: &WeightContext,
+    ) -> Result<Option<Arc<dyn ChunkedOp>>, NodeError> {
+        Ok(self
+            .kernel
+            .bind(side, weights)?
+            .map(|k| Arc::new(TiledImage::new(k)) as Arc<dyn ChunkedOp>))
     }
 }
 

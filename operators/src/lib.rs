@@ -6,6 +6,7 @@
 //! assumes it).
 
 pub mod image;
+pub mod model;
 mod spec;
 
 use nova_dataflow::NodeRegistry;
@@ -22,5 +23,7 @@ pub fn registry() -> NodeRegistry {
     r.register(image::Tiled(image::blur::ImageBlur::new()));
     r.register(image::Tiled(image::sharpen::ImageSharpen::new()));
     r.register(image::Tiled(image::invert::ImageInvert::new()));
+    r.register(model::upscale::UpscaleModelLoader::new());
+    r.register(model::upscale::ImageUpscaleWithModel::new());
     r
 }

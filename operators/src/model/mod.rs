@@ -1,0 +1,5 @@
+//! Model operators: weights from safetensors files (memory-mapped) placed on the device
+//! through the residency registry of `nova-dataflow`.
+
+pub mod safetensors;
+pub mod upscale;
