@@ -180,7 +180,8 @@ fn a_chunk_that_runs_out_of_memory_is_retried_at_half_the_tile_with_the_same_pix
     // The forecast: its input, the output it assembles, each chunk in flight with its piece,
     // result and workspace, and the results kept until announced (it feeds an output node).
     let cm = blur.chunk_memory.unwrap();
-    let inflight = probe.inflight_chunks(blur.chunks.len()) as u64;
+    let inflight = blur.inflight as u64;
+    assert_eq!(blur.inflight, probe.inflight_chunks(blur.chunks.len()));
     let base = blur.forecast.live_bytes + blur.outputs[0].bytes().unwrap();
     assert_eq!(
         base + inflight * (cm.piece + 2 * cm.result + cm.workspace),

@@ -98,15 +98,16 @@ fn a_tiled_run_under_a_budget_equals_the_whole_run() {
     assert_eq!(whole.plan.nodes[2].mode, nova_dataflow::ExecMode::Atomic);
     let reference = output(&job, &whole);
     let naive = whole.plan.naive_peak_bytes;
-    // One chunk in flight (a GPU runs one tile at a time): each tile's window carries 18
-    // pixels of context per side, so tiles pay off once they are a few times that.
+    // Each tile's window carries 18 pixels of context per side, so small tiles cost more
+    // than they save: with three chunks in flight (two workers, one ahead) nothing fits, and
+    // the planner falls back to one chunk at a time.
     let limit = naive * 8 / 10;
     let opts = PlanOptions {
         tile: Some(128),
         min_tile: 64,
         limit: Some(Bytes(limit)),
-        workers: 1,
-        prefetch: 0,
+        workers: 2,
+        prefetch: 1,
         ..PlanOptions::default()
     };
     let tiled = run_planned(
@@ -125,6 +126,7 @@ fn a_tiled_run_under_a_budget_equals_the_whole_run() {
     );
     assert!(tiled.plan.fits && naive > limit);
     assert!(node.chunks.len() > 1);
+    assert_eq!(node.inflight, 1, "serial fallback");
     let report = tiled.result.as_ref().expect("tiled run succeeds");
     assert!(
         report.tracked_peak_bytes <= limit,

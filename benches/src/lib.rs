@@ -5,3 +5,6 @@
 //! calling the same split/process/merge ([`overhead::Setup::run_plain_loop`]).
 
 pub mod overhead;
+
+/// The memory-planner benchmark's suite and runners (`benches/memory_plan.rs`).
+pub mod memory;

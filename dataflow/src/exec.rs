@@ -606,7 +606,7 @@ fn split<'s>(
     );
     let owner_ix = (ix % input.scope().peers()) as u64;
     let total = plan.nodes[ix].chunks.len();
-    let ahead = plan.inflight_chunks(total);
+    let ahead = plan.nodes[ix].inflight.clamp(1, total.max(1));
     // A chunk an output node shows is kept until the driver announces it: count it in flight
     // until then.
     let announces = !image_output_consumers(&wf, &plan, ix).is_empty();

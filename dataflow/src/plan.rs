@@ -182,6 +182,9 @@ pub struct NodePlan {
     pub memory: MemoryEstimate,
     /// Where the node's weights live while it runs.
     pub weights: WeightPlan,
+    /// Chunks cut but not yet finished at once (tiled nodes): workers plus prefetch, or one
+    /// when only serial processing fits.
+    pub inflight: usize,
     /// What the device holds while the node runs, in the chosen mode.
     pub forecast: NodeForecast,
     /// The forecast had the node run atomic (the naive plan).
@@ -394,59 +397,78 @@ pub fn plan(
                 chunk_memory: None,
                 working: weights.device_bytes(1) + activations,
                 weights,
+                inflight: 1,
             };
             let mut choice = atomic.clone();
             if let (Some(chunking), Some(input)) = (&chunking, input) {
                 let output_bytes = outputs.first().and_then(|o| o.bytes()).unwrap_or(0);
                 let mut best: Option<Choice> = None;
-                for side in opts.tile_sizes() {
-                    let size = ChunkSize::Tile {
-                        width: side,
-                        height: side,
-                    };
-                    let chunks = guarded(|| chunking.op.plan(&input, size)).map_err(fail)?;
-                    if chunks.len() <= 1 {
-                        // One tile covers the whole output: run it whole if that fits, else
-                        // try smaller tiles.
-                        if fits(live + atomic.working) {
-                            break;
-                        }
-                        continue;
-                    }
-                    let mem = guarded(|| {
-                        Ok(chunks.iter().fold(ChunkMemory::default(), |m, c| {
-                            let x = chunking.op.chunk_memory(&input, c);
-                            ChunkMemory {
-                                piece: m.piece.max(x.piece),
-                                result: m.result.max(x.result),
-                                workspace: m.workspace.max(x.workspace),
-                            }
-                        }))
-                    })
-                    .map_err(fail)?;
-                    let inflight = opts.inflight(chunks.len()) as u64;
-                    let captured = if feeds_output {
-                        inflight * mem.result
-                    } else {
-                        0
-                    };
-                    let working = weights.device_bytes(users.min(chunks.len() as u64))
-                        + output_bytes
-                        + inflight * (mem.piece + mem.result + mem.workspace)
-                        + captured;
-                    let c = Choice {
-                        mode: ExecMode::Tiled,
-                        tile: Some(side),
-                        chunks,
-                        chunked_input: Some(input),
-                        chunk_memory: Some(mem),
-                        working,
-                        weights,
-                    };
-                    let ok = fits(live + working);
-                    best = Some(c);
-                    if ok {
+                // First with the profile's chunks in flight (workers + prefetch); if no tile
+                // fits so, one chunk at a time: less parallel, but a tile's halo costs less
+                // than cutting tiles smaller.
+                let serial_too = opts.inflight(usize::MAX) > 1;
+                'search: for serial in [false, true] {
+                    if serial
+                        && (!serial_too || best.as_ref().is_some_and(|b| fits(live + b.working)))
+                    {
                         break;
+                    }
+                    for side in opts.tile_sizes() {
+                        let size = ChunkSize::Tile {
+                            width: side,
+                            height: side,
+                        };
+                        let chunks = guarded(|| chunking.op.plan(&input, size)).map_err(fail)?;
+                        if chunks.len() <= 1 {
+                            // One tile covers the whole output: run it whole if that fits, else
+                            // try smaller tiles.
+                            if fits(live + atomic.working) {
+                                break 'search;
+                            }
+                            continue;
+                        }
+                        let mem = guarded(|| {
+                            Ok(chunks.iter().fold(ChunkMemory::default(), |m, c| {
+                                let x = chunking.op.chunk_memory(&input, c);
+                                ChunkMemory {
+                                    piece: m.piece.max(x.piece),
+                                    result: m.result.max(x.result),
+                                    workspace: m.workspace.max(x.workspace),
+                                }
+                            }))
+                        })
+                        .map_err(fail)?;
+                        let inflight = if serial {
+                            1
+                        } else {
+                            opts.inflight(chunks.len())
+                        };
+                        let users = users.min(inflight as u64);
+                        let inflight = inflight as u64;
+                        let captured = if feeds_output {
+                            inflight * mem.result
+                        } else {
+                            0
+                        };
+                        let working = weights.device_bytes(users)
+                            + output_bytes
+                            + inflight * (mem.piece + mem.result + mem.workspace)
+                            + captured;
+                        let c = Choice {
+                            mode: ExecMode::Tiled,
+                            tile: Some(side),
+                            chunks,
+                            chunked_input: Some(input),
+                            chunk_memory: Some(mem),
+                            working,
+                            weights,
+                            inflight: inflight as usize,
+                        };
+                        let ok = fits(live + working);
+                        best = Some(c);
+                        if ok {
+                            break 'search;
+                        }
                     }
                 }
                 if let Some(b) = best {
@@ -482,6 +504,7 @@ pub fn plan(
             outputs,
             memory,
             weights: choice.weights,
+            inflight: choice.inflight,
             forecast: NodeForecast {
                 live_bytes: live,
                 working_bytes: choice.working,
@@ -516,6 +539,8 @@ pub fn plan(
 #[derive(Clone)]
 struct Choice {
     weights: WeightPlan,
+    /// Chunks in flight at once (tiled).
+    inflight: usize,
     mode: ExecMode,
     tile: Option<usize>,
     chunks: Vec<ChunkSpec>,

@@ -24,8 +24,8 @@ use nova_dataflow::plan::{admit, Refusal};
 use nova_dataflow::profile::{detect, parse_margin, Admission};
 use nova_dataflow::{
     plan, run, workflow, Bytes, Emitter, EventKind, EventSink, ExecutionPlan, JobEnv, Lifecycle,
-    MemoryConfig, MemoryOverrides, PlanOptions, ProfileId, RunError, RunOptions, ValidatedWorkflow,
-    MIN_TILE,
+    MemoryConfig, MemoryOverrides, NodePlan, PlanOptions, ProfileId, RegistryLimits, RunError,
+    RunOptions, ValidatedWorkflow, WeightMode, MIN_TILE,
 };
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -89,6 +89,9 @@ struct JobArgs {
     /// Folder for previews (PreviewImage); defaults to OUT/../temp.
     #[arg(long)]
     temp_dir: Option<PathBuf>,
+    /// Models folder laid out as ComfyUI's (upscale_models/, ...).
+    #[arg(long, default_value = "models")]
+    models_dir: PathBuf,
     /// Worker threads (default: available cores).
     #[arg(long)]
     workers: Option<usize>,
@@ -280,7 +283,9 @@ fn prepare(job: &JobArgs, memory: &MemoryArgs) -> Result<Prepared, (u8, String)>
             .map(|p| p.join("temp"))
             .unwrap_or_else(|| PathBuf::from("temp"))
     });
-    let env = JobEnv::new(&job.input_dir, &job.out, temp);
+    let env = JobEnv::new(&job.input_dir, &job.out, temp).with_models_dir(&job.models_dir);
+    RegistryLimits::from_env(|k| std::env::var(k).ok())
+        .map_err(|e| (EXIT_USAGE, format!("bad setting: {e}")))?;
     let from_env = MemoryOverrides::from_env(|k| std::env::var(k).ok())
         .map_err(|e| (EXIT_USAGE, format!("bad setting: {e}")))?;
     // `{"prompt": ..., "extra_data": {"nova": {...}}}` carries per-workflow settings.
@@ -335,6 +340,23 @@ fn prepare(job: &JobArgs, memory: &MemoryArgs) -> Result<Prepared, (u8, String)>
     })
 }
 
+/// Device bytes of a node's weights in its plan.
+fn weight_bytes(plan: &ExecutionPlan, n: &NodePlan) -> u64 {
+    let users = (plan.workers as u64).min(n.chunk_count() as u64);
+    n.weights.device_bytes(users)
+}
+
+/// A node's weights for the plan table: bytes on the device and how they are held.
+fn weight_label(plan: &ExecutionPlan, n: &NodePlan) -> String {
+    match n.weights.mode {
+        None => "0 B".into(),
+        Some(WeightMode::Resident) => format!("{} resident", Bytes(weight_bytes(plan, n))),
+        Some(WeightMode::Streamed { .. }) => {
+            format!("{} streamed", Bytes(weight_bytes(plan, n)))
+        }
+    }
+}
+
 /// One line on the memory settings, for the log.
 fn memory_line(c: &MemoryConfig) -> String {
     match c.budget {
@@ -380,9 +402,11 @@ fn plan_command(args: PlanArgs) -> ExitCode {
                 "mode": n.mode,
                 "tile": n.tile,
                 "chunks": n.chunk_count(),
+                "inflight": n.inflight,
                 "outputs": n.outputs,
-                "weights_bytes": n.memory.weights,
-                "activations_bytes": n.forecast.working_bytes.saturating_sub(n.memory.weights),
+                "weights": n.weights,
+                "weights_bytes": weight_bytes(&p.plan, n),
+                "activations_bytes": n.forecast.working_bytes.saturating_sub(weight_bytes(&p.plan, n)),
                 "live_bytes": n.forecast.live_bytes,
                 "forecast_bytes": n.forecast.peak_bytes,
                 "fits": n.forecast.fits,
@@ -396,19 +420,24 @@ fn plan_command(args: PlanArgs) -> ExitCode {
     } else {
         println!("{}", memory_line(c));
         println!(
-            "{:<6} {:<16} {:<7} {:>5} {:>6} {:>11} {:>11} {:>11}",
+            "{:<6} {:<22} {:<7} {:>5} {:>6} {:>20} {:>11} {:>11}",
             "node", "class", "mode", "tile", "chunks", "weights", "activations", "forecast"
         );
         for n in &p.plan.nodes {
             println!(
-                "{:<6} {:<16} {:<7} {:>5} {:>6} {:>11} {:>11} {:>11}{}",
+                "{:<6} {:<22} {:<7} {:>5} {:>6} {:>20} {:>11} {:>11}{}",
                 n.node,
                 n.class_type,
                 format!("{:?}", n.mode).to_lowercase(),
                 n.tile.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
                 n.chunk_count(),
-                Bytes(n.memory.weights).to_string(),
-                Bytes(n.forecast.working_bytes.saturating_sub(n.memory.weights)).to_string(),
+                weight_label(&p.plan, n),
+                Bytes(
+                    n.forecast
+                        .working_bytes
+                        .saturating_sub(weight_bytes(&p.plan, n))
+                )
+                .to_string(),
                 Bytes(n.forecast.peak_bytes).to_string(),
                 if n.forecast.fits {
                     ""
