@@ -70,6 +70,32 @@ fn workflow(prefix: &str) -> String {
     )
 }
 
+/// Runs the workflow planned for `limit` with tiles from `tiles.0` down to `tiles.1` on
+/// `workers` workers, one chunk cut ahead.
+fn run_budgeted(
+    job: &Job,
+    prefix: &str,
+    limit: u64,
+    tiles: (usize, usize),
+    workers: usize,
+) -> nova_tests::Outcome {
+    let opts = PlanOptions {
+        tile: Some(tiles.0),
+        min_tile: tiles.1,
+        limit: Some(Bytes(limit)),
+        workers,
+        prefetch: 1,
+        ..PlanOptions::default()
+    };
+    run_planned(
+        &workflow(prefix),
+        &job.env,
+        &opts,
+        Some(Bytes(limit)),
+        |_| false,
+    )
+}
+
 fn job(w: usize, h: usize) -> Job {
     let mut job = Job::new(w, h);
     job.env = job.env.clone().with_models_dir(shared_models());
@@ -102,21 +128,7 @@ fn a_tiled_run_under_a_budget_equals_the_whole_run() {
     // than they save: with three chunks in flight (two workers, one ahead) nothing fits, and
     // the planner falls back to one chunk at a time.
     let limit = naive * 8 / 10;
-    let opts = PlanOptions {
-        tile: Some(128),
-        min_tile: 64,
-        limit: Some(Bytes(limit)),
-        workers: 2,
-        prefetch: 1,
-        ..PlanOptions::default()
-    };
-    let tiled = run_planned(
-        &workflow("tiled"),
-        &job.env,
-        &opts,
-        Some(Bytes(limit)),
-        |_| false,
-    );
+    let tiled = run_budgeted(&job, "tiled", limit, (128, 64), 2);
     let node = &tiled.plan.nodes[2];
     assert_eq!(
         node.mode,
@@ -194,21 +206,7 @@ fn weights_larger_than_the_budget_are_streamed_with_the_same_output() {
     assert!(weights > 2_000_000, "the model is {weights} bytes");
     let limit = Bytes::mib(3).0 / 2; // 1.5 MiB: less than the weights
     assert!(limit < weights);
-    let opts = PlanOptions {
-        tile: Some(64),
-        min_tile: 32,
-        limit: Some(Bytes(limit)),
-        workers: 1,
-        prefetch: 1,
-        ..PlanOptions::default()
-    };
-    let streamed = run_planned(
-        &workflow("streamed"),
-        &job.env,
-        &opts,
-        Some(Bytes(limit)),
-        |_| false,
-    );
+    let streamed = run_budgeted(&job, "streamed", limit, (64, 32), 1);
     let node = &streamed.plan.nodes[2];
     assert_eq!(
         node.weights.mode,

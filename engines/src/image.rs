@@ -37,6 +37,16 @@ pub struct Window {
 }
 
 impl Window {
+    /// The window of columns `x0..x1` and rows `y0..y1` (inside the image).
+    pub fn spanning(x0: usize, y0: usize, x1: usize, y1: usize) -> Window {
+        Window {
+            x: x0 as isize,
+            y: y0 as isize,
+            w: x1.saturating_sub(x0),
+            h: y1.saturating_sub(y0),
+        }
+    }
+
     /// The window `out` grown by `halo` pixels on every side.
     pub fn around(out: Rect, halo: usize) -> Window {
         Window {

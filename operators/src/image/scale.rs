@@ -132,12 +132,7 @@ impl TileKernel for ScaleKernel {
         let (ty, tx) = (&t.0, &t.1);
         let (y0, y1) = ty.span(out.y, out.h);
         let (x0, x1) = tx.span(out.x, out.w);
-        Window {
-            x: x0 as isize,
-            y: y0 as isize,
-            w: x1 - x0,
-            h: y1 - y0,
-        }
+        Window::spanning(x0, y0, x1, y1)
     }
 
     fn border(&self) -> Border {

@@ -202,12 +202,7 @@ impl TileKernel for UpscaleKernel {
         let y0 = (out.y / s).saturating_sub(l);
         let x1 = ((out.x + out.w).div_ceil(s) + l).min(width);
         let y1 = ((out.y + out.h).div_ceil(s) + l).min(height);
-        Window {
-            x: x0 as isize,
-            y: y0 as isize,
-            w: x1 - x0,
-            h: y1 - y0,
-        }
+        Window::spanning(x0, y0, x1, y1)
     }
 
     fn border(&self) -> Border {
