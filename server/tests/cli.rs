@@ -426,3 +426,32 @@ fn profiles_lists_every_profile_and_what_was_detected() {
         .any(|p| p["id"] == detected));
     assert!(!j["detected"]["reason"].as_str().unwrap().is_empty());
 }
+
+#[test]
+fn a_missing_or_corrupt_model_file_is_an_invalid_workflow_naming_the_file() {
+    let s = Setup::new("models");
+    let folder = s.dir.join("models/upscale_models");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("broken.safetensors"), [0xffu8; 64]).unwrap();
+    let upscale = |name: &str| {
+        format!(
+            r#"{{
+  "1": {{"class_type": "LoadImage", "inputs": {{"image": "card.png"}}}},
+  "2": {{"class_type": "UpscaleModelLoader", "inputs": {{"model_name": "{name}"}}}},
+  "3": {{"class_type": "ImageUpscaleWithModel", "inputs": {{"upscale_model": ["2", 0], "image": ["1", 0]}}}},
+  "4": {{"class_type": "SaveImage", "inputs": {{"images": ["3", 0], "filename_prefix": "up"}}}}
+}}"#
+        )
+    };
+    let wf = s.workflow("missing.json", &upscale("nowhere.safetensors"));
+    let out = nova(&["run", &wf], &s.dir);
+    assert_clean_failure(
+        &out,
+        3,
+        &["node 2", "model_name", "nowhere.safetensors", "upscale_models"],
+    );
+    let wf = s.workflow("broken.json", &upscale("broken.safetensors"));
+    let out = nova(&["plan", &wf], &s.dir);
+    assert_clean_failure(&out, 3, &["node 2", "broken.safetensors", "byte offset 0"]);
+    assert!(!s.dir.join("output").exists());
+}
