@@ -448,7 +448,12 @@ fn a_missing_or_corrupt_model_file_is_an_invalid_workflow_naming_the_file() {
     assert_clean_failure(
         &out,
         3,
-        &["node 2", "model_name", "nowhere.safetensors", "upscale_models"],
+        &[
+            "node 2",
+            "model_name",
+            "nowhere.safetensors",
+            "upscale_models",
+        ],
     );
     let wf = s.workflow("broken.json", &upscale("broken.safetensors"));
     let out = nova(&["plan", &wf], &s.dir);
