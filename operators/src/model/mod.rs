@@ -2,4 +2,5 @@
 //! through the residency registry of `nova-dataflow`.
 
 pub mod safetensors;
+pub mod taesd;
 pub mod upscale;
