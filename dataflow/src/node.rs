@@ -10,7 +10,7 @@
 
 use crate::chunk::ChunkedOp;
 use crate::schema::{MemoryEstimate, MemoryQuery, NodeMeta, NodeSchema};
-use crate::value::{Value, ValueInfo};
+use crate::value::{DataType, Value, ValueInfo};
 use candle_core::Device;
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
@@ -171,6 +171,24 @@ impl Inputs<Value> {
         self.require(name)?
             .as_image()
             .ok_or_else(|| NodeError::input(name, "expected an IMAGE"))
+    }
+
+    /// A latent input's tensor.
+    pub fn latent(&self, name: &str) -> Result<&candle_core::Tensor, NodeError> {
+        self.require(name)?
+            .as_latent()
+            .ok_or_else(|| NodeError::input(name, "expected a LATENT"))
+    }
+
+    /// A model input of `kind`.
+    pub fn model(&self, name: &str, kind: DataType) -> Result<&crate::value::ModelRef, NodeError> {
+        match self.require(name)? {
+            Value::Model(m) if m.kind == kind => Ok(m),
+            other => Err(NodeError::input(
+                name,
+                format!("expected a {kind}, got {}", other.data_type()),
+            )),
+        }
     }
 }
 

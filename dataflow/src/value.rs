@@ -194,6 +194,9 @@ pub enum Value {
     Image(TensorBox),
     /// `[batch, height, width]`, f32 in `[0, 1]`.
     Mask(TensorBox),
+    /// Diffusion latents `[batch, channels, height, width]` (ComfyUI's `{"samples": ...}`),
+    /// f32, at 1/8 of the image's resolution for SD-family models.
+    Latent(TensorBox),
     Int(i64),
     Float(f64),
     String(String),
@@ -213,10 +216,15 @@ impl Value {
         Value::Mask(TensorBox::new(t))
     }
 
+    /// Wraps a latent tensor.
+    pub fn latent(t: Tensor) -> Value {
+        Value::Latent(TensorBox::new(t))
+    }
+
     /// The tensor of a tensor value.
     fn tensor_box(&mut self) -> Option<&mut TensorBox> {
         match self {
-            Value::Image(t) | Value::Mask(t) => Some(t),
+            Value::Image(t) | Value::Mask(t) | Value::Latent(t) => Some(t),
             _ => None,
         }
     }
@@ -224,7 +232,7 @@ impl Value {
     /// Bytes of device memory the value holds (0 for scalars).
     pub fn device_bytes(&self) -> u64 {
         match self {
-            Value::Image(t) | Value::Mask(t) => t.bytes(),
+            Value::Image(t) | Value::Mask(t) | Value::Latent(t) => t.bytes(),
             _ => 0,
         }
     }
@@ -232,7 +240,7 @@ impl Value {
     /// Whether the value's memory is counted by an accountant (or it holds none).
     pub fn is_tracked(&self) -> bool {
         match self {
-            Value::Image(t) | Value::Mask(t) => t.lease.is_some(),
+            Value::Image(t) | Value::Mask(t) | Value::Latent(t) => t.lease.is_some(),
             _ => true,
         }
     }
@@ -264,6 +272,7 @@ impl Value {
         Ok(match self {
             Value::Image(t) => Value::image(t.tensor.to_device(&candle_core::Device::Cpu)?),
             Value::Mask(t) => Value::mask(t.tensor.to_device(&candle_core::Device::Cpu)?),
+            Value::Latent(t) => Value::latent(t.tensor.to_device(&candle_core::Device::Cpu)?),
             other => other.clone(),
         })
     }
@@ -273,11 +282,20 @@ impl Value {
         match self {
             Value::Image(_) => DataType::Image,
             Value::Mask(_) => DataType::Mask,
+            Value::Latent(_) => DataType::Latent,
             Value::Int(_) => DataType::Int,
             Value::Float(_) => DataType::Float,
             Value::String(_) => DataType::String,
             Value::Boolean(_) => DataType::Boolean,
             Value::Model(m) => m.kind.clone(),
+        }
+    }
+
+    /// The latent tensor, if this is a latent.
+    pub fn as_latent(&self) -> Option<&Tensor> {
+        match self {
+            Value::Latent(t) => Some(&t.tensor),
+            _ => None,
         }
     }
 
@@ -304,6 +322,15 @@ impl Value {
             Value::Mask(t) => match t.tensor.dims3() {
                 Ok((batch, height, width)) => ValueInfo::Mask {
                     batch,
+                    height,
+                    width,
+                },
+                Err(_) => ValueInfo::Unknown,
+            },
+            Value::Latent(t) => match t.tensor.dims4() {
+                Ok((batch, channels, height, width)) => ValueInfo::Latent {
+                    batch,
+                    channels,
                     height,
                     width,
                 },
@@ -340,6 +367,13 @@ pub enum ValueInfo {
         height: usize,
         width: usize,
     },
+    /// Latents `[batch, channels, height, width]`.
+    Latent {
+        batch: usize,
+        channels: usize,
+        height: usize,
+        width: usize,
+    },
     /// A model, whose weights the planner places.
     Model(ModelInfo),
     /// A scalar or small value whose size does not matter for planning.
@@ -366,6 +400,12 @@ impl ValueInfo {
                 height,
                 width,
             } => Some((batch * height * width * 4) as u64),
+            ValueInfo::Latent {
+                batch,
+                channels,
+                height,
+                width,
+            } => Some((batch * channels * height * width * 4) as u64),
             ValueInfo::Scalar => Some(16),
             // Weights are counted where a node puts them on the device, not as a value.
             ValueInfo::Model(_) => Some(0),

@@ -6,6 +6,7 @@
 //! assumes it).
 
 pub mod image;
+pub mod latent;
 pub mod model;
 mod spec;
 
@@ -25,5 +26,11 @@ pub fn registry() -> NodeRegistry {
     r.register(image::Tiled(image::invert::ImageInvert::new()));
     r.register(model::upscale::UpscaleModelLoader::new());
     r.register(model::upscale::ImageUpscaleWithModel::new());
+    r.register(model::vae::VaeLoader::new());
+    r.register(model::vae::VaeDecode::new());
+    r.register(model::vae::VaeEncode::new());
+    r.register(latent::EmptyLatentImage::new());
+    r.register(latent::SaveLatent::new());
+    r.register(latent::LoadLatent::new());
     r
 }

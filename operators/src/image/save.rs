@@ -89,7 +89,7 @@ fn save_images(
 /// JSON text with every non-ASCII character escaped as `\uXXXX` (surrogate pairs beyond the
 /// BMP), as ComfyUI's `json.dumps` writes it: PNG `tEXt` chunks hold Latin-1 only, and the
 /// escaped text parses back to the same JSON.
-fn ascii_json(text: &str) -> String {
+pub(crate) fn ascii_json(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for ch in text.chars() {
         if ch.is_ascii() {
@@ -119,7 +119,7 @@ fn file_safe(id: &str) -> String {
 }
 
 /// Splits `sub/dir/name` into a safe subfolder and a file stem.
-fn split_prefix(prefix: &str) -> Result<(PathBuf, String), NodeError> {
+pub(crate) fn split_prefix(prefix: &str) -> Result<(PathBuf, String), NodeError> {
     let p = Path::new(prefix);
     if p.components().any(|c| !matches!(c, Component::Normal(_))) {
         return Err(NodeError::input(
@@ -136,7 +136,7 @@ fn split_prefix(prefix: &str) -> Result<(PathBuf, String), NodeError> {
 }
 
 /// One past the highest counter of `<stem>_<counter>_` files in `folder`.
-fn next_counter(folder: &Path, stem: &str) -> u64 {
+pub(crate) fn next_counter(folder: &Path, stem: &str) -> u64 {
     let probe = stem.replace("%batch_num%", "");
     let max = std::fs::read_dir(folder)
         .into_iter()

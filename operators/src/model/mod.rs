@@ -4,3 +4,4 @@
 pub mod safetensors;
 pub mod taesd;
 pub mod upscale;
+pub mod vae;

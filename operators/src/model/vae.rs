@@ -1,0 +1,423 @@
+//! `VAELoader`, `VAEDecode` and `VAEEncode` (ComfyUI names and inputs) for the TAESD family.
+//!
+//! `VAELoader`'s `vae_name` takes, as ComfyUI does, the name of an approximate VAE whose
+//! `<name>_encoder.safetensors` / `<name>_decoder.safetensors` sit in `models/vae_approx/`
+//! (`taesd`, `taesdxl`, `taesd3`, `taef1`, `taef2`). Full KL-VAE files from `models/vae/` are
+//! refused with a clear message until the full VAE lands.
+
+use super::safetensors::SafetensorsFile;
+use super::taesd::{Part, TaesdNet};
+use crate::spec::{link, out, string};
+use candle_core::Tensor;
+use nova_dataflow::{
+    Args, Asset, DataType, DeviceWeights, ExecContext, ImageInfo, Inputs, JobEnv, MemoryEstimate,
+    MemoryQuery, ModelInfo, ModelRef, Node, NodeError, NodeOutput, NodeSchema, Registry, Value,
+    ValueInfo,
+};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The approximate-VAE folder under the models folder (ComfyUI's name).
+pub const APPROX: &str = "vae_approx";
+
+/// A loaded TAESD-family VAE: its encoder and decoder, where present.
+pub struct TaesdVae {
+    pub encoder: Option<(Arc<Asset>, TaesdNet)>,
+    pub decoder: Option<(Arc<Asset>, TaesdNet)>,
+}
+
+fn part_path(env: &JobEnv, name: &str, part: Part) -> Result<PathBuf, NodeError> {
+    let suffix = match part {
+        Part::Encoder => "encoder",
+        Part::Decoder => "decoder",
+    };
+    JobEnv::resolve_in(
+        &env.models_dir.join(APPROX),
+        &format!("{name}_{suffix}.safetensors"),
+    )
+    .map_err(|r| NodeError::input("vae_name", r))
+}
+
+impl TaesdVae {
+    /// Opens `name`'s encoder and decoder through the registry; at least one must exist.
+    fn open(
+        name: &str,
+        env: &JobEnv,
+        log: Option<&nova_dataflow::residency::DeltaLog>,
+    ) -> Result<TaesdVae, NodeError> {
+        if name.ends_with(".safetensors") || name.ends_with(".pt") || name.ends_with(".ckpt") {
+            return Err(NodeError::input(
+                "vae_name",
+                format!("'{name}': full VAE files from models/vae/ are not supported yet; use a TAESD-family VAE from models/{APPROX}/ (e.g. 'taesd')"),
+            ));
+        }
+        let mut vae = TaesdVae {
+            encoder: None,
+            decoder: None,
+        };
+        for part in [Part::Encoder, Part::Decoder] {
+            let path = part_path(env, name, part)?;
+            if !path.is_file() {
+                continue;
+            }
+            let p = path.clone();
+            let file = path
+                .file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let asset = Registry::global().asset(
+                &file,
+                &path,
+                move || Ok(Box::new(SafetensorsFile::open(&p)?)),
+                log,
+            )?;
+            let net = TaesdNet::from_source(asset.source(), part)?;
+            match part {
+                Part::Encoder => vae.encoder = Some((asset, net)),
+                Part::Decoder => vae.decoder = Some((asset, net)),
+            }
+        }
+        if vae.encoder.is_none() && vae.decoder.is_none() {
+            return Err(NodeError::input(
+                "vae_name",
+                format!(
+                    "no {name}_encoder.safetensors or {name}_decoder.safetensors in {}",
+                    env.models_dir.join(APPROX).display()
+                ),
+            ));
+        }
+        Ok(vae)
+    }
+
+    fn info(&self) -> ModelInfo {
+        let bytes = [&self.encoder, &self.decoder]
+            .iter()
+            .filter_map(|p| p.as_ref().map(|(a, _)| a.bytes_total()))
+            .max()
+            .unwrap_or(0);
+        ModelInfo {
+            bytes,
+            block_bytes: 0,
+            scale: 8,
+            halo: 0,
+            activation_per_pixel: self
+                .decoder
+                .as_ref()
+                .map(|(_, n)| n.activation_per_pixel())
+                .unwrap_or(0),
+        }
+    }
+
+    fn part(&self, part: Part) -> Result<&(Arc<Asset>, TaesdNet), NodeError> {
+        match part {
+            Part::Encoder => self.encoder.as_ref(),
+            Part::Decoder => self.decoder.as_ref(),
+        }
+        .ok_or_else(|| NodeError::input("vae", format!("this VAE has no {part:?}")))
+    }
+}
+
+/// Runs one part of the VAE on `x` with its weights resident for the call.
+fn run_part(
+    model: &ModelRef,
+    part: Part,
+    x: &Tensor,
+    ctx: &ExecContext,
+) -> Result<Tensor, NodeError> {
+    let vae = model
+        .arch
+        .clone()
+        .downcast::<TaesdVae>()
+        .map_err(|_| NodeError::input("vae", "not a TAESD-family VAE"))?;
+    let (asset, net) = vae.part(part)?;
+    let weights = DeviceWeights::new(asset.clone(), ctx.weights.clone())?;
+    net.forward(x, &|n| weights.get(n).cloned())
+}
+
+/// `VAELoader`.
+pub struct VaeLoader {
+    schema: NodeSchema,
+}
+
+impl VaeLoader {
+    pub fn new() -> Self {
+        VaeLoader {
+            schema: NodeSchema {
+                class_type: "VAELoader",
+                display_name: "Load VAE",
+                category: "loaders",
+                description: "Loads a TAESD-family VAE (e.g. 'taesd') from models/vae_approx/.",
+                inputs: vec![string("vae_name", "taesd")],
+                outputs: vec![out("VAE", DataType::Vae)],
+                output_node: false,
+            },
+        }
+    }
+}
+
+impl Default for VaeLoader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Node for VaeLoader {
+    fn schema(&self) -> &NodeSchema {
+        &self.schema
+    }
+
+    fn check(&self, args: &Args, env: &JobEnv) -> Result<(), NodeError> {
+        TaesdVae::open(args.string("vae_name")?, env, None).map(|_| ())
+    }
+
+    fn infer(
+        &self,
+        args: &Args,
+        _inputs: &Inputs<ValueInfo>,
+        env: &JobEnv,
+    ) -> Result<Vec<ValueInfo>, NodeError> {
+        let vae = TaesdVae::open(args.string("vae_name")?, env, None)?;
+        Ok(vec![ValueInfo::Model(vae.info())])
+    }
+
+    fn memory(&self, _args: &Args, _query: &MemoryQuery) -> MemoryEstimate {
+        MemoryEstimate::default()
+    }
+
+    fn execute(
+        &self,
+        args: &Args,
+        _inputs: Inputs<Value>,
+        ctx: &ExecContext,
+    ) -> Result<NodeOutput, NodeError> {
+        let vae = TaesdVae::open(args.string("vae_name")?, &ctx.env, Some(&ctx.weights.log))?;
+        let info = vae.info();
+        let asset = vae
+            .decoder
+            .as_ref()
+            .or(vae.encoder.as_ref())
+            .map(|(a, _)| a.clone())
+            .expect("open returns at least one part");
+        Ok(NodeOutput {
+            values: vec![Value::Model(ModelRef {
+                kind: DataType::Vae,
+                asset,
+                arch: Arc::new(vae),
+                info,
+            })],
+            ui: None,
+        })
+    }
+}
+
+fn model_info(inputs: &[ValueInfo]) -> Option<ModelInfo> {
+    inputs.iter().find_map(|i| match i {
+        ValueInfo::Model(m) => Some(*m),
+        _ => None,
+    })
+}
+
+/// `VAEDecode`: latents to images in [0, 1].
+pub struct VaeDecode {
+    schema: NodeSchema,
+}
+
+impl VaeDecode {
+    pub fn new() -> Self {
+        VaeDecode {
+            schema: NodeSchema {
+                class_type: "VAEDecode",
+                display_name: "VAE Decode",
+                category: "latent",
+                description: "Decodes latents into images with a VAE.",
+                inputs: vec![
+                    link("samples", DataType::Latent),
+                    link("vae", DataType::Vae),
+                ],
+                outputs: vec![out("IMAGE", DataType::Image)],
+                output_node: false,
+            },
+        }
+    }
+}
+
+impl Default for VaeDecode {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Node for VaeDecode {
+    fn schema(&self) -> &NodeSchema {
+        &self.schema
+    }
+
+    fn infer(
+        &self,
+        _args: &Args,
+        inputs: &Inputs<ValueInfo>,
+        _env: &JobEnv,
+    ) -> Result<Vec<ValueInfo>, NodeError> {
+        Ok(vec![match inputs.get("samples") {
+            Some(ValueInfo::Latent {
+                batch,
+                height,
+                width,
+                ..
+            }) => ValueInfo::Image(crate::latent::decoded_info(*batch, *height, *width)),
+            _ => ValueInfo::Unknown,
+        }])
+    }
+
+    fn memory(&self, _args: &Args, query: &MemoryQuery) -> MemoryEstimate {
+        let m = model_info(query.inputs).unwrap_or(ModelInfo {
+            bytes: 0,
+            block_bytes: 0,
+            scale: 8,
+            halo: 0,
+            activation_per_pixel: 0,
+        });
+        let latent_px: u64 = query
+            .inputs
+            .iter()
+            .map(|i| match i {
+                ValueInfo::Latent {
+                    batch,
+                    height,
+                    width,
+                    ..
+                } => (batch * height * width) as u64,
+                _ => 0,
+            })
+            .sum();
+        let output: u64 = query.outputs.iter().filter_map(|o| o.bytes()).sum();
+        MemoryEstimate {
+            weights: m.bytes,
+            activations: output + latent_px * m.activation_per_pixel,
+            weight_block: 0,
+        }
+    }
+
+    fn execute(
+        &self,
+        _args: &Args,
+        inputs: Inputs<Value>,
+        ctx: &ExecContext,
+    ) -> Result<NodeOutput, NodeError> {
+        let latent = inputs.latent("samples")?;
+        let model = inputs.model("vae", DataType::Vae)?;
+        let rgb = run_part(model, Part::Decoder, latent, ctx)?;
+        let image = rgb.clamp(0f32, 1f32)?.permute((0, 2, 3, 1))?.contiguous()?;
+        Ok(NodeOutput {
+            values: vec![Value::image(image)],
+            ui: None,
+        })
+    }
+}
+
+/// `VAEEncode`: images in [0, 1] to latents (cropped to multiples of 8, centred, as ComfyUI).
+pub struct VaeEncode {
+    schema: NodeSchema,
+}
+
+impl VaeEncode {
+    pub fn new() -> Self {
+        VaeEncode {
+            schema: NodeSchema {
+                class_type: "VAEEncode",
+                display_name: "VAE Encode",
+                category: "latent",
+                description: "Encodes images into latents with a VAE.",
+                inputs: vec![link("pixels", DataType::Image), link("vae", DataType::Vae)],
+                outputs: vec![out("LATENT", DataType::Latent)],
+                output_node: false,
+            },
+        }
+    }
+}
+
+impl Default for VaeEncode {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Node for VaeEncode {
+    fn schema(&self) -> &NodeSchema {
+        &self.schema
+    }
+
+    fn infer(
+        &self,
+        _args: &Args,
+        inputs: &Inputs<ValueInfo>,
+        _env: &JobEnv,
+    ) -> Result<Vec<ValueInfo>, NodeError> {
+        let channels = match inputs.get("vae") {
+            // The latent channel count is the encoder's; ModelInfo does not carry it, so the
+            // planner sizes SD1's 4 and the run reports the real shape.
+            Some(ValueInfo::Model(_)) => 4,
+            _ => return Ok(vec![ValueInfo::Unknown]),
+        };
+        Ok(vec![match inputs.get("pixels") {
+            Some(ValueInfo::Image(ImageInfo {
+                batch,
+                height,
+                width,
+                ..
+            })) => ValueInfo::Latent {
+                batch: *batch,
+                channels,
+                height: height / 8,
+                width: width / 8,
+            },
+            _ => ValueInfo::Unknown,
+        }])
+    }
+
+    fn memory(&self, _args: &Args, query: &MemoryQuery) -> MemoryEstimate {
+        let m = model_info(query.inputs);
+        let px: u64 = query
+            .inputs
+            .iter()
+            .filter_map(|i| i.image())
+            .map(|i| (i.batch * i.height * i.width) as u64)
+            .sum();
+        let output: u64 = query.outputs.iter().filter_map(|o| o.bytes()).sum();
+        MemoryEstimate {
+            weights: m.map(|m| m.bytes).unwrap_or(0),
+            // The encoder's widest layers run at full resolution: 64 channels, 3x3 patches.
+            activations: output + px * (64 * 13 * 4),
+            weight_block: 0,
+        }
+    }
+
+    fn execute(
+        &self,
+        _args: &Args,
+        inputs: Inputs<Value>,
+        ctx: &ExecContext,
+    ) -> Result<NodeOutput, NodeError> {
+        let pixels = inputs.image("pixels")?;
+        let model = inputs.model("vae", DataType::Vae)?;
+        let (_, h, w, _) = pixels.dims4()?;
+        let (ch, cw) = (h / 8 * 8, w / 8 * 8);
+        if ch == 0 || cw == 0 {
+            return Err(NodeError::input(
+                "pixels",
+                format!("a {w}x{h} image is smaller than one 8x8 latent pixel"),
+            ));
+        }
+        let x = pixels
+            .narrow(1, (h % 8) / 2, ch)?
+            .narrow(2, (w % 8) / 2, cw)?
+            .narrow(3, 0, 3)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
+        let latent = run_part(model, Part::Encoder, &x, ctx)?;
+        Ok(NodeOutput {
+            values: vec![Value::latent(latent)],
+            ui: None,
+        })
+    }
+}

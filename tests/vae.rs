@@ -1,0 +1,166 @@
+//! The TAESD family as ComfyUI's VAE nodes: `VAELoader` finds `<name>_encoder/decoder` in
+//! `models/vae_approx/`, `VAEEncode`/`VAEDecode` match the reference latents, `.latent` files
+//! round-trip through `SaveLatent`/`LoadLatent`, and a bad VAE name is refused at validation.
+
+use candle_core::Tensor;
+use nova_dataflow::{workflow, WeightSource};
+use nova_operators::model::safetensors::SafetensorsFile;
+use nova_tests::{options, png_samples, reported_files, run_planned, shared_models, Job};
+use std::path::Path;
+
+/// A job whose models folder has `vae_approx/` holding the shared TAESD-family files.
+fn job(w: usize, h: usize) -> Job {
+    let mut job = Job::new(w, h);
+    let models = job.dir.path().join("models");
+    let approx = models.join("vae_approx");
+    std::fs::create_dir_all(&approx).unwrap();
+    let taesd = shared_models().join("taesd");
+    for (from, to) in [
+        ("taef2_encoder.safetensors", "taef2_encoder.safetensors"),
+        ("taef2_decoder.safetensors", "taef2_decoder.safetensors"),
+        (
+            "synthetic-sd1-layout/taesd_encoder.safetensors",
+            "taesd_encoder.safetensors",
+        ),
+        (
+            "synthetic-sd1-layout/taesd_decoder.safetensors",
+            "taesd_decoder.safetensors",
+        ),
+    ] {
+        std::fs::copy(taesd.join(from), approx.join(to)).unwrap();
+    }
+    job.env = job.env.clone().with_models_dir(models);
+    job
+}
+
+fn read(path: &Path, name: &str) -> Tensor {
+    SafetensorsFile::open(path).unwrap().read(name).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+const ENCODE_DECODE: &str = r#"{
+  "1": {"class_type": "LoadImage", "inputs": {"image": "card.png"}},
+  "2": {"class_type": "VAELoader", "inputs": {"vae_name": "taef2"}},
+  "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["2", 0]}},
+  "4": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": "latents/card"}},
+  "5": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["2", 0]}},
+  "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "decoded"}}
+}"#;
+
+#[test]
+fn taef2_encodes_like_the_reference_and_latents_round_trip_through_files() {
+    let job = job(64, 64);
+    let out = run_planned(ENCODE_DECODE, &job.env, &options(None, 2), None, |_| false);
+    let report = out.result.expect("encode/decode runs");
+    // The latent, from the 8-bit PNG of the reference card: close to the reference latent.
+    let latents = report.outputs["4"]["latents"].as_array().unwrap();
+    assert_eq!(latents[0]["subfolder"], "latents");
+    let file = job.output(&format!(
+        "latents/{}",
+        latents[0]["filename"].as_str().unwrap()
+    ));
+    let latent = read(&file, "latent_tensor");
+    assert_eq!(latent.dims(), &[1, 32, 8, 8]);
+    let reference = shared_models().join("taesd/reference/taef2_64x64.safetensors");
+    let d = max_diff(&latent, &read(&reference, "latent"));
+    assert!(d < 0.05, "latent differs from the reference by {d}");
+    // The file is ComfyUI's format: the version marker is there.
+    let f = SafetensorsFile::open(&file).unwrap();
+    assert_eq!(f.shape("latent_format_version_0"), Some(&[0usize][..]));
+
+    // Decoding reconstructs the card (TAESD is lossy: the reference's own error is 0.056).
+    let decoded = reported_files(&report, "6");
+    let (w, h, px) = png_samples(&job.output(&decoded[0]));
+    assert_eq!((w, h), (64, 64));
+    let (_, _, card) = png_samples(&job.env.input_dir.join("card.png"));
+    let mae = px
+        .iter()
+        .zip(&card)
+        .map(|(a, b)| (*a as f32 - *b as f32).abs() / 255.0)
+        .sum::<f32>()
+        / px.len() as f32;
+    assert!(mae < 0.08, "mean abs reconstruction error {mae}");
+
+    // LoadLatent reads the saved file back; decoding it gives the same pixels.
+    std::fs::copy(&file, job.env.input_dir.join("card.latent")).unwrap();
+    let load = r#"{
+      "1": {"class_type": "LoadLatent", "inputs": {"latent": "card.latent"}},
+      "2": {"class_type": "VAELoader", "inputs": {"vae_name": "taef2"}},
+      "3": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 0], "vae": ["2", 0]}},
+      "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "again"}}
+    }"#;
+    let again = run_planned(load, &job.env, &options(None, 1), None, |_| false);
+    let report = again.result.expect("load and decode run");
+    let (_, _, px2) = png_samples(&job.output(&reported_files(&report, "4")[0]));
+    assert_eq!(px, px2);
+}
+
+#[test]
+fn empty_latents_decode_to_the_requested_size_with_the_sd1_layout() {
+    let job = job(8, 8);
+    let wf = r#"{
+      "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 96, "height": 64, "batch_size": 2}},
+      "2": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}},
+      "3": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 0], "vae": ["2", 0]}},
+      "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "empty"}}
+    }"#;
+    let out = run_planned(wf, &job.env, &options(None, 1), None, |_| false);
+    assert!(matches!(
+        out.plan.nodes[0].outputs[0],
+        nova_dataflow::ValueInfo::Latent {
+            batch: 2,
+            channels: 4,
+            height: 8,
+            width: 12
+        }
+    ));
+    let report = out.result.expect("decode runs");
+    let files = reported_files(&report, "4");
+    assert_eq!(files.len(), 2);
+    let (w, h, _) = png_samples(&job.output(&files[0]));
+    assert_eq!((w, h), (96, 64));
+    // The decoded weights were counted and released: the registry saw GPU_FULL.
+    assert!(
+        out.events.iter().any(|e| matches!(&e.kind,
+        nova_dataflow::EventKind::ResidencyDelta(d) if d.to == nova_dataflow::AssetState::GpuFull))
+    );
+}
+
+#[test]
+fn an_unknown_or_unsupported_vae_is_refused_at_validation() {
+    let job = job(8, 8);
+    let registry = nova_operators::registry();
+    for (name, says) in [
+        (
+            "nothing",
+            "no nothing_encoder.safetensors or nothing_decoder.safetensors",
+        ),
+        ("sd15.safetensors", "full VAE files"),
+    ] {
+        let wf = format!(
+            r#"{{"1": {{"class_type": "VAELoader", "inputs": {{"vae_name": "{name}"}}}},
+                "2": {{"class_type": "EmptyLatentImage", "inputs": {{"width": 64, "height": 64, "batch_size": 1}}}},
+                "3": {{"class_type": "VAEDecode", "inputs": {{"samples": ["2", 0], "vae": ["1", 0]}}}},
+                "4": {{"class_type": "PreviewImage", "inputs": {{"images": ["3", 0]}}}}}}"#
+        );
+        let e = workflow::load(&wf, &registry, &job.env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("node 1") && e.contains("vae_name") && e.contains(says),
+            "{e}"
+        );
+    }
+}
