@@ -164,3 +164,124 @@ fn an_unknown_or_unsupported_vae_is_refused_at_validation() {
         );
     }
 }
+
+/// PSNR in dB between two 8-bit sample arrays.
+fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    }
+}
+
+/// Encodes the card with `vae` and leaves `card.latent` in the input folder.
+fn encode_card(job: &Job, vae: &str) {
+    let wf = r#"{
+      "1": {"class_type": "LoadImage", "inputs": {"image": "card.png"}},
+      "2": {"class_type": "VAELoader", "inputs": {"vae_name": "@VAE@"}},
+      "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["2", 0]}},
+      "4": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": "card"}}
+    }"#
+    .replace("@VAE@", vae);
+    let out = run_planned(&wf, &job.env, &options(None, 2), None, |_| false);
+    let report = out.result.expect("encode runs");
+    let name = report.outputs["4"]["latents"][0]["filename"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::copy(job.output(&name), job.env.input_dir.join("card.latent")).unwrap();
+}
+
+fn decode_workflow(vae: &str, node: &str, extra: &str, prefix: &str) -> String {
+    format!(
+        r#"{{
+      "1": {{"class_type": "LoadLatent", "inputs": {{"latent": "card.latent"}}}},
+      "2": {{"class_type": "VAELoader", "inputs": {{"vae_name": "{vae}"}}}},
+      "3": {{"class_type": "{node}", "inputs": {{"samples": ["1", 0], "vae": ["2", 0]{extra}}}}},
+      "4": {{"class_type": "SaveImage", "inputs": {{"images": ["3", 0], "filename_prefix": "{prefix}"}}}}
+    }}"#
+    )
+}
+
+#[test]
+fn a_decode_that_cannot_fit_whole_is_tiled_by_the_planner_without_visible_seams() {
+    let job = job(512, 384);
+    encode_card(&job, "taesd");
+    let whole = run_planned(
+        &decode_workflow("taesd", "VAEDecode", "", "whole"),
+        &job.env,
+        &options(None, 2),
+        None,
+        |_| false,
+    );
+    assert_eq!(whole.plan.nodes[2].mode, nova_dataflow::ExecMode::Atomic);
+    let report = whole.result.expect("whole decode runs");
+    let (_, _, reference) = png_samples(&job.output(&reported_files(&report, "4")[0]));
+    let limit = whole.plan.naive_peak_bytes / 2;
+    let opts = nova_dataflow::PlanOptions {
+        tile: Some(128),
+        min_tile: 32,
+        limit: Some(nova_dataflow::Bytes(limit)),
+        workers: 2,
+        prefetch: 1,
+        ..nova_dataflow::PlanOptions::default()
+    };
+    let tiled = run_planned(
+        &decode_workflow("taesd", "VAEDecode", "", "tiled"),
+        &job.env,
+        &opts,
+        Some(nova_dataflow::Bytes(limit)),
+        |_| false,
+    );
+    let node = &tiled.plan.nodes[2];
+    assert_eq!(
+        node.mode,
+        nova_dataflow::ExecMode::Tiled,
+        "{:#?}",
+        tiled.plan
+    );
+    assert!(tiled.plan.fits && tiled.plan.naive_peak_bytes > limit);
+    let report = tiled.result.expect("tiled decode runs");
+    assert!(report.tracked_peak_bytes <= limit);
+    let (w, h, px) = png_samples(&job.output(&reported_files(&report, "4")[0]));
+    assert_eq!((w, h), (512, 384));
+    let p = psnr(&px, &reference);
+    eprintln!(
+        "planner-tiled decode ({} tiles) vs whole: PSNR {p:.1} dB",
+        node.chunks.len()
+    );
+    assert!(p > 35.0, "PSNR {p:.1} dB");
+}
+
+#[test]
+fn vae_decode_tiled_blends_its_overlaps_close_to_the_whole_decode() {
+    let job = job(256, 192);
+    encode_card(&job, "taesd");
+    let run = |node: &str, extra: &str, prefix: &str| {
+        let out = run_planned(
+            &decode_workflow("taesd", node, extra, prefix),
+            &job.env,
+            &options(Some(512), 1),
+            None,
+            |_| false,
+        );
+        let report = out.result.expect("decode runs");
+        png_samples(&job.output(&reported_files(&report, "4")[0])).2
+    };
+    let whole = run("VAEDecode", "", "whole");
+    let tiled = run(
+        "VAEDecodeTiled",
+        r#", "tile_size": 128, "overlap": 64, "temporal_size": 64, "temporal_overlap": 8"#,
+        "tiled",
+    );
+    let p = psnr(&tiled, &whole);
+    eprintln!("VAEDecodeTiled 128/64 vs whole: PSNR {p:.1} dB");
+    assert!(p > 35.0, "PSNR {p:.1} dB");
+}

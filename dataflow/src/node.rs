@@ -297,6 +297,9 @@ pub struct NodeOutput {
 pub struct Chunking {
     pub input: &'static str,
     pub op: Arc<dyn ChunkedOp>,
+    /// The largest tile side the node asks for (e.g. `VAEDecodeTiled`'s `tile_size`); the
+    /// planner goes no larger.
+    pub max_tile: Option<usize>,
 }
 
 /// A node type. See the module docs.

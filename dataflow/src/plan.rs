@@ -375,7 +375,7 @@ pub fn plan(
                 .iter()
                 .position(|l| l.input == c.input)
                 .map(|i| input_list[i])
-                .filter(|i| i.image().is_some())
+                .filter(|i| i.image().is_some() || matches!(i, ValueInfo::Latent { .. }))
         });
         // Where the weights can live: all resident, or else streamed block by block.
         let mut weight_options = vec![WeightPlan::resident(memory.weights)];
@@ -400,20 +400,34 @@ pub fn plan(
                 inflight: 1,
             };
             let mut choice = atomic.clone();
-            if let (Some(chunking), Some(input)) = (&chunking, input) {
+            // A node that prefers running whole (its tiles only approximate it, e.g. a VAE
+            // decode that blends overlaps) is tiled only when whole does not fit.
+            let whole_first = meta.modes.first() == Some(&ExecMode::Atomic);
+            let tile_it = !(whole_first && fits(live + atomic.working));
+            if let (Some(chunking), Some(input), true) = (&chunking, input, tile_it) {
                 let output_bytes = outputs.first().and_then(|o| o.bytes()).unwrap_or(0);
-                let mut best: Option<Choice> = None;
-                // First with the profile's chunks in flight (workers + prefetch); if no tile
-                // fits so, one chunk at a time: less parallel, but a tile's halo costs less
-                // than cutting tiles smaller.
                 let serial_too = opts.inflight(usize::MAX) > 1;
+                let sizes: Vec<usize> = opts
+                    .tile_sizes()
+                    .into_iter()
+                    .map(|t| chunking.max_tile.map_or(t, |m| t.min(m.max(opts.min_tile))))
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                // Candidates: every tile size with the profile's chunks in flight, then one
+                // at a time. The largest tile at full concurrency is taken when it fits (the
+                // configured preference); otherwise the fitting candidate with the least
+                // estimated work per worker (halos make small tiles costly), and if none
+                // fits, the most frugal.
+                let mut fitting: Vec<(f64, Choice)> = Vec::new();
+                let mut frugal: Option<Choice> = None;
+                let mut first = true;
                 'search: for serial in [false, true] {
-                    if serial
-                        && (!serial_too || best.as_ref().is_some_and(|b| fits(live + b.working)))
-                    {
+                    if serial && !serial_too {
                         break;
                     }
-                    for side in opts.tile_sizes() {
+                    for &side in &sizes {
                         let size = ChunkSize::Tile {
                             width: side,
                             height: side,
@@ -422,20 +436,25 @@ pub fn plan(
                         if chunks.len() <= 1 {
                             // One tile covers the whole output: run it whole if that fits, else
                             // try smaller tiles.
-                            if fits(live + atomic.working) {
+                            if !serial && fits(live + atomic.working) {
                                 break 'search;
                             }
                             continue;
                         }
-                        let mem = guarded(|| {
-                            Ok(chunks.iter().fold(ChunkMemory::default(), |m, c| {
-                                let x = chunking.op.chunk_memory(&input, c);
-                                ChunkMemory {
-                                    piece: m.piece.max(x.piece),
-                                    result: m.result.max(x.result),
-                                    workspace: m.workspace.max(x.workspace),
-                                }
-                            }))
+                        let (mem, pieces) = guarded(|| {
+                            Ok(chunks
+                                .iter()
+                                .fold((ChunkMemory::default(), 0u64), |(m, t), c| {
+                                    let x = chunking.op.chunk_memory(&input, c);
+                                    (
+                                        ChunkMemory {
+                                            piece: m.piece.max(x.piece),
+                                            result: m.result.max(x.result),
+                                            workspace: m.workspace.max(x.workspace),
+                                        },
+                                        t + x.piece,
+                                    )
+                                }))
                         })
                         .map_err(fail)?;
                         let inflight = if serial {
@@ -443,6 +462,7 @@ pub fn plan(
                         } else {
                             opts.inflight(chunks.len())
                         };
+                        let parallel = inflight.min(opts.workers.max(1)).min(chunks.len()) as f64;
                         let users = users.min(inflight as u64);
                         let inflight = inflight as u64;
                         let captured = if feeds_output {
@@ -464,16 +484,26 @@ pub fn plan(
                             weights,
                             inflight: inflight as usize,
                         };
-                        let ok = fits(live + working);
-                        best = Some(c);
-                        if ok {
-                            break 'search;
+                        if fits(live + working) {
+                            if first {
+                                fitting = vec![(0.0, c)];
+                                break 'search;
+                            }
+                            fitting.push((pieces as f64 / parallel, c));
+                        } else if frugal.as_ref().is_none_or(|f| working < f.working) {
+                            frugal = Some(c);
                         }
+                        first = false;
                     }
                 }
+                let best = fitting
+                    .into_iter()
+                    .min_by(|a, b| a.0.total_cmp(&b.0))
+                    .map(|(_, c)| c)
+                    .or(frugal);
                 if let Some(b) = best {
-                    // Prefer tiles (partial outputs, bounded workspace) over a whole run
-                    // that fits, except where one tile would cover everything.
+                    // Otherwise prefer tiles (partial outputs, bounded workspace) over a
+                    // whole run that fits, except where one tile would cover everything.
                     choice = b;
                 }
             }

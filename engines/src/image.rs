@@ -325,7 +325,7 @@ impl<K: TileKernel> ChunkedOp for TiledImage<K> {
 }
 
 /// Chunk specs for rectangles, in order.
-fn specs(rects: Vec<Rect>) -> Vec<ChunkSpec> {
+pub fn specs(rects: Vec<Rect>) -> Vec<ChunkSpec> {
     let count = rects.len() as u32;
     rects
         .into_iter()

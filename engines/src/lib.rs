@@ -10,4 +10,4 @@
 
 pub mod image;
 
-pub use image::{tile_grid, Border, TileKernel, TiledImage, Window};
+pub use image::{specs, tile_grid, Border, TileKernel, TiledImage, Window};

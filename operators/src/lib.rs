@@ -28,6 +28,7 @@ pub fn registry() -> NodeRegistry {
     r.register(model::upscale::ImageUpscaleWithModel::new());
     r.register(model::vae::VaeLoader::new());
     r.register(model::vae::VaeDecode::new());
+    r.register(model::vae::VaeDecodeTiled::new());
     r.register(model::vae::VaeEncode::new());
     r.register(latent::EmptyLatentImage::new());
     r.register(latent::SaveLatent::new());

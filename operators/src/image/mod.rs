@@ -65,6 +65,7 @@ impl<T: TileNode> Node for Tiled<T> {
         Some(Chunking {
             input: "image",
             op: Arc::new(op),
+            max_tile: None,
         })
     }
 

@@ -5,3 +5,4 @@ pub mod safetensors;
 pub mod taesd;
 pub mod upscale;
 pub mod vae;
+pub mod vae_tiled;

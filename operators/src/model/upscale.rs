@@ -486,6 +486,7 @@ impl Node for ImageUpscaleWithModel {
                 info: *info,
                 bound: None,
             })),
+            max_tile: None,
         })
     }
 

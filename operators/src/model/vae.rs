@@ -7,12 +7,13 @@
 
 use super::safetensors::SafetensorsFile;
 use super::taesd::{Part, TaesdNet};
+use super::vae_tiled::TiledDecode;
 use crate::spec::{link, out, string};
 use candle_core::Tensor;
 use nova_dataflow::{
-    Args, Asset, DataType, DeviceWeights, ExecContext, ImageInfo, Inputs, JobEnv, MemoryEstimate,
-    MemoryQuery, ModelInfo, ModelRef, Node, NodeError, NodeOutput, NodeSchema, Registry, Value,
-    ValueInfo,
+    Args, Asset, Chunking, DataType, DeviceWeights, ExecContext, ExecMode, ImageInfo, InputKind,
+    InputSpec, Inputs, JobEnv, MemoryEstimate, MemoryQuery, ModelInfo, ModelRef, Node, NodeError,
+    NodeMeta, NodeOutput, NodeSchema, Registry, Value, ValueInfo,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -217,6 +218,116 @@ fn model_info(inputs: &[ValueInfo]) -> Option<ModelInfo> {
     })
 }
 
+/// The overlap (output pixels) of automatic tiled decode: ComfyUI's `VAEDecodeTiled` default.
+pub const DEFAULT_OVERLAP: usize = 64;
+
+/// `VAEDecodeTiled`: decode in tiles of at most `tile_size` pixels with `overlap` pixels
+/// blended between them. `temporal_size` and `temporal_overlap` (ComfyUI's, for video VAEs)
+/// are accepted and do not apply to images.
+pub struct VaeDecodeTiled {
+    schema: NodeSchema,
+}
+
+impl VaeDecodeTiled {
+    pub fn new() -> Self {
+        let stepped = |name, default, min, max, step, required| InputSpec {
+            name,
+            kind: InputKind::Int {
+                default,
+                min,
+                max,
+                step,
+            },
+            required,
+            tooltip: "",
+        };
+        VaeDecodeTiled {
+            schema: NodeSchema {
+                class_type: "VAEDecodeTiled",
+                display_name: "VAE Decode (Tiled)",
+                category: "_for_testing",
+                description: "Decodes latents tile by tile, blending overlaps.",
+                inputs: vec![
+                    link("samples", DataType::Latent),
+                    link("vae", DataType::Vae),
+                    stepped("tile_size", 512, 64, 4096, 32, true),
+                    stepped("overlap", 64, 0, 4096, 32, true),
+                    stepped("temporal_size", 64, 8, 4096, 4, false),
+                    stepped("temporal_overlap", 8, 4, 4096, 4, false),
+                ],
+                outputs: vec![out("IMAGE", DataType::Image)],
+                output_node: false,
+            },
+        }
+    }
+
+    fn op(args: &Args, per_latent_px: u64) -> Result<TiledDecode, NodeError> {
+        Ok(TiledDecode::new(
+            args.int("overlap")? as usize,
+            per_latent_px,
+        ))
+    }
+}
+
+impl Default for VaeDecodeTiled {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Node for VaeDecodeTiled {
+    fn schema(&self) -> &NodeSchema {
+        &self.schema
+    }
+
+    fn meta(&self) -> NodeMeta {
+        NodeMeta {
+            modes: vec![ExecMode::Tiled, ExecMode::Atomic],
+            ..NodeMeta::default()
+        }
+    }
+
+    fn infer(
+        &self,
+        args: &Args,
+        inputs: &Inputs<ValueInfo>,
+        env: &JobEnv,
+    ) -> Result<Vec<ValueInfo>, NodeError> {
+        VaeDecode::new().infer(args, inputs, env)
+    }
+
+    fn memory(&self, args: &Args, query: &MemoryQuery) -> MemoryEstimate {
+        VaeDecode::new().memory(args, query)
+    }
+
+    fn chunked(&self, args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
+        let Some(ValueInfo::Model(m)) = inputs.get("vae") else {
+            return None;
+        };
+        Some(Chunking {
+            input: "samples",
+            op: Arc::new(Self::op(args, m.activation_per_pixel).ok()?),
+            max_tile: Some(args.int("tile_size").ok()? as usize),
+        })
+    }
+
+    fn execute(
+        &self,
+        args: &Args,
+        inputs: Inputs<Value>,
+        ctx: &ExecContext,
+    ) -> Result<NodeOutput, NodeError> {
+        let latent = inputs.latent("samples")?;
+        let model = inputs.model("vae", DataType::Vae)?;
+        let op = Self::op(args, model.info.activation_per_pixel)?.bind_to(&inputs, &ctx.weights)?;
+        let image = op.run_whole(latent, args.int("tile_size")? as usize)?;
+        Ok(NodeOutput {
+            values: vec![Value::image(image)],
+            ui: None,
+        })
+    }
+}
+
 /// `VAEDecode`: latents to images in [0, 1].
 pub struct VaeDecode {
     schema: NodeSchema,
@@ -250,6 +361,25 @@ impl Default for VaeDecode {
 impl Node for VaeDecode {
     fn schema(&self) -> &NodeSchema {
         &self.schema
+    }
+
+    fn meta(&self) -> NodeMeta {
+        // Whole when it fits; tiles blend their overlaps, so they only approximate it.
+        NodeMeta {
+            modes: vec![ExecMode::Atomic, ExecMode::Tiled],
+            ..NodeMeta::default()
+        }
+    }
+
+    fn chunked(&self, _args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
+        let Some(ValueInfo::Model(m)) = inputs.get("vae") else {
+            return None;
+        };
+        Some(Chunking {
+            input: "samples",
+            op: Arc::new(TiledDecode::new(DEFAULT_OVERLAP, m.activation_per_pixel)),
+            max_tile: None,
+        })
     }
 
     fn infer(
