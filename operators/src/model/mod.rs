@@ -1,6 +1,7 @@
 //! Model operators: weights from safetensors files (memory-mapped) placed on the device
 //! through the residency registry of `nova-dataflow`.
 
+pub mod clip;
 pub mod safetensors;
 pub mod taesd;
 pub mod upscale;

@@ -89,12 +89,15 @@ impl SafetensorsFile {
                 Dtype::F32 => DType::F32,
                 Dtype::F16 => DType::F16,
                 Dtype::BF16 => DType::BF16,
+                Dtype::F64 => DType::F64,
+                // Index tensors some checkpoints carry (e.g. CLIP's position_ids).
+                Dtype::I64 => DType::I64,
+                Dtype::U32 => DType::U32,
+                Dtype::U8 => DType::U8,
                 other => {
                     return Err(bad(
                         path,
-                        format!(
-                        "tensor '{name}' has dtype {other:?}; NOVA reads F32, F16 and BF16 weights"
-                    ),
+                        format!("tensor '{name}' has dtype {other:?}; NOVA reads F32, F16, BF16, F64, I64, U32 and U8 tensors"),
                     ))
                 }
             };
@@ -243,12 +246,12 @@ mod tests {
         let e = SafetensorsFile::open(&p).unwrap_err().to_string();
         assert!(e.contains("too short"), "{e}");
 
-        let header = br#"{"w":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#;
+        let header = br#"{"w":{"dtype":"BOOL","shape":[8],"data_offsets":[0,8]}}"#;
         let mut b = (header.len() as u64).to_le_bytes().to_vec();
         b.extend_from_slice(header);
         b.extend_from_slice(&[0u8; 8]);
         let p = write(dir.path(), "int.safetensors", &b);
         let e = SafetensorsFile::open(&p).unwrap_err().to_string();
-        assert!(e.contains("tensor 'w' has dtype I64"), "{e}");
+        assert!(e.contains("tensor 'w' has dtype BOOL"), "{e}");
     }
 }
