@@ -4,6 +4,7 @@
 pub mod clip;
 pub mod safetensors;
 pub mod taesd;
+pub mod unet;
 pub mod upscale;
 pub mod vae;
 pub mod vae_tiled;
