@@ -2,6 +2,7 @@
 //! through the residency registry of `nova-dataflow`.
 
 pub mod clip;
+pub mod kl_vae;
 pub mod safetensors;
 pub mod taesd;
 pub mod unet;

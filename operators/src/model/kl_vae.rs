@@ -1,0 +1,178 @@
+//! The Stable Diffusion 1.x autoencoder (KL-f8), read in the original (LDM) single-file key
+//! layout under `first_stage_model.`: encoder (`encoder.down.N.block.M`, `downsample`,
+//! `mid.block_1/attn_1/block_2`, `quant_conv`) and decoder (`post_quant_conv`, `mid`,
+//! `decoder.up.N` run from the deepest level up, `upsample`). GroupNorm(32) eps 1e-6, SiLU.
+//!
+//! Conventions: images in `[-1, 1]` here (nodes map from and to ComfyUI's `[0, 1]`);
+//! latents are the VAE's own (`encode` returns the mean and log-variance "moments";
+//! diffusion latents are `mean × 0.18215`, which the nodes apply).
+
+use candle_core::{Tensor, D};
+use nova_dataflow::NodeError;
+
+/// The prefix of VAE tensors in a single-file checkpoint.
+pub const PREFIX: &str = "first_stage_model.";
+/// SD1's latent scale between VAE latents and diffusion latents.
+pub const SCALE: f64 = 0.18215;
+
+type Get<'a> = &'a dyn Fn(&str) -> Result<Tensor, NodeError>;
+type Has<'a> = &'a dyn Fn(&str) -> bool;
+
+fn group_norm(x: &Tensor, get: Get, p: &str) -> Result<Tensor, NodeError> {
+    let (w, b) = (get(&format!("{p}.weight"))?, get(&format!("{p}.bias"))?);
+    let (n, c, h, wd) = x.dims4()?;
+    let g = x.reshape((n, 32, (c / 32) * h * wd))?;
+    let d = g.broadcast_sub(&g.mean_keepdim(2)?)?;
+    let var = d.sqr()?.mean_keepdim(2)?;
+    Ok(d.broadcast_div(&(var + 1e-6)?.sqrt()?)?
+        .reshape((n, c, h, wd))?
+        .broadcast_mul(&w.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&b.reshape((1, c, 1, 1))?)?)
+}
+
+fn conv(x: &Tensor, get: Get, p: &str, pad: usize, stride: usize) -> Result<Tensor, NodeError> {
+    let y = x.conv2d(&get(&format!("{p}.weight"))?, pad, stride, 1, 1)?;
+    Ok(y.broadcast_add(&get(&format!("{p}.bias"))?.reshape((1, (), 1, 1))?)?)
+}
+
+fn resnet(x: &Tensor, get: Get, has: Has, p: &str) -> Result<Tensor, NodeError> {
+    let h = group_norm(x, get, &format!("{p}.norm1"))?.silu()?;
+    let h = conv(&h, get, &format!("{p}.conv1"), 1, 1)?;
+    let h = group_norm(&h, get, &format!("{p}.norm2"))?.silu()?;
+    let h = conv(&h, get, &format!("{p}.conv2"), 1, 1)?;
+    let skip = if has(&format!("{p}.nin_shortcut.weight")) {
+        conv(x, get, &format!("{p}.nin_shortcut"), 0, 1)?
+    } else {
+        x.clone()
+    };
+    Ok((skip + h)?)
+}
+
+fn attn(x: &Tensor, get: Get, p: &str) -> Result<Tensor, NodeError> {
+    let (b, c, h, w) = x.dims4()?;
+    let n = group_norm(x, get, &format!("{p}.norm"))?;
+    let flat = |t: Tensor| -> candle_core::Result<Tensor> {
+        t.flatten_from(2)?.transpose(1, 2)?.contiguous()
+    };
+    let q = flat(conv(&n, get, &format!("{p}.q"), 0, 1)?)?;
+    let k = flat(conv(&n, get, &format!("{p}.k"), 0, 1)?)?;
+    let v = flat(conv(&n, get, &format!("{p}.v"), 0, 1)?)?;
+    let att = (q.matmul(&k.t()?)? * (c as f64).powf(-0.5))?;
+    let att = att.broadcast_sub(&att.max_keepdim(D::Minus1)?)?.exp()?;
+    let att = att.broadcast_div(&att.sum_keepdim(D::Minus1)?)?;
+    let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+    Ok((x + conv(&o, get, &format!("{p}.proj_out"), 0, 1)?)?)
+}
+
+fn mid(h: &Tensor, get: Get, has: Has, p: &str) -> Result<Tensor, NodeError> {
+    let h = resnet(h, get, has, &format!("{p}.mid.block_1"))?;
+    let h = attn(&h, get, &format!("{p}.mid.attn_1"))?;
+    resnet(&h, get, has, &format!("{p}.mid.block_2"))
+}
+
+fn levels(has: Has, p: &str) -> usize {
+    let mut n = 0;
+    while has(&format!("{PREFIX}{p}.{n}.block.0.conv1.weight")) {
+        n += 1;
+    }
+    n
+}
+
+fn blocks(has: Has, p: &str) -> usize {
+    let mut n = 0;
+    while has(&format!("{p}.block.{n}.conv1.weight")) {
+        n += 1;
+    }
+    n
+}
+
+/// Encodes images (`[b, 3, h, w]` in `[-1, 1]`) to moments (`[b, 2·c, h/8, w/8]`: mean, then
+/// log-variance).
+pub fn encode(x: &Tensor, get: Get, has: Has) -> Result<Tensor, NodeError> {
+    let g = |s: &str| get(&format!("{PREFIX}{s}"));
+    let hp = |s: &str| has(&format!("{PREFIX}{s}"));
+    let mut h = conv(x, &g, "encoder.conv_in", 1, 1)?;
+    let n = levels(has, "encoder.down");
+    for i in 0..n {
+        let p = format!("encoder.down.{i}");
+        for j in 0..blocks(&hp, &p) {
+            h = resnet(&h, &g, &hp, &format!("{p}.block.{j}"))?;
+        }
+        if hp(&format!("{p}.downsample.conv.weight")) {
+            // Asymmetric padding (right and bottom), then a stride-2 conv.
+            let padded = h.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
+            h = conv(&padded, &g, &format!("{p}.downsample.conv"), 0, 2)?;
+        }
+    }
+    h = mid(&h, &g, &hp, "encoder")?;
+    h = group_norm(&h, &g, "encoder.norm_out")?.silu()?;
+    h = conv(&h, &g, "encoder.conv_out", 1, 1)?;
+    conv(&h, &g, "quant_conv", 0, 1)
+}
+
+/// Decodes VAE latents (`[b, c, h, w]`, not scaled) to images in `[-1, 1]`.
+pub fn decode(z: &Tensor, get: Get, has: Has) -> Result<Tensor, NodeError> {
+    let g = |s: &str| get(&format!("{PREFIX}{s}"));
+    let hp = |s: &str| has(&format!("{PREFIX}{s}"));
+    let z = conv(z, &g, "post_quant_conv", 0, 1)?;
+    let mut h = conv(&z, &g, "decoder.conv_in", 1, 1)?;
+    h = mid(&h, &g, &hp, "decoder")?;
+    for i in (0..levels(has, "decoder.up")).rev() {
+        let p = format!("decoder.up.{i}");
+        for j in 0..blocks(&hp, &p) {
+            h = resnet(&h, &g, &hp, &format!("{p}.block.{j}"))?;
+        }
+        if hp(&format!("{p}.upsample.conv.weight")) {
+            let (_, _, hh, ww) = h.dims4()?;
+            h = conv(
+                &h.upsample_nearest2d(hh * 2, ww * 2)?,
+                &g,
+                &format!("{p}.upsample.conv"),
+                1,
+                1,
+            )?;
+        }
+    }
+    h = group_norm(&h, &g, "decoder.norm_out")?.silu()?;
+    conv(&h, &g, "decoder.conv_out", 1, 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::safetensors::SafetensorsFile;
+    use nova_dataflow::WeightSource;
+    use std::path::PathBuf;
+
+    #[test]
+    fn the_tiny_vae_decodes_and_encodes_like_the_reference() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/tiny-sd1");
+        let ckpt = SafetensorsFile::open(&dir.join("tiny_sd1.safetensors")).unwrap();
+        let r = SafetensorsFile::open(&dir.join("reference.safetensors")).unwrap();
+        let get = |n: &str| ckpt.read(n);
+        let has = |n: &str| ckpt.shape(n).is_some();
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        // The reference decodes diffusion latents: VAE latents are those divided by SCALE.
+        let z = (r.read("vae_decode_latent_in").unwrap() / SCALE).unwrap();
+        let img = decode(&z, &get, &has).unwrap();
+        let e_dec = diff(&img, &r.read("vae_decode_image_out").unwrap());
+        let moments = encode(&r.read("vae_encode_image_in").unwrap(), &get, &has).unwrap();
+        let e_enc = diff(&moments, &r.read("vae_encode_moments_out").unwrap());
+        eprintln!("KL VAE: decode max |err| {e_dec:.2e}, encode (moments) {e_enc:.2e}");
+        assert!(
+            e_dec < 1e-3 && e_enc < 1e-3,
+            "decode {e_dec}, encode {e_enc}"
+        );
+    }
+}
