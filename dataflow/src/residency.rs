@@ -442,6 +442,17 @@ impl DeviceWeights {
     /// Puts `asset`'s weights on the device as `ctx.mode` says: every tensor now (counted
     /// against the accountant), or nothing yet (blocks are streamed by [`Self::stream`]).
     pub fn new(asset: Arc<Asset>, ctx: WeightContext) -> Result<DeviceWeights, NodeError> {
+        Self::part(asset, ctx, "")
+    }
+
+    /// Like [`Self::new`] for the tensors whose names start with `prefix` (one model of a
+    /// single-file checkpoint, e.g. its UNet); the asset is `GPU_PARTIAL` while only part of
+    /// it is on the device.
+    pub fn part(
+        asset: Arc<Asset>,
+        ctx: WeightContext,
+        prefix: &str,
+    ) -> Result<DeviceWeights, NodeError> {
         asset.pins.fetch_add(1, Ordering::SeqCst);
         asset.last_use.store(ctx.registry.tick(), Ordering::SeqCst);
         let mut w = DeviceWeights {
@@ -452,12 +463,25 @@ impl DeviceWeights {
         };
         match w.ctx.mode {
             WeightMode::Resident => {
-                let lease = w.ctx.acct.lease(w.asset.bytes_total);
+                let names: Vec<String> = w
+                    .asset
+                    .source
+                    .names()
+                    .into_iter()
+                    .filter(|n| n.starts_with(prefix))
+                    .collect();
+                let bytes: u64 = names
+                    .iter()
+                    .filter_map(|n| w.asset.source.f32_bytes(n))
+                    .sum();
+                let whole = bytes == w.asset.bytes_total;
+                let lease = w.ctx.acct.lease(bytes);
                 let was_hot = w.asset.hot_bytes.load(Ordering::SeqCst) > 0;
                 let started = Instant::now();
                 let mut host = HashMap::new();
-                for name in w.asset.source.names() {
-                    host.insert(name.clone(), w.asset.host_tensor(&name)?);
+                for name in names {
+                    let t = w.asset.host_tensor(&name)?;
+                    host.insert(name, t);
                 }
                 let read = started.elapsed();
                 let started = Instant::now();
@@ -465,7 +489,7 @@ impl DeviceWeights {
                     w.resident.insert(name.clone(), t.to_device(&w.ctx.device)?);
                 }
                 let moved = started.elapsed();
-                if !was_hot {
+                if !was_hot && whole {
                     *w.asset.load_ms.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(read.as_secs_f64() * 1e3);
                     w.ctx.registry.cache_hot(&w.asset, &host, &w.ctx.log);
@@ -474,11 +498,13 @@ impl DeviceWeights {
                     .transfer_ms
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(moved.as_secs_f64() * 1e3);
-                w.asset
-                    .on_device
-                    .fetch_add(w.asset.bytes_total, Ordering::SeqCst);
-                w.asset
-                    .set_state(AssetState::GpuFull, "loaded for a node", Some(&w.ctx.log));
+                w.asset.on_device.fetch_add(bytes, Ordering::SeqCst);
+                let (state, why) = if whole {
+                    (AssetState::GpuFull, "loaded for a node")
+                } else {
+                    (AssetState::GpuPartial, "part loaded for a node")
+                };
+                w.asset.set_state(state, why, Some(&w.ctx.log));
                 w._lease = Some(lease);
             }
             WeightMode::Streamed { .. } => {

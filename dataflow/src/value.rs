@@ -197,6 +197,8 @@ pub enum Value {
     /// Diffusion latents `[batch, channels, height, width]` (ComfyUI's `{"samples": ...}`),
     /// f32, at 1/8 of the image's resolution for SD-family models.
     Latent(TensorBox),
+    /// Text conditioning `[batch, tokens, dim]` (a text encoder's hidden states).
+    Conditioning(TensorBox),
     Int(i64),
     Float(f64),
     String(String),
@@ -224,7 +226,7 @@ impl Value {
     /// The tensor of a tensor value.
     fn tensor_box(&mut self) -> Option<&mut TensorBox> {
         match self {
-            Value::Image(t) | Value::Mask(t) | Value::Latent(t) => Some(t),
+            Value::Image(t) | Value::Mask(t) | Value::Latent(t) | Value::Conditioning(t) => Some(t),
             _ => None,
         }
     }
@@ -232,7 +234,9 @@ impl Value {
     /// Bytes of device memory the value holds (0 for scalars).
     pub fn device_bytes(&self) -> u64 {
         match self {
-            Value::Image(t) | Value::Mask(t) | Value::Latent(t) => t.bytes(),
+            Value::Image(t) | Value::Mask(t) | Value::Latent(t) | Value::Conditioning(t) => {
+                t.bytes()
+            }
             _ => 0,
         }
     }
@@ -240,7 +244,9 @@ impl Value {
     /// Whether the value's memory is counted by an accountant (or it holds none).
     pub fn is_tracked(&self) -> bool {
         match self {
-            Value::Image(t) | Value::Mask(t) | Value::Latent(t) => t.lease.is_some(),
+            Value::Image(t) | Value::Mask(t) | Value::Latent(t) | Value::Conditioning(t) => {
+                t.lease.is_some()
+            }
             _ => true,
         }
     }
@@ -273,6 +279,9 @@ impl Value {
             Value::Image(t) => Value::image(t.tensor.to_device(&candle_core::Device::Cpu)?),
             Value::Mask(t) => Value::mask(t.tensor.to_device(&candle_core::Device::Cpu)?),
             Value::Latent(t) => Value::latent(t.tensor.to_device(&candle_core::Device::Cpu)?),
+            Value::Conditioning(t) => Value::Conditioning(TensorBox::new(
+                t.tensor.to_device(&candle_core::Device::Cpu)?,
+            )),
             other => other.clone(),
         })
     }
@@ -283,11 +292,20 @@ impl Value {
             Value::Image(_) => DataType::Image,
             Value::Mask(_) => DataType::Mask,
             Value::Latent(_) => DataType::Latent,
+            Value::Conditioning(_) => DataType::Conditioning,
             Value::Int(_) => DataType::Int,
             Value::Float(_) => DataType::Float,
             Value::String(_) => DataType::String,
             Value::Boolean(_) => DataType::Boolean,
             Value::Model(m) => m.kind.clone(),
+        }
+    }
+
+    /// The conditioning tensor, if this is conditioning.
+    pub fn as_conditioning(&self) -> Option<&Tensor> {
+        match self {
+            Value::Conditioning(t) => Some(&t.tensor),
+            _ => None,
         }
     }
 
@@ -336,6 +354,10 @@ impl Value {
                 },
                 Err(_) => ValueInfo::Unknown,
             },
+            Value::Conditioning(t) => match t.tensor.dims3() {
+                Ok((batch, tokens, dim)) => ValueInfo::Conditioning { batch, tokens, dim },
+                Err(_) => ValueInfo::Unknown,
+            },
             Value::Model(m) => ValueInfo::Model(m.info),
             _ => ValueInfo::Scalar,
         }
@@ -374,6 +396,12 @@ pub enum ValueInfo {
         height: usize,
         width: usize,
     },
+    /// Text conditioning `[batch, tokens, dim]`.
+    Conditioning {
+        batch: usize,
+        tokens: usize,
+        dim: usize,
+    },
     /// A model, whose weights the planner places.
     Model(ModelInfo),
     /// A scalar or small value whose size does not matter for planning.
@@ -406,6 +434,9 @@ impl ValueInfo {
                 height,
                 width,
             } => Some((batch * channels * height * width * 4) as u64),
+            ValueInfo::Conditioning { batch, tokens, dim } => {
+                Some((batch * tokens * dim * 4) as u64)
+            }
             ValueInfo::Scalar => Some(16),
             // Weights are counted where a node puts them on the device, not as a value.
             ValueInfo::Model(_) => Some(0),
