@@ -185,6 +185,8 @@ pub struct ModelInfo {
     pub halo: u32,
     /// Activation bytes the model needs per input pixel while it runs (image models).
     pub activation_per_pixel: u64,
+    /// Whether the model is local enough to run on tiles of its input.
+    pub tileable: bool,
 }
 
 /// A value produced by a node output or consumed by a node input at run time.

@@ -31,6 +31,10 @@ pub fn registry() -> NodeRegistry {
     r.register(model::vae::VaeDecodeTiled::new());
     r.register(model::vae::VaeEncode::new());
     r.register(latent::EmptyLatentImage::new());
+    r.register(model::sd::CheckpointLoaderSimple::new());
+    r.register(model::sd::ClipTextEncode::new());
+    r.register(model::sd::KSampler::new());
+    r.register(model::sd::KSamplerAdvanced::new());
     r.register(latent::SaveLatent::new());
     r.register(latent::LoadLatent::new());
     r

@@ -5,6 +5,7 @@ pub mod clip;
 pub mod kl_vae;
 pub mod safetensors;
 pub mod sampling;
+pub mod sd;
 pub mod taesd;
 pub mod unet;
 pub mod upscale;

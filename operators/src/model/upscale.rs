@@ -124,6 +124,7 @@ impl SrvggArch {
             scale: self.scale as u32,
             halo: self.convs as u32,
             activation_per_pixel: self.activation_per_pixel(),
+            tileable: true,
         }
     }
 
@@ -504,6 +505,7 @@ impl Node for ImageUpscaleWithModel {
                 scale: 1,
                 halo: 0,
                 activation_per_pixel: 0,
+                tileable: true,
             },
             bound: None,
         };

@@ -5,6 +5,7 @@
 //! (`taesd`, `taesdxl`, `taesd3`, `taef1`, `taef2`). Full KL-VAE files from `models/vae/` are
 //! refused with a clear message until the full VAE lands.
 
+use super::kl_vae;
 use super::safetensors::SafetensorsFile;
 use super::taesd::{Part, TaesdNet};
 use super::vae_tiled::TiledDecode;
@@ -106,6 +107,7 @@ impl TaesdVae {
                 .as_ref()
                 .map(|(_, n)| n.activation_per_pixel())
                 .unwrap_or(0),
+            tileable: true,
         }
     }
 
@@ -118,13 +120,35 @@ impl TaesdVae {
     }
 }
 
-/// Runs one part of the VAE on `x` with its weights resident for the call.
+/// The autoencoder of a single-file SD1 checkpoint (`first_stage_model.`).
+pub struct KlVae;
+
+/// Runs one part of the VAE on `x` with its weights resident for the call. Images are in
+/// `[0, 1]` (`[b, 3, h, w]`), latents are diffusion latents, for every kind of VAE.
 fn run_part(
     model: &ModelRef,
     part: Part,
     x: &Tensor,
     ctx: &ExecContext,
 ) -> Result<Tensor, NodeError> {
+    if model.arch.clone().downcast::<KlVae>().is_ok() {
+        let weights =
+            DeviceWeights::part(model.asset.clone(), ctx.weights.clone(), kl_vae::PREFIX)?;
+        let get = |n: &str| weights.get(n).cloned();
+        let src = model.asset.source();
+        let has = |n: &str| src.shape(n).is_some();
+        return match part {
+            Part::Decoder => {
+                let img = kl_vae::decode(&(x / kl_vae::SCALE)?, &get, &has)?;
+                Ok(((img + 1.0)? / 2.0)?)
+            }
+            Part::Encoder => {
+                let moments = kl_vae::encode(&((x * 2.0)? - 1.0)?, &get, &has)?;
+                let c = moments.dim(1)? / 2;
+                Ok((moments.narrow(1, 0, c)? * kl_vae::SCALE)?)
+            }
+        };
+    }
     let vae = model
         .arch
         .clone()
@@ -301,7 +325,10 @@ impl Node for VaeDecodeTiled {
     }
 
     fn chunked(&self, args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
-        let Some(ValueInfo::Model(m)) = inputs.get("vae") else {
+        let Some(ValueInfo::Model(m)) = inputs.get("vae").filter(|v| match v {
+            ValueInfo::Model(m) => m.tileable,
+            _ => false,
+        }) else {
             return None;
         };
         Some(Chunking {
@@ -319,6 +346,10 @@ impl Node for VaeDecodeTiled {
     ) -> Result<NodeOutput, NodeError> {
         let latent = inputs.latent("samples")?;
         let model = inputs.model("vae", DataType::Vae)?;
+        if !model.info.tileable {
+            // Not tile-local (the KL VAE's mid-block attends over the whole latent): whole.
+            return VaeDecode::new().execute(args, inputs, ctx);
+        }
         let op = Self::op(args, model.info.activation_per_pixel)?.bind_to(&inputs, &ctx.weights)?;
         let image = op.run_whole(latent, args.int("tile_size")? as usize)?;
         Ok(NodeOutput {
@@ -372,7 +403,10 @@ impl Node for VaeDecode {
     }
 
     fn chunked(&self, _args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
-        let Some(ValueInfo::Model(m)) = inputs.get("vae") else {
+        let Some(ValueInfo::Model(m)) = inputs.get("vae").filter(|v| match v {
+            ValueInfo::Model(m) => m.tileable,
+            _ => false,
+        }) else {
             return None;
         };
         Some(Chunking {
@@ -406,6 +440,7 @@ impl Node for VaeDecode {
             scale: 8,
             halo: 0,
             activation_per_pixel: 0,
+            tileable: true,
         });
         let latent_px: u64 = query
             .inputs

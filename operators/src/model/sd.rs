@@ -1,0 +1,585 @@
+//! Stable Diffusion 1.x nodes with ComfyUI's names and inputs: `CheckpointLoaderSimple`,
+//! `CLIPTextEncode`, `KSampler` and `KSamplerAdvanced`.
+//!
+//! A single-file checkpoint in the original key layout is one asset in the residency
+//! registry; each node puts only its own part on the device (`model.diffusion_model.`,
+//! `cond_stage_model.transformer.`, `first_stage_model.`), counted by the run's accountant.
+//!
+//! Not yet: prompt emphasis syntax (`(word:1.2)` is tokenized as written), prompts longer
+//! than 75 tokens (truncated; ComfyUI concatenates 77-token windows), and per-step previews
+//! (the sampler runs as one atomic node; previews wait for the sampler's steps to become
+//! timestamps of a nested scope).
+
+use super::clip::{self, ClipTextConfig, ClipTokenizer};
+use super::safetensors::SafetensorsFile;
+use super::sampling::{self, Schedule, SAMPLERS, SCHEDULERS};
+use super::unet;
+use super::vae::KlVae;
+use crate::spec::{combo, float, int, link, out};
+use candle_core::{Device, Tensor};
+use nova_dataflow::{
+    Args, Asset, DataType, DeviceWeights, ExecContext, FileFolder, InputKind, InputSpec, Inputs,
+    JobEnv, MemoryEstimate, MemoryQuery, ModelInfo, ModelRef, Node, NodeError, NodeOutput,
+    NodeSchema, Registry, Value, ValueInfo, WeightSource,
+};
+use std::sync::Arc;
+
+/// The folder under the models folder where checkpoints live (ComfyUI's name).
+pub const FOLDER: &str = "checkpoints";
+
+fn bytes_with_prefix(src: &dyn WeightSource, prefix: &str) -> u64 {
+    src.names()
+        .iter()
+        .filter(|n| n.starts_with(prefix))
+        .filter_map(|n| src.f32_bytes(n))
+        .sum()
+}
+
+fn info(bytes: u64, per_px: u64, tileable: bool) -> ModelInfo {
+    ModelInfo {
+        bytes,
+        block_bytes: 0,
+        scale: 8,
+        halo: 0,
+        activation_per_pixel: per_px,
+        tileable,
+    }
+}
+
+/// `CheckpointLoaderSimple`.
+pub struct CheckpointLoaderSimple {
+    schema: NodeSchema,
+}
+
+impl CheckpointLoaderSimple {
+    pub fn new() -> Self {
+        CheckpointLoaderSimple {
+            schema: NodeSchema {
+                class_type: "CheckpointLoaderSimple",
+                display_name: "Load Checkpoint",
+                category: "loaders",
+                description: "Loads an SD1.x single-file checkpoint (.safetensors, original key layout) from models/checkpoints/.",
+                inputs: vec![InputSpec {
+                    name: "ckpt_name",
+                    kind: InputKind::File {
+                        folder: FileFolder::Models(FOLDER),
+                        image_upload: false,
+                    },
+                    required: true,
+                    tooltip: "",
+                }],
+                outputs: vec![
+                    out("MODEL", DataType::Model),
+                    out("CLIP", DataType::Clip),
+                    out("VAE", DataType::Vae),
+                ],
+                output_node: false,
+            },
+        }
+    }
+
+    fn open(
+        args: &Args,
+        env: &JobEnv,
+        log: Option<&nova_dataflow::residency::DeltaLog>,
+    ) -> Result<(Arc<Asset>, ClipTextConfig), NodeError> {
+        let name = args.string("ckpt_name")?;
+        if !name.ends_with(".safetensors") {
+            return Err(NodeError::input(
+                "ckpt_name",
+                format!("'{name}': NOVA loads weights from .safetensors files only"),
+            ));
+        }
+        let path = JobEnv::resolve_in(&env.models_dir.join(FOLDER), name)
+            .map_err(|r| NodeError::input("ckpt_name", r))?;
+        let p = path.clone();
+        let asset = Registry::global().asset(
+            name,
+            &path,
+            move || Ok(Box::new(SafetensorsFile::open(&p)?)),
+            log,
+        )?;
+        let src = asset.source();
+        let missing = |what: &str, key: &str| {
+            NodeError::File {
+            path: path.display().to_string(),
+            reason: format!("tensor '{key}' is missing: no {what} in this checkpoint (SD1.x original key layout expected)"),
+        }
+        };
+        for (what, key) in [
+            ("UNet", "model.diffusion_model.input_blocks.0.0.weight"),
+            ("VAE", "first_stage_model.decoder.conv_in.weight"),
+        ] {
+            if src.shape(key).is_none() {
+                return Err(missing(what, key));
+            }
+        }
+        let cfg = ClipTextConfig::from_shapes(&|n| src.shape(n)).map_err(|e| NodeError::File {
+            path: path.display().to_string(),
+            reason: format!("text encoder: {e}"),
+        })?;
+        Ok((asset, cfg))
+    }
+
+    fn infos(asset: &Asset) -> [ModelInfo; 3] {
+        let src = asset.source();
+        let model_ch = src
+            .shape("model.diffusion_model.input_blocks.0.0.weight")
+            .map(|s| s[0] as u64)
+            .unwrap_or(320);
+        [
+            // UNet activations per latent pixel: a few dozen feature maps at the widest level.
+            info(
+                bytes_with_prefix(src, unet::PREFIX),
+                model_ch * 4 * 64,
+                false,
+            ),
+            info(bytes_with_prefix(src, clip::PREFIX), 0, false),
+            info(
+                bytes_with_prefix(src, super::kl_vae::PREFIX),
+                512 * 4 * 64 * 13,
+                false,
+            ),
+        ]
+    }
+}
+
+impl Default for CheckpointLoaderSimple {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Node for CheckpointLoaderSimple {
+    fn schema(&self) -> &NodeSchema {
+        &self.schema
+    }
+
+    fn check(&self, args: &Args, env: &JobEnv) -> Result<(), NodeError> {
+        Self::open(args, env, None).map(|_| ())
+    }
+
+    fn infer(
+        &self,
+        args: &Args,
+        _inputs: &Inputs<ValueInfo>,
+        env: &JobEnv,
+    ) -> Result<Vec<ValueInfo>, NodeError> {
+        let (asset, _) = Self::open(args, env, None)?;
+        Ok(Self::infos(&asset).map(ValueInfo::Model).to_vec())
+    }
+
+    fn memory(&self, _args: &Args, _query: &MemoryQuery) -> MemoryEstimate {
+        MemoryEstimate::default()
+    }
+
+    fn execute(
+        &self,
+        args: &Args,
+        _inputs: Inputs<Value>,
+        ctx: &ExecContext,
+    ) -> Result<NodeOutput, NodeError> {
+        let (asset, cfg) = Self::open(args, &ctx.env, Some(&ctx.weights.log))?;
+        let [m, c, v] = Self::infos(&asset);
+        let model = |kind, arch: Arc<dyn std::any::Any + Send + Sync>, info| {
+            Value::Model(ModelRef {
+                kind,
+                asset: asset.clone(),
+                arch,
+                info,
+            })
+        };
+        Ok(NodeOutput {
+            values: vec![
+                model(DataType::Model, Arc::new(()), m),
+                model(DataType::Clip, Arc::new(cfg), c),
+                model(DataType::Vae, Arc::new(KlVae), v),
+            ],
+            ui: None,
+        })
+    }
+}
+
+/// `CLIPTextEncode`: a prompt to conditioning (the text encoder's last layer, normed).
+pub struct ClipTextEncode {
+    schema: NodeSchema,
+}
+
+impl ClipTextEncode {
+    pub fn new() -> Self {
+        ClipTextEncode {
+            schema: NodeSchema {
+                class_type: "CLIPTextEncode",
+                display_name: "CLIP Text Encode (Prompt)",
+                category: "conditioning",
+                description: "Encodes a text prompt with the checkpoint's CLIP text model.",
+                inputs: vec![
+                    InputSpec {
+                        name: "text",
+                        kind: InputKind::String {
+                            default: String::new(),
+                            multiline: true,
+                        },
+                        required: true,
+                        tooltip: "",
+                    },
+                    link("clip", DataType::Clip),
+                ],
+                outputs: vec![out("CONDITIONING", DataType::Conditioning)],
+                output_node: false,
+            },
+        }
+    }
+}
+
+impl Default for ClipTextEncode {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Node for ClipTextEncode {
+    fn schema(&self) -> &NodeSchema {
+        &self.schema
+    }
+
+    fn infer(
+        &self,
+        _args: &Args,
+        _inputs: &Inputs<ValueInfo>,
+        _env: &JobEnv,
+    ) -> Result<Vec<ValueInfo>, NodeError> {
+        Ok(vec![ValueInfo::Unknown])
+    }
+
+    fn execute(
+        &self,
+        args: &Args,
+        inputs: Inputs<Value>,
+        ctx: &ExecContext,
+    ) -> Result<NodeOutput, NodeError> {
+        let model = inputs.model("clip", DataType::Clip)?;
+        let cfg = model
+            .arch
+            .clone()
+            .downcast::<ClipTextConfig>()
+            .map_err(|_| NodeError::input("clip", "not a CLIP text model"))?;
+        let weights = DeviceWeights::part(model.asset.clone(), ctx.weights.clone(), clip::PREFIX)?;
+        let ids = ClipTokenizer::get().encode_padded(args.string("text")?);
+        let (_, last) = clip::encode_text(&cfg, &[ids], &|n| weights.get(n).cloned())?;
+        Ok(NodeOutput {
+            values: vec![Value::Conditioning(nova_dataflow::TensorBox::new(last))],
+            ui: None,
+        })
+    }
+}
+
+/// What one sampling run needs.
+struct Job<'a> {
+    model: &'a ModelRef,
+    positive: &'a Tensor,
+    negative: &'a Tensor,
+    latent: &'a Tensor,
+    sampler: &'a str,
+    sigmas: Vec<f64>,
+    cfg: f64,
+    seed: u64,
+    add_noise: bool,
+}
+
+fn conditioning<'a>(inputs: &'a Inputs<Value>, name: &str) -> Result<&'a Tensor, NodeError> {
+    inputs
+        .require(name)?
+        .as_conditioning()
+        .ok_or_else(|| NodeError::input(name, "expected CONDITIONING"))
+}
+
+/// Runs classifier-free guided sampling with the UNet on the device for the whole run.
+fn run_sampler(job: Job, ctx: &ExecContext) -> Result<Tensor, NodeError> {
+    let weights = DeviceWeights::part(job.model.asset.clone(), ctx.weights.clone(), unet::PREFIX)?;
+    let src = job.model.asset.source();
+    let get = |n: &str| weights.get(n).cloned();
+    let has = |n: &str| src.shape(n).is_some();
+    let (b, _, _, _) = job.latent.dims4()?;
+    let repeat = |t: &Tensor| -> candle_core::Result<Tensor> { Tensor::cat(&vec![t; b], 0) };
+    let context = Tensor::cat(&[repeat(job.negative)?, repeat(job.positive)?], 0)?;
+    let schedule = Schedule::sd1();
+    let Some(&first) = job.sigmas.first() else {
+        return Ok(job.latent.clone());
+    };
+    let x = if job.add_noise {
+        let n = sampling::noise(job.seed, job.latent.dims(), job.latent.device())?;
+        (job.latent + (n * first)?)?
+    } else {
+        job.latent.clone()
+    };
+    let cfg = job.cfg;
+    let mut denoise = |x: &Tensor, sigma: f64| -> Result<Tensor, NodeError> {
+        let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
+        let xin = (Tensor::cat(&[x, x], 0)? * c_in)?;
+        let t = Tensor::full(schedule.timestep(sigma) as f32, 2 * b, &Device::Cpu)?
+            .to_device(x.device())?;
+        let eps = unet::predict_noise(&xin, &t, &context, &get, &has)?;
+        let (eps_u, eps_c) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
+        let eps = (&eps_u + ((eps_c - &eps_u)? * cfg)?)?;
+        Ok((x - (eps * sigma)?)?)
+    };
+    sampling::sample(
+        job.sampler,
+        x,
+        &job.sigmas,
+        job.seed,
+        &mut denoise,
+        &mut |_, _, _| {},
+    )
+}
+
+fn sampler_inputs() -> Vec<InputSpec> {
+    vec![
+        float("cfg", 8.0, 0.0, 100.0, 0.1),
+        combo("sampler_name", &SAMPLERS),
+        combo("scheduler", &SCHEDULERS),
+        link("positive", DataType::Conditioning),
+        link("negative", DataType::Conditioning),
+        link("latent_image", DataType::Latent),
+    ]
+}
+
+fn latent_out(inputs: &Inputs<ValueInfo>) -> Vec<ValueInfo> {
+    vec![inputs
+        .get("latent_image")
+        .copied()
+        .unwrap_or(ValueInfo::Unknown)]
+}
+
+fn sampler_memory(query: &MemoryQuery) -> MemoryEstimate {
+    let m = query.inputs.iter().find_map(|i| match i {
+        ValueInfo::Model(m) => Some(*m),
+        _ => None,
+    });
+    let px: u64 = query
+        .inputs
+        .iter()
+        .map(|i| match i {
+            ValueInfo::Latent {
+                batch,
+                height,
+                width,
+                ..
+            } => (batch * height * width) as u64,
+            _ => 0,
+        })
+        .sum();
+    let out: u64 = query.outputs.iter().filter_map(|o| o.bytes()).sum();
+    // Self-attention at the first level holds a tokens x tokens matrix per head (no fused
+    // attention kernel yet): quadratic in the latent's pixels.
+    let tokens: u64 = query
+        .inputs
+        .iter()
+        .map(|i| match i {
+            ValueInfo::Latent { height, width, .. } => (height * width) as u64,
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0);
+    let batch = px / tokens.max(1);
+    let attention = 2 * batch * unet::HEADS as u64 * tokens * tokens * 4;
+    MemoryEstimate {
+        weights: m.map(|m| m.bytes).unwrap_or(0),
+        // Conditional and unconditional halves run as one batch of two.
+        activations: out + 2 * px * m.map(|m| m.activation_per_pixel).unwrap_or(0) + attention,
+        weight_block: 0,
+    }
+}
+
+/// `KSampler`.
+pub struct KSampler {
+    schema: NodeSchema,
+}
+
+impl KSampler {
+    pub fn new() -> Self {
+        let mut inputs = vec![
+            link("model", DataType::Model),
+            int("seed", 0, 0, i64::MAX),
+            int("steps", 20, 1, 10000),
+        ];
+        inputs.extend(sampler_inputs());
+        inputs.push(float("denoise", 1.0, 0.0, 1.0, 0.01));
+        KSampler {
+            schema: NodeSchema {
+                class_type: "KSampler",
+                display_name: "KSampler",
+                category: "sampling",
+                description: "Denoises a latent with the model, guided by positive and negative conditioning.",
+                inputs,
+                outputs: vec![out("LATENT", DataType::Latent)],
+                output_node: false,
+            },
+        }
+    }
+}
+
+impl Default for KSampler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Node for KSampler {
+    fn schema(&self) -> &NodeSchema {
+        &self.schema
+    }
+
+    fn infer(
+        &self,
+        _args: &Args,
+        inputs: &Inputs<ValueInfo>,
+        _env: &JobEnv,
+    ) -> Result<Vec<ValueInfo>, NodeError> {
+        Ok(latent_out(inputs))
+    }
+
+    fn memory(&self, _args: &Args, query: &MemoryQuery) -> MemoryEstimate {
+        sampler_memory(query)
+    }
+
+    fn execute(
+        &self,
+        args: &Args,
+        inputs: Inputs<Value>,
+        ctx: &ExecContext,
+    ) -> Result<NodeOutput, NodeError> {
+        let sigmas = Schedule::sd1()
+            .sigmas_denoised(
+                args.string("scheduler")?,
+                args.int("steps")? as usize,
+                args.float("denoise")?,
+            )
+            .map_err(|e| NodeError::input("scheduler", e))?;
+        let latent = run_sampler(
+            Job {
+                model: inputs.model("model", DataType::Model)?,
+                positive: conditioning(&inputs, "positive")?,
+                negative: conditioning(&inputs, "negative")?,
+                latent: inputs.latent("latent_image")?,
+                sampler: args.string("sampler_name")?,
+                sigmas,
+                cfg: args.float("cfg")?,
+                seed: args.int("seed")? as u64,
+                add_noise: true,
+            },
+            ctx,
+        )?;
+        Ok(NodeOutput {
+            values: vec![Value::latent(latent)],
+            ui: None,
+        })
+    }
+}
+
+/// `KSamplerAdvanced`.
+pub struct KSamplerAdvanced {
+    schema: NodeSchema,
+}
+
+impl KSamplerAdvanced {
+    pub fn new() -> Self {
+        let mut inputs = vec![
+            link("model", DataType::Model),
+            combo("add_noise", &["enable", "disable"]),
+            int("noise_seed", 0, 0, i64::MAX),
+            int("steps", 20, 1, 10000),
+        ];
+        inputs.extend(sampler_inputs());
+        inputs.push(int("start_at_step", 0, 0, 10000));
+        inputs.push(int("end_at_step", 10000, 0, 10000));
+        inputs.push(combo("return_with_leftover_noise", &["disable", "enable"]));
+        KSamplerAdvanced {
+            schema: NodeSchema {
+                class_type: "KSamplerAdvanced",
+                display_name: "KSampler (Advanced)",
+                category: "sampling",
+                description:
+                    "KSampler over a range of steps, with optional noise and leftover noise.",
+                inputs,
+                outputs: vec![out("LATENT", DataType::Latent)],
+                output_node: false,
+            },
+        }
+    }
+}
+
+impl Default for KSamplerAdvanced {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Node for KSamplerAdvanced {
+    fn schema(&self) -> &NodeSchema {
+        &self.schema
+    }
+
+    fn infer(
+        &self,
+        _args: &Args,
+        inputs: &Inputs<ValueInfo>,
+        _env: &JobEnv,
+    ) -> Result<Vec<ValueInfo>, NodeError> {
+        Ok(latent_out(inputs))
+    }
+
+    fn memory(&self, _args: &Args, query: &MemoryQuery) -> MemoryEstimate {
+        sampler_memory(query)
+    }
+
+    fn execute(
+        &self,
+        args: &Args,
+        inputs: Inputs<Value>,
+        ctx: &ExecContext,
+    ) -> Result<NodeOutput, NodeError> {
+        let steps = args.int("steps")? as usize;
+        let mut sigmas = Schedule::sd1()
+            .sigmas(args.string("scheduler")?, steps)
+            .map_err(|e| NodeError::input("scheduler", e))?;
+        let (start, end) = (
+            args.int("start_at_step")? as usize,
+            args.int("end_at_step")? as usize,
+        );
+        // As ComfyUI: stop at `end_at_step` (fully denoised unless leftover noise is asked
+        // for), then start at `start_at_step`.
+        if end < steps {
+            sigmas.truncate(end + 1);
+            if args.string("return_with_leftover_noise")? != "enable" {
+                if let Some(last) = sigmas.last_mut() {
+                    *last = 0.0;
+                }
+            }
+        }
+        let sigmas = if start < sigmas.len() {
+            sigmas[start..].to_vec()
+        } else {
+            vec![]
+        };
+        let latent = run_sampler(
+            Job {
+                model: inputs.model("model", DataType::Model)?,
+                positive: conditioning(&inputs, "positive")?,
+                negative: conditioning(&inputs, "negative")?,
+                latent: inputs.latent("latent_image")?,
+                sampler: args.string("sampler_name")?,
+                sigmas,
+                cfg: args.float("cfg")?,
+                seed: args.int("noise_seed")? as u64,
+                add_noise: args.string("add_noise")? == "enable",
+            },
+            ctx,
+        )?;
+        Ok(NodeOutput {
+            values: vec![Value::latent(latent)],
+            ui: None,
+        })
+    }
+}
