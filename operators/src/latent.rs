@@ -59,12 +59,6 @@ impl EmptyLatentImage {
     }
 }
 
-impl Default for EmptyLatentImage {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Node for EmptyLatentImage {
     fn schema(&self) -> &NodeSchema {
         &self.schema
@@ -124,12 +118,6 @@ impl SaveLatent {
                 output_node: true,
             },
         }
-    }
-}
-
-impl Default for SaveLatent {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -226,12 +214,6 @@ impl LoadLatent {
     }
 }
 
-impl Default for LoadLatent {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Node for LoadLatent {
     fn schema(&self) -> &NodeSchema {
         &self.schema
@@ -284,3 +266,5 @@ pub fn decoded_info(batch: usize, height: usize, width: usize) -> ImageInfo {
         channels: 3,
     }
 }
+
+crate::spec::default_via_new!(EmptyLatentImage, SaveLatent, LoadLatent);

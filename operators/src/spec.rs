@@ -2,6 +2,18 @@
 
 use nova_dataflow::{DataType, FileFolder, InputKind, InputSpec, OutputSpec};
 
+/// `impl Default` through `new()` for node types, whose `new()` builds their schema.
+macro_rules! default_via_new {
+    ($($t:ty),* $(,)?) => {
+        $(impl Default for $t {
+            fn default() -> Self {
+                Self::new()
+            }
+        })*
+    };
+}
+pub(crate) use default_via_new;
+
 /// ComfyUI's `MAX_RESOLUTION`.
 pub(crate) const MAX_RESOLUTION: i64 = 16384;
 

@@ -33,12 +33,6 @@ impl ImageBlur {
     }
 }
 
-impl Default for ImageBlur {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// Blur kernel: radius and 1-D taps.
 pub struct BlurKernel {
     pub radius: usize,
@@ -90,3 +84,5 @@ impl TileNode for ImageBlur {
         ))
     }
 }
+
+crate::spec::default_via_new!(ImageBlur);

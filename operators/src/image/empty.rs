@@ -42,12 +42,6 @@ impl EmptyImage {
     }
 }
 
-impl Default for EmptyImage {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Node for EmptyImage {
     fn schema(&self) -> &NodeSchema {
         &self.schema
@@ -85,3 +79,5 @@ impl Node for EmptyImage {
         })
     }
 }
+
+crate::spec::default_via_new!(EmptyImage);

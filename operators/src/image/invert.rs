@@ -28,12 +28,6 @@ impl ImageInvert {
     }
 }
 
-impl Default for ImageInvert {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// Invert kernel.
 pub struct InvertKernel;
 
@@ -73,3 +67,5 @@ impl TileNode for ImageInvert {
         Ok(InvertKernel)
     }
 }
+
+crate::spec::default_via_new!(ImageInvert);

@@ -36,12 +36,6 @@ impl LoadImage {
     }
 }
 
-impl Default for LoadImage {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 fn media(e: nova_media::MediaError, path: &std::path::Path) -> NodeError {
     NodeError::File {
         path: path.display().to_string(),
@@ -112,3 +106,5 @@ impl Node for LoadImage {
         })
     }
 }
+
+crate::spec::default_via_new!(LoadImage);

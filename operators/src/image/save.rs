@@ -176,12 +176,6 @@ impl SaveImage {
     }
 }
 
-impl Default for SaveImage {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Node for SaveImage {
     fn schema(&self) -> &NodeSchema {
         &self.schema
@@ -222,12 +216,6 @@ impl PreviewImage {
     }
 }
 
-impl Default for PreviewImage {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Node for PreviewImage {
     fn schema(&self) -> &NodeSchema {
         &self.schema
@@ -243,6 +231,8 @@ impl Node for PreviewImage {
         save_images(Kind::Temp, &prefix, &inputs, ctx)
     }
 }
+
+crate::spec::default_via_new!(SaveImage, PreviewImage);
 
 #[cfg(test)]
 mod tests {

@@ -206,12 +206,6 @@ impl ImageScale {
     }
 }
 
-impl Default for ImageScale {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl TileNode for ImageScale {
     type Kernel = ScaleKernel;
 
@@ -256,12 +250,6 @@ impl ImageScaleBy {
     }
 }
 
-impl Default for ImageScaleBy {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl TileNode for ImageScaleBy {
     type Kernel = ScaleKernel;
 
@@ -276,6 +264,8 @@ impl TileNode for ImageScaleBy {
         ))
     }
 }
+
+crate::spec::default_via_new!(ImageScale, ImageScaleBy);
 
 #[cfg(test)]
 mod tests {

@@ -35,12 +35,6 @@ impl ImageSharpen {
     }
 }
 
-impl Default for ImageSharpen {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// Sharpen kernel.
 pub struct SharpenKernel {
     radius: usize,
@@ -90,3 +84,5 @@ impl TileNode for ImageSharpen {
         })
     }
 }
+
+crate::spec::default_via_new!(ImageSharpen);

@@ -144,12 +144,6 @@ impl CheckpointLoaderSimple {
     }
 }
 
-impl Default for CheckpointLoaderSimple {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Node for CheckpointLoaderSimple {
     fn schema(&self) -> &NodeSchema {
         &self.schema
@@ -229,12 +223,6 @@ impl ClipTextEncode {
                 output_node: false,
             },
         }
-    }
-}
-
-impl Default for ClipTextEncode {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -420,12 +408,6 @@ impl KSampler {
     }
 }
 
-impl Default for KSampler {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Node for KSampler {
     fn schema(&self) -> &NodeSchema {
         &self.schema
@@ -510,12 +492,6 @@ impl KSamplerAdvanced {
     }
 }
 
-impl Default for KSamplerAdvanced {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Node for KSamplerAdvanced {
     fn schema(&self) -> &NodeSchema {
         &self.schema
@@ -583,3 +559,10 @@ impl Node for KSamplerAdvanced {
         })
     }
 }
+
+crate::spec::default_via_new!(
+    CheckpointLoaderSimple,
+    ClipTextEncode,
+    KSampler,
+    KSamplerAdvanced
+);

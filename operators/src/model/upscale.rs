@@ -340,12 +340,6 @@ impl UpscaleModelLoader {
     }
 }
 
-impl Default for UpscaleModelLoader {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Node for UpscaleModelLoader {
     fn schema(&self) -> &NodeSchema {
         &self.schema
@@ -421,12 +415,6 @@ impl ImageUpscaleWithModel {
             ValueInfo::Model(m) => Some(*m),
             _ => None,
         })
-    }
-}
-
-impl Default for ImageUpscaleWithModel {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -554,3 +542,5 @@ pub fn load_model(path: &std::path::Path) -> Result<ModelRef, NodeError> {
         info,
     })
 }
+
+crate::spec::default_via_new!(UpscaleModelLoader, ImageUpscaleWithModel);

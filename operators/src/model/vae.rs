@@ -180,12 +180,6 @@ impl VaeLoader {
     }
 }
 
-impl Default for VaeLoader {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Node for VaeLoader {
     fn schema(&self) -> &NodeSchema {
         &self.schema
@@ -293,12 +287,6 @@ impl VaeDecodeTiled {
     }
 }
 
-impl Default for VaeDecodeTiled {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Node for VaeDecodeTiled {
     fn schema(&self) -> &NodeSchema {
         &self.schema
@@ -380,12 +368,6 @@ impl VaeDecode {
                 output_node: false,
             },
         }
-    }
-}
-
-impl Default for VaeDecode {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -501,12 +483,6 @@ impl VaeEncode {
     }
 }
 
-impl Default for VaeEncode {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Node for VaeEncode {
     fn schema(&self) -> &NodeSchema {
         &self.schema
@@ -586,3 +562,5 @@ impl Node for VaeEncode {
         })
     }
 }
+
+crate::spec::default_via_new!(VaeLoader, VaeDecodeTiled, VaeDecode, VaeEncode);
