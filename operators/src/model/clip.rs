@@ -7,7 +7,12 @@
 //! does (256 byte symbols, the same with `</w>`, one entry per merge, then the two special
 //! tokens), so nothing is downloaded.
 
+use super::nn::layer_norm;
 use candle_core::{Device, Tensor, D};
+
+fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    super::nn::linear(x, w, Some(b))
+}
 use nova_dataflow::NodeError;
 use regex::Regex;
 use std::collections::HashMap;
@@ -206,19 +211,6 @@ impl ClipTextConfig {
             positions: pos[0],
         })
     }
-}
-
-fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let d = x.broadcast_sub(&mean)?;
-    let var = d.sqr()?.mean_keepdim(D::Minus1)?;
-    d.broadcast_div(&(var + 1e-5)?.sqrt()?)?
-        .broadcast_mul(w)?
-        .broadcast_add(b)
-}
-
-fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    x.broadcast_matmul(&w.t()?)?.broadcast_add(b)
 }
 
 /// Runs the text transformer on `ids` (`[batch][77]`); returns every layer's output (index

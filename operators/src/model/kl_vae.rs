@@ -20,14 +20,7 @@ type Has<'a> = &'a dyn Fn(&str) -> bool;
 
 fn group_norm(x: &Tensor, get: Get, p: &str) -> Result<Tensor, NodeError> {
     let (w, b) = (get(&format!("{p}.weight"))?, get(&format!("{p}.bias"))?);
-    let (n, c, h, wd) = x.dims4()?;
-    let g = x.reshape((n, 32, (c / 32) * h * wd))?;
-    let d = g.broadcast_sub(&g.mean_keepdim(2)?)?;
-    let var = d.sqr()?.mean_keepdim(2)?;
-    Ok(d.broadcast_div(&(var + 1e-6)?.sqrt()?)?
-        .reshape((n, c, h, wd))?
-        .broadcast_mul(&w.reshape((1, c, 1, 1))?)?
-        .broadcast_add(&b.reshape((1, c, 1, 1))?)?)
+    Ok(super::nn::group_norm(x, 32, &w, &b, 1e-6)?)
 }
 
 fn conv(x: &Tensor, get: Get, p: &str, pad: usize, stride: usize) -> Result<Tensor, NodeError> {

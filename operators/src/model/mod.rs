@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod kl_vae;
+mod nn;
 pub mod safetensors;
 pub mod sampling;
 pub mod sd;

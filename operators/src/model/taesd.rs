@@ -245,7 +245,13 @@ impl TaesdNet {
                     let mut x = h;
                     if *pool {
                         let p = x.conv2d(&g("pool.0.weight")?, 0, 1, 1, 1)?;
-                        let p = group_norm(&p, 4, &g("pool.1.weight")?, &g("pool.1.bias")?)?;
+                        let p = super::nn::group_norm(
+                            &p,
+                            4,
+                            &g("pool.1.weight")?,
+                            &g("pool.1.bias")?,
+                            1e-5,
+                        )?;
                         let p = p.relu()?.conv2d(&g("pool.3.weight")?, 0, 1, 1, 1)?;
                         x = (x + p)?;
                     }
@@ -278,19 +284,6 @@ fn conv3(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize) -> Result<Te
         Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
         None => y,
     })
-}
-
-/// GroupNorm over `groups` groups of channels and all positions (eps 1e-5), with affine.
-fn group_norm(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor) -> Result<Tensor, NodeError> {
-    let (n, c, h, wd) = x.dims4()?;
-    let g = x.reshape((n, groups, (c / groups) * h * wd))?;
-    let mean = g.mean_keepdim(2)?;
-    let d = g.broadcast_sub(&mean)?;
-    let var = d.sqr()?.mean_keepdim(2)?;
-    let y = d.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
-    let y = y.reshape((n, c, h, wd))?;
-    Ok(y.broadcast_mul(&w.reshape((1, c, 1, 1))?)?
-        .broadcast_add(&b.reshape((1, c, 1, 1))?)?)
 }
 
 #[cfg(test)]

@@ -8,8 +8,13 @@
 //! 1e-6 in front of transformers, LayerNorm eps 1e-5, 8 attention heads, GEGLU feed-forward,
 //! sinusoidal timestep embedding with cosines first.
 
+use super::nn::{layer_norm, linear};
 use candle_core::{Tensor, D};
 use nova_dataflow::NodeError;
+
+fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    super::nn::group_norm(x, 32, w, b, eps)
+}
 
 /// The prefix of UNet tensors in a single-file checkpoint.
 pub const PREFIX: &str = "model.diffusion_model.";
@@ -19,35 +24,6 @@ pub const HEADS: usize = 8;
 
 type Get<'a> = &'a dyn Fn(&str) -> Result<Tensor, NodeError>;
 type Has<'a> = &'a dyn Fn(&str) -> bool;
-
-fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
-    let g = x.reshape((n, 32, (c / 32) * h * wd))?;
-    let mean = g.mean_keepdim(2)?;
-    let d = g.broadcast_sub(&mean)?;
-    let var = d.sqr()?.mean_keepdim(2)?;
-    d.broadcast_div(&(var + eps)?.sqrt()?)?
-        .reshape((n, c, h, wd))?
-        .broadcast_mul(&w.reshape((1, c, 1, 1))?)?
-        .broadcast_add(&b.reshape((1, c, 1, 1))?)
-}
-
-fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let d = x.broadcast_sub(&mean)?;
-    let var = d.sqr()?.mean_keepdim(D::Minus1)?;
-    d.broadcast_div(&(var + 1e-5)?.sqrt()?)?
-        .broadcast_mul(w)?
-        .broadcast_add(b)
-}
-
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let y = x.broadcast_matmul(&w.t()?)?;
-    match b {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
-}
 
 fn conv(x: &Tensor, get: Get, p: &str, pad: usize, stride: usize) -> Result<Tensor, NodeError> {
     let y = x.conv2d(&get(&format!("{p}.weight"))?, pad, stride, 1, 1)?;
