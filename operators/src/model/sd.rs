@@ -11,7 +11,6 @@
 //! timestamps of a nested scope).
 
 use super::clip::{self, ClipTextConfig, ClipTokenizer};
-use super::safetensors::SafetensorsFile;
 use super::sampling::{self, Schedule, SAMPLERS, SCHEDULERS};
 use super::unet;
 use super::vae::KlVae;
@@ -20,7 +19,7 @@ use candle_core::{Device, Tensor};
 use nova_dataflow::{
     Args, Asset, DataType, DeviceWeights, ExecContext, FileFolder, InputKind, InputSpec, Inputs,
     JobEnv, MemoryEstimate, MemoryQuery, ModelInfo, ModelRef, Node, NodeError, NodeOutput,
-    NodeSchema, Registry, Value, ValueInfo, WeightSource,
+    NodeSchema, Value, ValueInfo, WeightSource,
 };
 use std::sync::Arc;
 
@@ -92,13 +91,7 @@ impl CheckpointLoaderSimple {
         }
         let path = JobEnv::resolve_in(&env.models_dir.join(FOLDER), name)
             .map_err(|r| NodeError::input("ckpt_name", r))?;
-        let p = path.clone();
-        let asset = Registry::global().asset(
-            name,
-            &path,
-            move || Ok(Box::new(SafetensorsFile::open(&p)?)),
-            log,
-        )?;
+        let asset = super::open_asset(name, &path, log)?;
         let src = asset.source();
         let missing = |what: &str, key: &str| {
             NodeError::File {

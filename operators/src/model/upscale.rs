@@ -19,7 +19,7 @@ use candle_core::Tensor;
 use nova_dataflow::{
     Args, Chunking, DataType, DeviceWeights, ExecContext, ExecMode, FileFolder, ImageInfo,
     InputKind, InputSpec, Inputs, JobEnv, MemoryEstimate, MemoryQuery, ModelInfo, ModelRef, Node,
-    NodeError, NodeMeta, NodeOutput, NodeSchema, Rect, Registry, Value, ValueInfo, WeightContext,
+    NodeError, NodeMeta, NodeOutput, NodeSchema, Rect, Value, ValueInfo, WeightContext,
     WeightSource,
 };
 use nova_engines::{Border, TileKernel, TiledImage, Window};
@@ -328,13 +328,7 @@ impl UpscaleModelLoader {
         log: Option<&nova_dataflow::residency::DeltaLog>,
     ) -> Result<(Arc<nova_dataflow::Asset>, Arc<SrvggArch>), NodeError> {
         let (name, path) = Self::path(args, env)?;
-        let p = path.clone();
-        let asset = Registry::global().asset(
-            &name,
-            &path,
-            move || Ok(Box::new(SafetensorsFile::open(&p)?)),
-            log,
-        )?;
+        let asset = super::open_asset(&name, &path, log)?;
         let arch = SrvggArch::from_source(asset.source())?;
         Ok((asset, Arc::new(arch)))
     }
@@ -526,13 +520,7 @@ pub fn load_model(path: &std::path::Path) -> Result<ModelRef, NodeError> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    let p = path.to_path_buf();
-    let asset = Registry::global().asset(
-        &name,
-        path,
-        move || Ok(Box::new(SafetensorsFile::open(&p)?)),
-        None,
-    )?;
+    let asset = super::open_asset(&name, path, None)?;
     let arch = Arc::new(SrvggArch::from_source(asset.source())?);
     let info = arch.info(asset.source());
     Ok(ModelRef {

@@ -6,7 +6,6 @@
 //! refused with a clear message until the full VAE lands.
 
 use super::kl_vae;
-use super::safetensors::SafetensorsFile;
 use super::taesd::{Part, TaesdNet};
 use super::vae_tiled::TiledDecode;
 use crate::spec::{link, out, string};
@@ -14,7 +13,7 @@ use candle_core::Tensor;
 use nova_dataflow::{
     Args, Asset, Chunking, DataType, DeviceWeights, ExecContext, ExecMode, ImageInfo, InputKind,
     InputSpec, Inputs, JobEnv, MemoryEstimate, MemoryQuery, ModelInfo, ModelRef, Node, NodeError,
-    NodeMeta, NodeOutput, NodeSchema, Registry, Value, ValueInfo,
+    NodeMeta, NodeOutput, NodeSchema, Value, ValueInfo,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -62,17 +61,11 @@ impl TaesdVae {
             if !path.is_file() {
                 continue;
             }
-            let p = path.clone();
             let file = path
                 .file_name()
                 .map(|f| f.to_string_lossy().to_string())
                 .unwrap_or_default();
-            let asset = Registry::global().asset(
-                &file,
-                &path,
-                move || Ok(Box::new(SafetensorsFile::open(&p)?)),
-                log,
-            )?;
+            let asset = super::open_asset(&file, &path, log)?;
             let net = TaesdNet::from_source(asset.source(), part)?;
             match part {
                 Part::Encoder => vae.encoder = Some((asset, net)),
