@@ -15,6 +15,8 @@
 //! | `telemetry.residency_delta` | `asset`, `from`, `to` (`UNLOADED`, `CPU_MMAP`, `CPU_HOT`, `GPU_FULL`, `GPU_PARTIAL`), `bytes_on_device`, `reason` | a model asset changed state |
 //! | `telemetry.node_start` | `node`, `class_type`, `mode`, `chunks` | the frontier of every input of the node passed the time of its input: the node may run |
 //! | `telemetry.chunk` | `node`, `chunk`, `chunks`, `rect` (tiles), `progress` `{value, max}` over all chunks of the job | the frontier after the node's kernel passed the chunk's timestamp |
+//! | `telemetry.step` | `node`, `step` (1-based), `steps`, `progress` `{value, max}` over all units of the job | an iterative node (a sampler): the frontier after it passed the step's time |
+//! | `output.preview` | `node` (the iterative node), `step`, `steps`, `method` (`taesd` or `latent2rgb`), `width`, `height` | right after that step's `telemetry.step`, when the node made a preview |
 //! | `telemetry.node_end` | `node`, `class_type`, `wall_ms`, `chunks` | the frontier of the node's output passed its output time |
 //! | `output.partial.image` | `node` (the output node), `source_node`, `tile` `{x,y,w,h}`, `tile_index`, `tiles`, `width`, `height` | a tile of an image that an output node consumes is final |
 //! | `executed` | `node`, `output` (ComfyUI's UI record, e.g. `{"images": [...]}`) | an output node finished |
@@ -29,8 +31,9 @@
 //! Invariant: every event except `lifecycle: planning`, the forecast and the final one is
 //! derived by the driver from probes on the dataflow's frontiers and from what operators
 //! recorded (retries, residency changes) — operators never call back to report.
-//! Hence for every node: `node_start` < its `chunk` events < `node_end`, and a tile's
-//! `output.partial.image` follows the `chunk` event that made it final.
+//! Hence for every node: `node_start` < its `chunk` (or `step`) events < `node_end`, a tile's
+//! `output.partial.image` follows the `chunk` event that made it final, and a step's
+//! `output.preview` follows its `step` event.
 
 use crate::chunk::Rect;
 use crate::plan::ExecutionPlan;
@@ -152,6 +155,22 @@ pub enum EventKind {
         rect: Option<Rect>,
         progress: Progress,
     },
+    #[serde(rename = "telemetry.step")]
+    Step {
+        node: String,
+        step: u32,
+        steps: u32,
+        progress: Progress,
+    },
+    #[serde(rename = "output.preview")]
+    Preview {
+        node: String,
+        step: u32,
+        steps: u32,
+        method: String,
+        width: usize,
+        height: usize,
+    },
     #[serde(rename = "telemetry.node_end")]
     NodeEnd {
         node: String,
@@ -202,8 +221,8 @@ pub struct Event {
     pub t_ms: f64,
     #[serde(flatten)]
     pub kind: EventKind,
-    /// The pixels of a partial output (`output.partial.image`), for consumers that show them;
-    /// not part of the JSON schema.
+    /// The pixels of a partial output (`output.partial.image`) or a preview
+    /// (`output.preview`), for consumers that show them; not part of the JSON schema.
     #[serde(skip)]
     pub attachment: Option<Value>,
 }
@@ -225,6 +244,8 @@ impl Event {
             EventKind::ResidencyDelta(_) => "telemetry.residency_delta",
             EventKind::NodeStart { .. } => "telemetry.node_start",
             EventKind::Chunk { .. } => "telemetry.chunk",
+            EventKind::Step { .. } => "telemetry.step",
+            EventKind::Preview { .. } => "output.preview",
             EventKind::NodeEnd { .. } => "telemetry.node_end",
             EventKind::PartialImage { .. } => "output.partial.image",
             EventKind::Executed { .. } => "executed",

@@ -5,6 +5,10 @@
 //! - **atomic**: one operator, owned by worker `node index % workers`, that waits until its
 //!   input frontier passes the node's input time, runs the kernel, and emits the outputs at the
 //!   node's output time.
+//! - **iterative** (an atomic node with steps, e.g. a sampler): one operator on the owner that
+//!   starts the node once its inputs are complete, then runs one step per activation, step `i`
+//!   at time `in_time + i`, downgrading its capability after each, so the frontier after it
+//!   passes step by step; the outputs come at the last step's time.
 //! - **tiled**: *split* (owner: cuts the whole input into chunk records at successive times),
 //!   *process* (chunks exchanged across all workers by index; one chunk per activation so the
 //!   frontier moves chunk by chunk), *merge* (owner: assembles the output once the frontier
@@ -21,7 +25,10 @@
 use crate::chunk::{ChunkSize, ChunkSpec, ChunkedOp, Merger};
 use crate::event::{Emitter, EventKind, Lifecycle, MemoryForecast, MemoryUse, Progress};
 use crate::memory::{Accountant, Bytes, Lease};
-use crate::node::{guarded, Chunking, ExecContext, Inputs, JobEnv, NodeError, NodeId};
+use crate::node::{
+    guarded, Chunking, ExecContext, Inputs, JobEnv, NodeError, NodeId, NodeOutput, StepPreview,
+    Stepper,
+};
 use crate::plan::ExecutionPlan;
 use crate::residency::{DeltaLog, Registry, WeightContext, WeightMode};
 use crate::schema::ExecMode;
@@ -169,6 +176,8 @@ struct Shared {
     bound: Mutex<HashMap<usize, Arc<dyn ChunkedOp>>>,
     /// Residency changes the run caused, for the driver to announce.
     residency: DeltaLog,
+    /// Previews iterative nodes made, by (node, step), until the driver announces them.
+    previews: Mutex<HashMap<(usize, u32), StepPreview>>,
 }
 
 /// A chunk that ran short of memory and was re-run as smaller tiles.
@@ -248,6 +257,7 @@ pub fn run(
         announced: wf.nodes.iter().map(|_| AtomicU64::new(0)).collect(),
         bound: Mutex::new(HashMap::new()),
         residency: DeltaLog::default(),
+        previews: Mutex::new(HashMap::new()),
     });
     let stats: Arc<Mutex<Vec<NodeStats>>> = Arc::new(Mutex::new(Vec::new()));
     let workers = plan.workers.max(1);
@@ -439,7 +449,11 @@ fn build(
         let capture = feeds_output[ix];
         let output = match chunking {
             None => {
-                let out = atomic(input, ix, owner == me, wf, plan, ctx, shared);
+                let out = if p.steps > 0 {
+                    stepped(scope, input, ix, owner == me, wf, plan, ctx, shared)
+                } else {
+                    atomic(input, ix, owner == me, wf, plan, ctx, shared)
+                };
                 let sh = shared.clone();
                 out.inspect(move |r: &Record| {
                     if capture && r.port == 0 {
@@ -554,23 +568,132 @@ fn atomic<'s>(
                 drop(lease);
                 match result {
                     Ok(out) => {
-                        if let Some(ui) = out.ui {
+                        let recs = finished(&shared, ix, out);
+                        output.session(&cap).give_iterator(recs.into_iter());
+                    }
+                    Err(e) => shared.fail(ix, e),
+                }
+            }
+        },
+    )
+}
+
+/// Records a node's UI output, marks it ran, and turns its values into tracked records.
+fn finished(shared: &Shared, ix: usize, out: NodeOutput) -> Vec<Record> {
+    if let Some(ui) = out.ui {
+        shared
+            .ui
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ix, ui);
+    }
+    shared.mark_ran(ix);
+    out.values
+        .into_iter()
+        .enumerate()
+        .map(|(port, value)| Record {
+            port: port as u32,
+            chunk: 0,
+            value: value.track(&shared.acct),
+            reserve: None,
+        })
+        .collect()
+}
+
+/// An iterative node: waits for all inputs, starts, then runs one step per activation, step
+/// `i` at time `in_time + i`; emits the outputs at the last step's time (the output time).
+///
+/// Memory: the node's forecast working set is leased when it starts and held until it
+/// finishes (a sampler keeps its latent and model activations across steps). A step's
+/// preview is left for the driver, which announces it once the frontier passes the step.
+#[allow(clippy::too_many_arguments)]
+fn stepped<'s>(
+    scope: Scope<'s, u64>,
+    input: Recs<'s>,
+    ix: usize,
+    owner: bool,
+    wf: &Arc<ValidatedWorkflow>,
+    plan: &Arc<ExecutionPlan>,
+    ctx: ExecContext,
+    shared: &Arc<Shared>,
+) -> Recs<'s> {
+    let (wf, plan, shared) = (wf.clone(), plan.clone(), shared.clone());
+    let (in_time, steps) = (plan.nodes[ix].in_time, plan.nodes[ix].steps);
+    let owner_ix = (ix % input.scope().peers()) as u64;
+    let name = format!("{}:{}", wf.nodes[ix].id, wf.nodes[ix].class_type);
+    input.unary_frontier::<Cb, _, _, _>(
+        Exchange::new(move |_r: &Record| owner_ix),
+        &name,
+        move |cap, info| {
+            let activator = scope.activator_for(info.address.clone());
+            let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&in_time));
+            let mut stash: Vec<Record> = Vec::new();
+            let mut running: Option<(Box<dyn Stepper>, Lease)> = None;
+            let mut done = 0u32;
+            move |(input, frontier), output| {
+                input.for_each(|_c, data| stash.append(data));
+                if cap.is_none() || frontier.frontier().less_equal(&in_time) {
+                    return;
+                }
+                if shared.stopped() {
+                    cap = None;
+                    running = None;
+                    stash.clear();
+                    return;
+                }
+                let n = &wf.nodes[ix];
+                if running.is_none() {
+                    let inputs = named_inputs(&wf, ix, &mut stash);
+                    let working = plan.nodes[ix].atomic_working_bytes();
+                    let lease = match shared.acct.try_lease(working, &format!("node {}", n.id)) {
+                        Ok(l) => l,
+                        Err(oom) => {
+                            cap = None;
+                            return shared.fail(ix, NodeError::OutOfMemory(oom.to_string()));
+                        }
+                    };
+                    match guarded(|| n.node.start(&n.args, inputs, &ctx)) {
+                        Ok(s) => running = Some((s, lease)),
+                        Err(e) => {
+                            cap = None;
+                            return shared.fail(ix, e);
+                        }
+                    }
+                }
+                let (stepper, _) = running.as_mut().expect("started above");
+                match guarded(|| stepper.step()) {
+                    Ok(preview) => {
+                        if let Some(p) = preview {
                             shared
-                                .ui
+                                .previews
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
-                                .insert(ix, ui);
+                                .insert((ix, done), p);
                         }
-                        shared.mark_ran(ix);
-                        let mut session = output.session(&cap);
-                        for (port, value) in out.values.into_iter().enumerate() {
-                            session.give(Record {
-                                port: port as u32,
-                                chunk: 0,
-                                value: value.track(&shared.acct),
-                                reserve: None,
-                            });
-                        }
+                        done += 1;
+                    }
+                    Err(e) => {
+                        cap = None;
+                        running = None;
+                        return shared.fail(ix, e);
+                    }
+                }
+                if done < steps {
+                    // Step `done - 1` is finished: let the frontier pass its time.
+                    if let Some(c) = cap.as_mut() {
+                        c.downgrade(&(in_time + done as u64));
+                    }
+                    activator.activate();
+                    return;
+                }
+                let c = cap.take().expect("checked above");
+                let (stepper, lease) = running.take().expect("started above");
+                let result = guarded(|| stepper.finish());
+                drop(lease);
+                match result {
+                    Ok(out) => {
+                        let recs = finished(&shared, ix, out);
+                        output.session(&c).give_iterator(recs.into_iter());
                     }
                     Err(e) => shared.fail(ix, e),
                 }
@@ -1134,6 +1257,10 @@ impl Driver {
                 let chunk = self.seen[ix].chunks_done;
                 self.seen[ix].chunks_done += 1;
                 self.done_chunks += 1;
+                if p.steps > 0 {
+                    self.announce_step(ix, chunk);
+                    continue;
+                }
                 let rect = p.chunks.get(chunk as usize).and_then(|c| c.rect());
                 self.emitter.emit(EventKind::Chunk {
                     node: n.id.0.clone(),
@@ -1186,6 +1313,46 @@ impl Driver {
             self.emitter.emit(EventKind::Lifecycle {
                 state: Lifecycle::Finalizing,
             });
+        }
+    }
+
+    /// Announces step `step` (0-based) of iterative node `ix`, and its preview if it made one.
+    fn announce_step(&mut self, ix: usize, step: u32) {
+        let node = self.wf.nodes[ix].id.0.clone();
+        let steps = self.plan.nodes[ix].steps;
+        self.emitter.emit(EventKind::Step {
+            node: node.clone(),
+            step: step + 1,
+            steps,
+            progress: Progress {
+                value: self.done_chunks,
+                max: self.total_chunks,
+            },
+        });
+        let preview = self
+            .shared
+            .previews
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(ix, step));
+        if let Some(p) = preview {
+            let (width, height) = p
+                .image
+                .info()
+                .image()
+                .map(|i| (i.width, i.height))
+                .unwrap_or((0, 0));
+            self.emitter.emit_with(
+                EventKind::Preview {
+                    node,
+                    step: step + 1,
+                    steps,
+                    method: p.method.to_string(),
+                    width,
+                    height,
+                },
+                Some(p.image),
+            );
         }
     }
 

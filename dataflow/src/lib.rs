@@ -8,7 +8,8 @@
 //! `nova-operators`.
 //!
 //! Dependencies: `timely` (the dataflow runtime), `candle-core` (tensors), `serde`/`serde_json`
-//! (the workflow format and records), `thiserror` (typed errors).
+//! (the workflow format and records), `thiserror` (typed errors), `libloading` (NVML, when
+//! present), `yaml-rust2` (ComfyUI's `extra_model_paths.yaml`, see [`model_paths`]).
 //!
 //! ```
 //! use nova_dataflow::{workflow, JobEnv, NodeRegistry};
@@ -24,6 +25,7 @@ pub mod error;
 pub mod event;
 pub mod exec;
 pub mod memory;
+pub mod model_paths;
 pub mod node;
 pub mod plan;
 pub mod profile;
@@ -37,8 +39,10 @@ pub use error::{ValidationErrors, WorkflowError};
 pub use event::{Emitter, Event, EventKind, EventSink, Lifecycle, EVENT_SCHEMA_VERSION};
 pub use exec::{run, CancelToken, RunError, RunOptions, RunReport};
 pub use memory::{Accountant, Bytes, Lease, OutOfMemory};
+pub use model_paths::{ModelPaths, ModelPathsError};
 pub use node::{
     Args, Chunking, ExecContext, Inputs, JobEnv, Node, NodeError, NodeId, NodeOutput, NodeRegistry,
+    PreviewMethod, StepPreview, Stepper,
 };
 pub use plan::{plan, ExecutionPlan, NodePlan, PlanError, PlanOptions, WeightPlan, MIN_TILE};
 pub use profile::{

@@ -203,6 +203,42 @@ pub struct JobEnv {
     pub temp_dir: PathBuf,
     /// Model files, laid out as ComfyUI's `models/` (`upscale_models/`, ...).
     pub models_dir: PathBuf,
+    /// How iterative nodes (samplers) preview their state after each step.
+    pub preview: PreviewMethod,
+    /// Extra model folders by kind, searched after `models_dir` (ComfyUI's
+    /// `extra_model_paths.yaml`).
+    pub extra_models: Arc<crate::model_paths::ModelPaths>,
+}
+
+/// How a sampler previews its latent after each step (ComfyUI's `--preview-method`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PreviewMethod {
+    /// TAESD when its decoder is in `models/vae_approx/` and the time budget allows, else
+    /// the linear latent-to-RGB projection.
+    #[default]
+    Auto,
+    /// Always the linear latent-to-RGB projection (cheapest).
+    Latent2rgb,
+    /// TAESD whenever the time budget allows (the projection otherwise).
+    Taesd,
+    /// No previews.
+    None,
+}
+
+impl std::str::FromStr for PreviewMethod {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(PreviewMethod::Auto),
+            "latent2rgb" => Ok(PreviewMethod::Latent2rgb),
+            "taesd" => Ok(PreviewMethod::Taesd),
+            "none" => Ok(PreviewMethod::None),
+            other => Err(format!(
+                "unknown preview method '{other}' (one of auto, latent2rgb, taesd, none)"
+            )),
+        }
+    }
 }
 
 impl JobEnv {
@@ -217,7 +253,57 @@ impl JobEnv {
             output_dir: output_dir.into(),
             temp_dir: temp_dir.into(),
             models_dir: PathBuf::from("models"),
+            preview: PreviewMethod::Auto,
+            extra_models: Arc::new(crate::model_paths::ModelPaths::none()),
         }
+    }
+
+    /// The same environment with extra model folders.
+    pub fn with_extra_models(mut self, paths: crate::model_paths::ModelPaths) -> JobEnv {
+        self.extra_models = Arc::new(paths);
+        self
+    }
+
+    /// The folders models of `kind` (`checkpoints`, `vae_approx`, ...) are looked for in,
+    /// in order: the models folder's, then the extra ones.
+    pub fn model_dirs(&self, kind: &str) -> Vec<PathBuf> {
+        std::iter::once(self.models_dir.join(kind))
+            .chain(self.extra_models.extra(kind).iter().cloned())
+            .collect()
+    }
+
+    /// The model file `name` of `kind` from the first of [`Self::model_dirs`] that has it, or
+    /// `None`. A name that would leave its folder is refused.
+    pub fn find_model(&self, kind: &str, name: &str) -> Result<Option<PathBuf>, String> {
+        for dir in self.model_dirs(kind) {
+            let path = Self::resolve_in(&dir, name)?;
+            if path.is_file() {
+                return Ok(Some(path));
+            }
+        }
+        Ok(None)
+    }
+
+    /// [`Self::find_model`], with a missing file an error that names every folder searched.
+    pub fn require_model(&self, kind: &str, name: &str) -> Result<PathBuf, String> {
+        self.find_model(kind, name)?
+            .ok_or_else(|| format!("no '{name}' in {}", self.model_dirs_text(kind)))
+    }
+
+    /// The folders of a model kind, for messages.
+    pub fn model_dirs_text(&self, kind: &str) -> String {
+        let dirs: Vec<String> = self
+            .model_dirs(kind)
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        dirs.join(", ")
+    }
+
+    /// The same environment with another preview method.
+    pub fn with_preview(mut self, preview: PreviewMethod) -> JobEnv {
+        self.preview = preview;
+        self
     }
 
     /// The same environment with models from `dir`.
@@ -302,6 +388,23 @@ pub struct Chunking {
     pub max_tile: Option<usize>,
 }
 
+/// A preview of an iterative node's state after one step: an image (`[1, h, w, 3]`, host
+/// memory) and how it was made (`taesd`, `latent2rgb`).
+#[derive(Clone, Debug)]
+pub struct StepPreview {
+    pub image: Value,
+    pub method: &'static str,
+}
+
+/// An iterative node in progress (a sampler): the engine calls [`Stepper::step`] once per
+/// planned step, each at its own dataflow time, then [`Stepper::finish`].
+pub trait Stepper: Send {
+    /// Runs the next step; returns a preview of the state it reached, if the node made one.
+    fn step(&mut self) -> Result<Option<StepPreview>, NodeError>;
+    /// The node's outputs once every step ran.
+    fn finish(self: Box<Self>) -> Result<NodeOutput, NodeError>;
+}
+
 /// A node type. See the module docs.
 pub trait Node: Send + Sync + 'static {
     /// Types, names and constraints of inputs and outputs.
@@ -340,6 +443,25 @@ pub trait Node: Send + Sync + 'static {
     /// The chunked form of this node for these args and input shapes, if it has one.
     fn chunked(&self, _args: &Args, _inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
         None
+    }
+
+    /// For iterative nodes: how many steps these args ask for (`None`, or zero steps: the node
+    /// runs whole through [`Node::execute`]). Each step becomes its own dataflow time, so its
+    /// completion is observable as progress.
+    fn steps(&self, _args: &Args) -> Option<u32> {
+        None
+    }
+
+    /// Starts an iterative node on its inputs; called only when [`Node::steps`] is positive.
+    fn start(
+        &self,
+        _args: &Args,
+        _inputs: Inputs<Value>,
+        _ctx: &ExecContext,
+    ) -> Result<Box<dyn Stepper>, NodeError> {
+        Err(NodeError::Other(
+            "this node does not run step by step".into(),
+        ))
     }
 
     /// Runs the node on whole values.

@@ -170,6 +170,8 @@ pub struct NodePlan {
     pub tile: Option<usize>,
     /// The chunks of a tiled node; empty for an atomic one.
     pub chunks: Vec<ChunkSpec>,
+    /// Steps of an iterative node (a sampler), each its own time; 0 for other nodes.
+    pub steps: u32,
     /// Shape of the input that is cut into chunks (tiled nodes).
     pub chunked_input: Option<ValueInfo>,
     /// Memory of the largest chunk (tiled nodes).
@@ -196,9 +198,13 @@ pub struct NodePlan {
 }
 
 impl NodePlan {
-    /// Number of units of work (1 for atomic nodes).
+    /// Number of units of work: chunks of a tiled node, steps of an iterative one, else 1.
     pub fn chunk_count(&self) -> u32 {
-        self.chunks.len().max(1) as u32
+        if self.steps > 0 {
+            self.steps
+        } else {
+            self.chunks.len().max(1) as u32
+        }
     }
 
     /// Bytes an atomic run leases before its kernel runs: outputs and workspace (its weights
@@ -517,7 +523,19 @@ pub fn plan(
             }
         }
         let choice = chosen.expect("at least the resident option was tried");
-        let chunk_count = choice.chunks.len().max(1) as u64;
+        // An iterative node runs whole, one time per step.
+        let steps = if choice.mode == ExecMode::Atomic {
+            guarded(|| Ok(n.node.steps(&n.args)))
+                .map_err(fail)?
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let chunk_count = if steps > 0 {
+            steps as u64
+        } else {
+            choice.chunks.len().max(1) as u64
+        };
         let in_time = time;
         let out_time = in_time + chunk_count - 1;
         time = out_time;
@@ -528,6 +546,7 @@ pub fn plan(
             mode: choice.mode,
             tile: choice.tile,
             chunks: choice.chunks,
+            steps,
             chunked_input: choice.chunked_input,
             chunk_memory: choice.chunk_memory,
             inputs: input_list,

@@ -605,20 +605,28 @@ fn literal(kind: &InputKind, v: &Json, env: &JobEnv) -> Result<Json, Fault> {
             // Some ComfyUI clients annotate a file with its folder: "name.png [input]".
             // Only the input folder is read from, so only that annotation is accepted.
             let name = s.strip_suffix(" [input]").unwrap_or(s);
-            let (base, folder_name) = match folder {
-                FileFolder::Input => (env.input_dir.clone(), "the input folder".to_string()),
-                FileFolder::Models(sub) => (
-                    env.models_dir.join(sub),
-                    format!("the models folder's {sub}/"),
-                ),
-            };
-            let base = &base;
-            let path = JobEnv::resolve_in(base, name).map_err(Fault::Invalid)?;
-            if !path.is_file() {
-                return Err(Fault::MissingFile {
-                    file: name.to_string(),
-                    folder: format!("{folder_name} ({})", base.display()),
-                });
+            match folder {
+                FileFolder::Input => {
+                    let base = &env.input_dir;
+                    let path = JobEnv::resolve_in(base, name).map_err(Fault::Invalid)?;
+                    if !path.is_file() {
+                        return Err(Fault::MissingFile {
+                            file: name.to_string(),
+                            folder: format!("the input folder ({})", base.display()),
+                        });
+                    }
+                }
+                FileFolder::Models(sub) => {
+                    if env.find_model(sub, name).map_err(Fault::Invalid)?.is_none() {
+                        return Err(Fault::MissingFile {
+                            file: name.to_string(),
+                            folder: format!(
+                                "the models folder's {sub}/ ({})",
+                                env.model_dirs_text(sub)
+                            ),
+                        });
+                    }
+                }
             }
             Ok(Json::from(name))
         }

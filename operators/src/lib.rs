@@ -34,7 +34,7 @@ pub fn registry() -> NodeRegistry {
     r.register(model::sd::CheckpointLoaderSimple::new());
     r.register(model::sd::ClipTextEncode::new());
     r.register(model::sd::KSampler::new());
-    r.register(model::sd::KSamplerAdvanced::new());
+    r.register(model::sd::KSampler::advanced());
     r.register(latent::SaveLatent::new());
     r.register(latent::LoadLatent::new());
     r

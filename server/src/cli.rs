@@ -24,8 +24,8 @@ use nova_dataflow::plan::{admit, Refusal};
 use nova_dataflow::profile::{detect, parse_margin, Admission};
 use nova_dataflow::{
     plan, run, workflow, Bytes, Emitter, EventKind, EventSink, ExecutionPlan, JobEnv, Lifecycle,
-    MemoryConfig, MemoryOverrides, NodePlan, PlanOptions, ProfileId, RegistryLimits, RunError,
-    RunOptions, ValidatedWorkflow, WeightMode, MIN_TILE,
+    MemoryConfig, MemoryOverrides, ModelPaths, NodePlan, PlanOptions, PreviewMethod, ProfileId,
+    RegistryLimits, RunError, RunOptions, ValidatedWorkflow, WeightMode, MIN_TILE,
 };
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -92,6 +92,14 @@ struct JobArgs {
     /// Models folder laid out as ComfyUI's (upscale_models/, ...).
     #[arg(long, default_value = "models")]
     models_dir: PathBuf,
+    /// ComfyUI's extra_model_paths.yaml: more folders per model kind, searched after
+    /// --models-dir.
+    #[arg(long, value_name = "FILE")]
+    extra_model_paths_config: Option<PathBuf>,
+    /// How samplers preview each step: auto (TAESD from vae_approx/ when it costs under 5%
+    /// of sampling time, else a latent-to-RGB projection), latent2rgb, taesd, none.
+    #[arg(long, default_value = "auto", value_parser = parse_preview)]
+    preview_method: PreviewMethod,
     /// Worker threads (default: available cores).
     #[arg(long)]
     workers: Option<usize>,
@@ -170,6 +178,10 @@ fn parse_tile_size(s: &str) -> Result<usize, String> {
         ));
     }
     Ok(v)
+}
+
+fn parse_preview(s: &str) -> Result<PreviewMethod, String> {
+    s.parse()
 }
 
 /// Entry point of the binary.
@@ -283,7 +295,14 @@ fn prepare(job: &JobArgs, memory: &MemoryArgs) -> Result<Prepared, (u8, String)>
             .map(|p| p.join("temp"))
             .unwrap_or_else(|| PathBuf::from("temp"))
     });
-    let env = JobEnv::new(&job.input_dir, &job.out, temp).with_models_dir(&job.models_dir);
+    let extra = match &job.extra_model_paths_config {
+        Some(file) => ModelPaths::load(file).map_err(|e| (EXIT_USAGE, e.to_string()))?,
+        None => ModelPaths::none(),
+    };
+    let env = JobEnv::new(&job.input_dir, &job.out, temp)
+        .with_models_dir(&job.models_dir)
+        .with_extra_models(extra)
+        .with_preview(job.preview_method);
     RegistryLimits::from_env(|k| std::env::var(k).ok())
         .map_err(|e| (EXIT_USAGE, format!("bad setting: {e}")))?;
     let from_env = MemoryOverrides::from_env(|k| std::env::var(k).ok())

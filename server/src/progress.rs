@@ -78,7 +78,7 @@ impl Bars {
                 bar.set_prefix(format!("{node} {class_type}"));
                 self.nodes.insert(node.clone(), bar);
             }
-            EventKind::Chunk { node, progress, .. } => {
+            EventKind::Chunk { node, progress, .. } | EventKind::Step { node, progress, .. } => {
                 if let Some(bar) = self.nodes.get(node) {
                     bar.inc(1);
                 }

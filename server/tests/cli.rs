@@ -460,3 +460,49 @@ fn a_missing_or_corrupt_model_file_is_an_invalid_workflow_naming_the_file() {
     assert_clean_failure(&out, 3, &["node 2", "broken.safetensors", "byte offset 0"]);
     assert!(!s.dir.join("output").exists());
 }
+
+#[test]
+fn models_are_found_through_comfyuis_extra_model_paths_file() {
+    let s = Setup::new("extra");
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models");
+    let shared = shared.canonicalize().expect("the shared models folder");
+    std::fs::write(
+        s.dir.join("extra_model_paths.yaml"),
+        format!(
+            "other_install:\n    base_path: {}\n    upscale_models: |\n        nothing_here\n        upscale_models\n",
+            shared.display()
+        ),
+    )
+    .unwrap();
+    let wf = s.workflow(
+        "up.json",
+        r#"{
+  "1": {"class_type": "LoadImage", "inputs": {"image": "card.png"}},
+  "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "realesr-animevideov3.safetensors"}},
+  "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+  "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "up"}}
+}"#,
+    );
+    // Not in ./models: the workflow names the file and every folder searched.
+    let out = nova(&["plan", &wf], &s.dir);
+    assert_clean_failure(&out, 3, &["node 2", "realesr-animevideov3.safetensors"]);
+    // Found in the second folder the file lists for the kind.
+    let plan = plan_json(&nova(
+        &[
+            "plan",
+            &wf,
+            "--json",
+            "--extra-model-paths-config",
+            "extra_model_paths.yaml",
+        ],
+        &s.dir,
+    ));
+    assert_eq!(plan["fits"], true);
+    // A malformed file is bad usage, naming the file and the place.
+    std::fs::write(s.dir.join("bad.yaml"), "x:\n  upscale_models: [a, b]\n").unwrap();
+    let out = nova(
+        &["plan", &wf, "--extra-model-paths-config", "bad.yaml"],
+        &s.dir,
+    );
+    assert_clean_failure(&out, 2, &["bad.yaml", "section 'x', upscale_models"]);
+}

@@ -4,6 +4,7 @@
 pub mod clip;
 pub mod kl_vae;
 mod nn;
+pub mod preview;
 pub mod safetensors;
 pub mod sampling;
 pub mod sd;

@@ -163,6 +163,136 @@ pub fn noise(seed: u64, shape: &[usize], device: &Device) -> candle_core::Result
     Tensor::from_vec(v, shape, device)
 }
 
+/// A sampler's name, checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SamplerKind {
+    Euler,
+    EulerAncestral,
+    Dpmpp2m,
+}
+
+impl SamplerKind {
+    /// The sampler named `name` (ComfyUI's names).
+    pub fn parse(name: &str) -> Result<SamplerKind, NodeError> {
+        match name {
+            "euler" => Ok(SamplerKind::Euler),
+            "euler_ancestral" => Ok(SamplerKind::EulerAncestral),
+            "dpmpp_2m" => Ok(SamplerKind::Dpmpp2m),
+            other => Err(NodeError::input(
+                "sampler_name",
+                format!("unknown sampler '{other}' (one of {SAMPLERS:?})"),
+            )),
+        }
+    }
+}
+
+/// A sampling run in progress: one [`Sampling::step`] per interval of the sigma schedule.
+pub struct Sampling {
+    kind: SamplerKind,
+    sigmas: Vec<f64>,
+    next: usize,
+    x: Tensor,
+    /// The previous step's denoised estimate (dpmpp_2m's history).
+    old: Option<Tensor>,
+    /// Ancestral noise comes from its own stream, seeded from the workflow's seed.
+    step_seed: u64,
+}
+
+impl Sampling {
+    /// Starts from `x` (already noised to `sigmas[0]`).
+    pub fn new(kind: SamplerKind, x: Tensor, sigmas: Vec<f64>, seed: u64) -> Sampling {
+        Sampling {
+            kind,
+            sigmas,
+            next: 0,
+            x,
+            old: None,
+            step_seed: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1),
+        }
+    }
+
+    /// Steps in the whole run.
+    pub fn steps(&self) -> usize {
+        self.sigmas.len().saturating_sub(1)
+    }
+
+    /// Steps still to run.
+    pub fn remaining(&self) -> usize {
+        self.steps() - self.next
+    }
+
+    /// Runs the next step with `denoise`, the model's estimate from `(x, sigma)`; returns that
+    /// estimate (what previews show).
+    pub fn step(
+        &mut self,
+        denoise: &mut dyn FnMut(&Tensor, f64) -> Result<Tensor, NodeError>,
+    ) -> Result<Tensor, NodeError> {
+        let i = self.next;
+        if i >= self.steps() {
+            return Err(NodeError::Other("sampling has no steps left".into()));
+        }
+        let (s, s_next) = (self.sigmas[i], self.sigmas[i + 1]);
+        let x = &self.x;
+        let den = denoise(x, s)?;
+        let x = match self.kind {
+            SamplerKind::Euler => {
+                let d = ((x - &den)? / s)?;
+                (x + (d * (s_next - s))?)?
+            }
+            SamplerKind::EulerAncestral => {
+                let up = if s_next > 0.0 {
+                    (s_next.powi(2) * (s.powi(2) - s_next.powi(2)) / s.powi(2))
+                        .sqrt()
+                        .min(s_next)
+                } else {
+                    0.0
+                };
+                let down = (s_next.powi(2) - up.powi(2)).max(0.0).sqrt();
+                let d = ((x - &den)? / s)?;
+                let mut x = (x + (d * (down - s))?)?;
+                if s_next > 0.0 {
+                    self.step_seed = self.step_seed.wrapping_add(1);
+                    let n = noise(self.step_seed, x.dims(), x.device())?;
+                    x = (x + (n * up)?)?;
+                }
+                x
+            }
+            SamplerKind::Dpmpp2m => {
+                let t = -s.ln();
+                let h = -s_next.max(1e-10).ln() - t;
+                let scale = (-h).exp_m1();
+                let d = match &self.old {
+                    Some(prev) if s_next > 0.0 && i > 0 => {
+                        let t_prev = -self.sigmas[i - 1].ln();
+                        let r = (t - t_prev) / h;
+                        ((&den * (1.0 + 1.0 / (2.0 * r)))? - (prev * (1.0 / (2.0 * r)))?)?
+                    }
+                    _ => den.clone(),
+                };
+                if s_next == 0.0 {
+                    den.clone()
+                } else {
+                    ((x * (s_next / s))? - (d * scale)?)?
+                }
+            }
+        };
+        self.x = x;
+        self.old = Some(den.clone());
+        self.next += 1;
+        Ok(den)
+    }
+
+    /// The current latent.
+    pub fn latent(&self) -> &Tensor {
+        &self.x
+    }
+
+    /// The latent after the last step.
+    pub fn into_latent(self) -> Tensor {
+        self.x
+    }
+}
+
 /// Runs `sampler` over `sigmas` from `x` (already noised to `sigmas[0]`), calling `denoise`
 /// for the model's estimate and `on_step(i, &x, &denoised)` after each step.
 pub fn sample(
@@ -173,64 +303,12 @@ pub fn sample(
     denoise: &mut dyn FnMut(&Tensor, f64) -> Result<Tensor, NodeError>,
     on_step: &mut dyn FnMut(usize, &Tensor, &Tensor),
 ) -> Result<Tensor, NodeError> {
-    let mut x = x;
-    let mut old: Option<Tensor> = None;
-    // Ancestral noise comes from its own stream, seeded from the workflow's seed.
-    let mut step_seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    for i in 0..sigmas.len().saturating_sub(1) {
-        let (s, s_next) = (sigmas[i], sigmas[i + 1]);
-        let den = denoise(&x, s)?;
-        match sampler {
-            "euler" => {
-                let d = ((&x - &den)? / s)?;
-                x = (&x + (d * (s_next - s))?)?;
-            }
-            "euler_ancestral" => {
-                let up = if s_next > 0.0 {
-                    (s_next.powi(2) * (s.powi(2) - s_next.powi(2)) / s.powi(2))
-                        .sqrt()
-                        .min(s_next)
-                } else {
-                    0.0
-                };
-                let down = (s_next.powi(2) - up.powi(2)).max(0.0).sqrt();
-                let d = ((&x - &den)? / s)?;
-                x = (&x + (d * (down - s))?)?;
-                if s_next > 0.0 {
-                    step_seed = step_seed.wrapping_add(1);
-                    let n = noise(step_seed, x.dims(), x.device())?;
-                    x = (x + (n * up)?)?;
-                }
-            }
-            "dpmpp_2m" => {
-                let t = -s.ln();
-                let h = -s_next.max(1e-10).ln() - t;
-                let scale = (-h).exp_m1();
-                let d = match (&old, i) {
-                    (Some(prev), i) if s_next > 0.0 && i > 0 => {
-                        let t_prev = -sigmas[i - 1].ln();
-                        let r = (t - t_prev) / h;
-                        ((&den * (1.0 + 1.0 / (2.0 * r)))? - (prev * (1.0 / (2.0 * r)))?)?
-                    }
-                    _ => den.clone(),
-                };
-                x = if s_next == 0.0 {
-                    den.clone()
-                } else {
-                    ((&x * (s_next / s))? - (d * scale)?)?
-                };
-            }
-            other => {
-                return Err(NodeError::input(
-                    "sampler_name",
-                    format!("unknown sampler '{other}' (one of {SAMPLERS:?})"),
-                ))
-            }
-        }
-        on_step(i, &x, &den);
-        old = Some(den);
+    let mut run = Sampling::new(SamplerKind::parse(sampler)?, x, sigmas.to_vec(), seed);
+    for i in 0..run.steps() {
+        let den = run.step(denoise)?;
+        on_step(i, run.latent(), &den);
     }
-    Ok(x)
+    Ok(run.into_latent())
 }
 
 #[cfg(test)]

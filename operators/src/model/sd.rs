@@ -5,13 +5,15 @@
 //! registry; each node puts only its own part on the device (`model.diffusion_model.`,
 //! `cond_stage_model.transformer.`, `first_stage_model.`), counted by the run's accountant.
 //!
-//! Not yet: prompt emphasis syntax (`(word:1.2)` is tokenized as written), prompts longer
-//! than 75 tokens (truncated; ComfyUI concatenates 77-token windows), and per-step previews
-//! (the sampler runs as one atomic node; previews wait for the sampler's steps to become
-//! timestamps of a nested scope).
+//! The samplers are iterative nodes: each step is its own dataflow time (progress events per
+//! step) and makes a preview of the denoised estimate.
+//!
+//! Not yet: prompt emphasis syntax (`(word:1.2)` is tokenized as written) and prompts longer
+//! than 75 tokens (truncated; ComfyUI concatenates 77-token windows).
 
 use super::clip::{self, ClipTextConfig, ClipTokenizer};
-use super::sampling::{self, Schedule, SAMPLERS, SCHEDULERS};
+use super::preview::Previewer;
+use super::sampling::{self, SamplerKind, Sampling, Schedule, SAMPLERS, SCHEDULERS};
 use super::unet;
 use super::vae::KlVae;
 use crate::spec::{combo, float, int, link, out};
@@ -19,9 +21,10 @@ use candle_core::{Device, Tensor};
 use nova_dataflow::{
     Args, Asset, DataType, DeviceWeights, ExecContext, FileFolder, InputKind, InputSpec, Inputs,
     JobEnv, MemoryEstimate, MemoryQuery, ModelInfo, ModelRef, Node, NodeError, NodeOutput,
-    NodeSchema, Value, ValueInfo, WeightSource,
+    NodeSchema, StepPreview, Stepper, Value, ValueInfo, WeightSource,
 };
 use std::sync::Arc;
+use std::time::Instant;
 
 /// The folder under the models folder where checkpoints live (ComfyUI's name).
 pub const FOLDER: &str = "checkpoints";
@@ -89,7 +92,8 @@ impl CheckpointLoaderSimple {
                 format!("'{name}': NOVA loads weights from .safetensors files only"),
             ));
         }
-        let path = JobEnv::resolve_in(&env.models_dir.join(FOLDER), name)
+        let path = env
+            .require_model(FOLDER, name)
             .map_err(|r| NodeError::input("ckpt_name", r))?;
         let asset = super::open_asset(name, &path, log)?;
         let src = asset.source();
@@ -255,64 +259,152 @@ impl Node for ClipTextEncode {
     }
 }
 
-/// What one sampling run needs.
-struct Job<'a> {
-    model: &'a ModelRef,
-    positive: &'a Tensor,
-    negative: &'a Tensor,
-    latent: &'a Tensor,
-    sampler: &'a str,
-    sigmas: Vec<f64>,
-    cfg: f64,
-    seed: u64,
-    add_noise: bool,
-}
-
-fn conditioning<'a>(inputs: &'a Inputs<Value>, name: &str) -> Result<&'a Tensor, NodeError> {
+fn conditioning(inputs: &Inputs<Value>, name: &str) -> Result<Tensor, NodeError> {
     inputs
         .require(name)?
         .as_conditioning()
+        .cloned()
         .ok_or_else(|| NodeError::input(name, "expected CONDITIONING"))
 }
 
-/// Runs classifier-free guided sampling with the UNet on the device for the whole run.
-fn run_sampler(job: Job, ctx: &ExecContext) -> Result<Tensor, NodeError> {
-    let weights = DeviceWeights::part(job.model.asset.clone(), ctx.weights.clone(), unet::PREFIX)?;
-    let src = job.model.asset.source();
-    let get = |n: &str| weights.get(n).cloned();
-    let has = |n: &str| src.shape(n).is_some();
-    let (b, _, _, _) = job.latent.dims4()?;
-    let repeat = |t: &Tensor| -> candle_core::Result<Tensor> { Tensor::cat(&vec![t; b], 0) };
-    let context = Tensor::cat(&[repeat(job.negative)?, repeat(job.positive)?], 0)?;
+/// The sigmas a sampler node's args ask for: `KSampler`'s steps and denoise, or
+/// `KSamplerAdvanced`'s step range.
+fn sampler_sigmas(args: &Args, advanced: bool) -> Result<Vec<f64>, NodeError> {
+    let steps = args.int("steps")? as usize;
+    let scheduler = args.string("scheduler")?;
     let schedule = Schedule::sd1();
-    let Some(&first) = job.sigmas.first() else {
-        return Ok(job.latent.clone());
-    };
-    let x = if job.add_noise {
-        let n = sampling::noise(job.seed, job.latent.dims(), job.latent.device())?;
-        (job.latent + (n * first)?)?
+    if !advanced {
+        return schedule
+            .sigmas_denoised(scheduler, steps, args.float("denoise")?)
+            .map_err(|e| NodeError::input("scheduler", e));
+    }
+    let mut sigmas = schedule
+        .sigmas(scheduler, steps)
+        .map_err(|e| NodeError::input("scheduler", e))?;
+    let (start, end) = (
+        args.int("start_at_step")? as usize,
+        args.int("end_at_step")? as usize,
+    );
+    // As ComfyUI: stop at `end_at_step` (fully denoised unless leftover noise is asked for),
+    // then start at `start_at_step`.
+    if end < steps {
+        sigmas.truncate(end + 1);
+        if args.string("return_with_leftover_noise")? != "enable" {
+            if let Some(last) = sigmas.last_mut() {
+                *last = 0.0;
+            }
+        }
+    }
+    Ok(if start < sigmas.len() {
+        sigmas[start..].to_vec()
     } else {
-        job.latent.clone()
-    };
-    let cfg = job.cfg;
-    let mut denoise = |x: &Tensor, sigma: f64| -> Result<Tensor, NodeError> {
-        let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
-        let xin = (Tensor::cat(&[x, x], 0)? * c_in)?;
-        let t = Tensor::full(schedule.timestep(sigma) as f32, 2 * b, &Device::Cpu)?
-            .to_device(x.device())?;
-        let eps = unet::predict_noise(&xin, &t, &context, &get, &has)?;
-        let (eps_u, eps_c) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
-        let eps = (&eps_u + ((eps_c - &eps_u)? * cfg)?)?;
-        Ok((x - (eps * sigma)?)?)
-    };
-    sampling::sample(
-        job.sampler,
-        x,
-        &job.sigmas,
-        job.seed,
-        &mut denoise,
-        &mut |_, _, _| {},
-    )
+        vec![]
+    })
+}
+
+/// A sampler node's run in progress: the UNet on the device for the whole run, the
+/// conditioning of both halves, the sampler's state and the previewer.
+struct SamplerRun {
+    weights: DeviceWeights,
+    asset: Arc<Asset>,
+    /// Unconditional then conditional context, repeated over the batch.
+    context: Tensor,
+    batch: usize,
+    cfg: f64,
+    schedule: Schedule,
+    sampling: Sampling,
+    previewer: Option<Previewer>,
+}
+
+impl SamplerRun {
+    /// Noises the latent (unless `add_noise` is disabled) and places the UNet.
+    fn start(
+        args: &Args,
+        inputs: &Inputs<Value>,
+        ctx: &ExecContext,
+        advanced: bool,
+        previews: bool,
+    ) -> Result<SamplerRun, NodeError> {
+        let model = inputs.model("model", DataType::Model)?;
+        let (positive, negative) = (
+            conditioning(inputs, "positive")?,
+            conditioning(inputs, "negative")?,
+        );
+        let latent = inputs.latent("latent_image")?;
+        let kind = SamplerKind::parse(args.string("sampler_name")?)?;
+        let sigmas = sampler_sigmas(args, advanced)?;
+        let (seed, add_noise) = if advanced {
+            (
+                args.int("noise_seed")? as u64,
+                args.string("add_noise")? == "enable",
+            )
+        } else {
+            (args.int("seed")? as u64, true)
+        };
+        let weights = DeviceWeights::part(model.asset.clone(), ctx.weights.clone(), unet::PREFIX)?;
+        let (b, c, _, _) = latent.dims4()?;
+        let repeat = |t: &Tensor| -> candle_core::Result<Tensor> { Tensor::cat(&vec![t; b], 0) };
+        let context = Tensor::cat(&[repeat(&negative)?, repeat(&positive)?], 0)?;
+        let x = match sigmas.first() {
+            Some(&first) if add_noise => {
+                let n = sampling::noise(seed, latent.dims(), latent.device())?;
+                (latent + (n * first)?)?
+            }
+            _ => latent.clone(),
+        };
+        Ok(SamplerRun {
+            weights,
+            asset: model.asset.clone(),
+            context,
+            batch: b,
+            cfg: args.float("cfg")?,
+            schedule: Schedule::sd1(),
+            sampling: Sampling::new(kind, x, sigmas, seed),
+            previewer: previews.then(|| Previewer::new(ctx, c)),
+        })
+    }
+
+    /// Runs every step left, without previews.
+    fn run(mut self) -> Result<Tensor, NodeError> {
+        self.previewer = None;
+        while self.sampling.remaining() > 0 {
+            self.step()?;
+        }
+        Ok(self.sampling.into_latent())
+    }
+}
+
+impl Stepper for SamplerRun {
+    fn step(&mut self) -> Result<Option<StepPreview>, NodeError> {
+        let started = Instant::now();
+        let src = self.asset.source();
+        let get = |n: &str| self.weights.get(n).cloned();
+        let has = |n: &str| src.shape(n).is_some();
+        let (b, cfg, schedule, context) = (self.batch, self.cfg, &self.schedule, &self.context);
+        // Classifier-free guidance: both halves as one batch of two.
+        let mut denoise = |x: &Tensor, sigma: f64| -> Result<Tensor, NodeError> {
+            let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
+            let xin = (Tensor::cat(&[x, x], 0)? * c_in)?;
+            let t = Tensor::full(schedule.timestep(sigma) as f32, 2 * b, &Device::Cpu)?
+                .to_device(x.device())?;
+            let eps = unet::predict_noise(&xin, &t, context, &get, &has)?;
+            let (eps_u, eps_c) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
+            let eps = (&eps_u + ((eps_c - &eps_u)? * cfg)?)?;
+            Ok((x - (eps * sigma)?)?)
+        };
+        let denoised = self.sampling.step(&mut denoise)?;
+        match self.previewer.as_mut() {
+            Some(p) => p.preview(&denoised, started.elapsed()),
+            None => Ok(None),
+        }
+    }
+
+    fn finish(self: Box<Self>) -> Result<NodeOutput, NodeError> {
+        Ok(NodeOutput {
+            values: vec![Value::latent(self.sampling.into_latent())],
+            ui: None,
+        })
+    }
 }
 
 fn sampler_inputs() -> Vec<InputSpec> {
@@ -324,13 +416,6 @@ fn sampler_inputs() -> Vec<InputSpec> {
         link("negative", DataType::Conditioning),
         link("latent_image", DataType::Latent),
     ]
-}
-
-fn latent_out(inputs: &Inputs<ValueInfo>) -> Vec<ValueInfo> {
-    vec![inputs
-        .get("latent_image")
-        .copied()
-        .unwrap_or(ValueInfo::Unknown)]
 }
 
 fn sampler_memory(query: &MemoryQuery) -> MemoryEstimate {
@@ -373,12 +458,15 @@ fn sampler_memory(query: &MemoryQuery) -> MemoryEstimate {
     }
 }
 
-/// `KSampler`.
+/// `KSampler` and `KSamplerAdvanced`: an iterative node, one dataflow time per step, with a
+/// preview after each (see [`super::preview`]).
 pub struct KSampler {
     schema: NodeSchema,
+    advanced: bool,
 }
 
 impl KSampler {
+    /// `KSampler`.
     pub fn new() -> Self {
         let mut inputs = vec![
             link("model", DataType::Model),
@@ -397,6 +485,34 @@ impl KSampler {
                 outputs: vec![out("LATENT", DataType::Latent)],
                 output_node: false,
             },
+            advanced: false,
+        }
+    }
+
+    /// `KSamplerAdvanced`.
+    pub fn advanced() -> Self {
+        let mut inputs = vec![
+            link("model", DataType::Model),
+            combo("add_noise", &["enable", "disable"]),
+            int("noise_seed", 0, 0, i64::MAX),
+            int("steps", 20, 1, 10000),
+        ];
+        inputs.extend(sampler_inputs());
+        inputs.push(int("start_at_step", 0, 0, 10000));
+        inputs.push(int("end_at_step", 10000, 0, 10000));
+        inputs.push(combo("return_with_leftover_noise", &["disable", "enable"]));
+        KSampler {
+            schema: NodeSchema {
+                class_type: "KSamplerAdvanced",
+                display_name: "KSampler (Advanced)",
+                category: "sampling",
+                description:
+                    "KSampler over a range of steps, with optional noise and leftover noise.",
+                inputs,
+                outputs: vec![out("LATENT", DataType::Latent)],
+                output_node: false,
+            },
+            advanced: true,
         }
     }
 }
@@ -412,11 +528,34 @@ impl Node for KSampler {
         inputs: &Inputs<ValueInfo>,
         _env: &JobEnv,
     ) -> Result<Vec<ValueInfo>, NodeError> {
-        Ok(latent_out(inputs))
+        Ok(vec![inputs
+            .get("latent_image")
+            .copied()
+            .unwrap_or(ValueInfo::Unknown)])
     }
 
     fn memory(&self, _args: &Args, query: &MemoryQuery) -> MemoryEstimate {
         sampler_memory(query)
+    }
+
+    fn steps(&self, args: &Args) -> Option<u32> {
+        let sigmas = sampler_sigmas(args, self.advanced).ok()?;
+        Some(sigmas.len().saturating_sub(1) as u32)
+    }
+
+    fn start(
+        &self,
+        args: &Args,
+        inputs: Inputs<Value>,
+        ctx: &ExecContext,
+    ) -> Result<Box<dyn Stepper>, NodeError> {
+        Ok(Box::new(SamplerRun::start(
+            args,
+            &inputs,
+            ctx,
+            self.advanced,
+            true,
+        )?))
     }
 
     fn execute(
@@ -425,27 +564,7 @@ impl Node for KSampler {
         inputs: Inputs<Value>,
         ctx: &ExecContext,
     ) -> Result<NodeOutput, NodeError> {
-        let sigmas = Schedule::sd1()
-            .sigmas_denoised(
-                args.string("scheduler")?,
-                args.int("steps")? as usize,
-                args.float("denoise")?,
-            )
-            .map_err(|e| NodeError::input("scheduler", e))?;
-        let latent = run_sampler(
-            Job {
-                model: inputs.model("model", DataType::Model)?,
-                positive: conditioning(&inputs, "positive")?,
-                negative: conditioning(&inputs, "negative")?,
-                latent: inputs.latent("latent_image")?,
-                sampler: args.string("sampler_name")?,
-                sigmas,
-                cfg: args.float("cfg")?,
-                seed: args.int("seed")? as u64,
-                add_noise: true,
-            },
-            ctx,
-        )?;
+        let latent = SamplerRun::start(args, &inputs, ctx, self.advanced, false)?.run()?;
         Ok(NodeOutput {
             values: vec![Value::latent(latent)],
             ui: None,
@@ -453,109 +572,4 @@ impl Node for KSampler {
     }
 }
 
-/// `KSamplerAdvanced`.
-pub struct KSamplerAdvanced {
-    schema: NodeSchema,
-}
-
-impl KSamplerAdvanced {
-    pub fn new() -> Self {
-        let mut inputs = vec![
-            link("model", DataType::Model),
-            combo("add_noise", &["enable", "disable"]),
-            int("noise_seed", 0, 0, i64::MAX),
-            int("steps", 20, 1, 10000),
-        ];
-        inputs.extend(sampler_inputs());
-        inputs.push(int("start_at_step", 0, 0, 10000));
-        inputs.push(int("end_at_step", 10000, 0, 10000));
-        inputs.push(combo("return_with_leftover_noise", &["disable", "enable"]));
-        KSamplerAdvanced {
-            schema: NodeSchema {
-                class_type: "KSamplerAdvanced",
-                display_name: "KSampler (Advanced)",
-                category: "sampling",
-                description:
-                    "KSampler over a range of steps, with optional noise and leftover noise.",
-                inputs,
-                outputs: vec![out("LATENT", DataType::Latent)],
-                output_node: false,
-            },
-        }
-    }
-}
-
-impl Node for KSamplerAdvanced {
-    fn schema(&self) -> &NodeSchema {
-        &self.schema
-    }
-
-    fn infer(
-        &self,
-        _args: &Args,
-        inputs: &Inputs<ValueInfo>,
-        _env: &JobEnv,
-    ) -> Result<Vec<ValueInfo>, NodeError> {
-        Ok(latent_out(inputs))
-    }
-
-    fn memory(&self, _args: &Args, query: &MemoryQuery) -> MemoryEstimate {
-        sampler_memory(query)
-    }
-
-    fn execute(
-        &self,
-        args: &Args,
-        inputs: Inputs<Value>,
-        ctx: &ExecContext,
-    ) -> Result<NodeOutput, NodeError> {
-        let steps = args.int("steps")? as usize;
-        let mut sigmas = Schedule::sd1()
-            .sigmas(args.string("scheduler")?, steps)
-            .map_err(|e| NodeError::input("scheduler", e))?;
-        let (start, end) = (
-            args.int("start_at_step")? as usize,
-            args.int("end_at_step")? as usize,
-        );
-        // As ComfyUI: stop at `end_at_step` (fully denoised unless leftover noise is asked
-        // for), then start at `start_at_step`.
-        if end < steps {
-            sigmas.truncate(end + 1);
-            if args.string("return_with_leftover_noise")? != "enable" {
-                if let Some(last) = sigmas.last_mut() {
-                    *last = 0.0;
-                }
-            }
-        }
-        let sigmas = if start < sigmas.len() {
-            sigmas[start..].to_vec()
-        } else {
-            vec![]
-        };
-        let latent = run_sampler(
-            Job {
-                model: inputs.model("model", DataType::Model)?,
-                positive: conditioning(&inputs, "positive")?,
-                negative: conditioning(&inputs, "negative")?,
-                latent: inputs.latent("latent_image")?,
-                sampler: args.string("sampler_name")?,
-                sigmas,
-                cfg: args.float("cfg")?,
-                seed: args.int("noise_seed")? as u64,
-                add_noise: args.string("add_noise")? == "enable",
-            },
-            ctx,
-        )?;
-        Ok(NodeOutput {
-            values: vec![Value::latent(latent)],
-            ui: None,
-        })
-    }
-}
-
-crate::spec::default_via_new!(
-    CheckpointLoaderSimple,
-    ClipTextEncode,
-    KSampler,
-    KSamplerAdvanced
-);
+crate::spec::default_via_new!(CheckpointLoaderSimple, ClipTextEncode, KSampler);

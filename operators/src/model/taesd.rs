@@ -221,6 +221,32 @@ impl TaesdNet {
         }
     }
 
+    /// Multiply-adds per input pixel (convolutions only), for time estimates; `shape` gives a
+    /// tensor's shape by name.
+    pub fn macs_per_input_pixel(&self, shape: &dyn Fn(&str) -> Option<Vec<usize>>) -> u64 {
+        // Output pixels per input pixel at the current layer, times 64 to stay integral
+        // through the encoder's stride-2 convolutions (at most three).
+        let mut px: u64 = 64;
+        let mut macs: u64 = 0;
+        for l in &self.layers {
+            match l {
+                Layer::Conv { weight, stride, .. } => {
+                    if *stride == 2 {
+                        px /= 4;
+                    }
+                    let w: u64 = shape(weight)
+                        .map(|s| s.iter().map(|&d| d as u64).product())
+                        .unwrap_or((F * F * 9) as u64);
+                    macs += w * px;
+                }
+                Layer::Block { .. } => macs += 3 * (F * F * 9) as u64 * px,
+                Layer::Upsample => px *= 4,
+                Layer::Relu | Layer::SoftClamp => {}
+            }
+        }
+        macs / 64
+    }
+
     /// Runs the network on `x` (`[n, c, h, w]`), reading tensors through `get`.
     pub fn forward(
         &self,

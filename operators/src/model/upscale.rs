@@ -310,7 +310,8 @@ impl UpscaleModelLoader {
 
     fn path(args: &Args, env: &JobEnv) -> Result<(String, PathBuf), NodeError> {
         let name = args.string("model_name")?;
-        let path = JobEnv::resolve_in(&env.models_dir.join(FOLDER), name)
+        let path = env
+            .require_model(FOLDER, name)
             .map_err(|r| NodeError::input("model_name", r))?;
         if !name.ends_with(".safetensors") {
             return Err(NodeError::input(

@@ -27,16 +27,14 @@ pub struct TaesdVae {
     pub decoder: Option<(Arc<Asset>, TaesdNet)>,
 }
 
-fn part_path(env: &JobEnv, name: &str, part: Part) -> Result<PathBuf, NodeError> {
+/// `<name>_encoder.safetensors` or `_decoder` from the approximate-VAE folders, if present.
+fn part_path(env: &JobEnv, name: &str, part: Part) -> Result<Option<PathBuf>, NodeError> {
     let suffix = match part {
         Part::Encoder => "encoder",
         Part::Decoder => "decoder",
     };
-    JobEnv::resolve_in(
-        &env.models_dir.join(APPROX),
-        &format!("{name}_{suffix}.safetensors"),
-    )
-    .map_err(|r| NodeError::input("vae_name", r))
+    env.find_model(APPROX, &format!("{name}_{suffix}.safetensors"))
+        .map_err(|r| NodeError::input("vae_name", r))
 }
 
 impl TaesdVae {
@@ -57,10 +55,9 @@ impl TaesdVae {
             decoder: None,
         };
         for part in [Part::Encoder, Part::Decoder] {
-            let path = part_path(env, name, part)?;
-            if !path.is_file() {
+            let Some(path) = part_path(env, name, part)? else {
                 continue;
-            }
+            };
             let file = path
                 .file_name()
                 .map(|f| f.to_string_lossy().to_string())
@@ -77,7 +74,7 @@ impl TaesdVae {
                 "vae_name",
                 format!(
                     "no {name}_encoder.safetensors or {name}_decoder.safetensors in {}",
-                    env.models_dir.join(APPROX).display()
+                    env.model_dirs_text(APPROX)
                 ),
             ));
         }

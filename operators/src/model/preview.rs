@@ -1,0 +1,251 @@
+//! Live previews of a sampler's state after each step: TAESD's decoder when
+//! `models/vae_approx/taesd_decoder.safetensors` is present, else the linear latent-to-RGB
+//! projection — throttled so that previews take at most [`TIME_SHARE`] of sampling time.
+//!
+//! Every step gets a preview. Under `auto` a step gets TAESD only when the decode's expected
+//! time fits in what is left of the share (the time the steps so far took, times the share,
+//! minus what previews already took); otherwise it gets the projection, whose cost (a 4x3
+//! matrix product at latent resolution) is counted too. Before TAESD first runs its time is
+//! estimated from its multiply-adds at a deliberately slow rate; after, the last measured
+//! decode is the estimate. `taesd` decodes every step with TAESD regardless of time (as
+//! ComfyUI does); `latent2rgb` always projects; `none` makes no previews.
+//!
+//! Memory: the decoder's weights are leased when first used and held until sampling ends;
+//! each decode leases its activations first and falls back to the projection if the budget
+//! refuses them, so previews never push a run over its budget.
+
+use super::taesd::{Part, TaesdNet};
+use super::vae::APPROX;
+use candle_core::{DType, Device, Tensor};
+use nova_dataflow::residency::WeightMode;
+use nova_dataflow::{
+    Asset, DeviceWeights, ExecContext, NodeError, PreviewMethod, StepPreview, Value, WeightContext,
+};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The most of sampling time that `auto` previews may take.
+pub const TIME_SHARE: f64 = 0.05;
+
+/// Multiply-adds per second assumed for TAESD before it was measured: slower than any CPU
+/// this runs on, so the first decode is not taken before the share can pay for it.
+const PRIOR_MACS_PER_S: f64 = 5e9;
+
+/// SD1's latent-to-RGB factors (ComfyUI's SD15 latent format): one row per latent channel.
+const SD1_RGB: [[f32; 3]; 4] = [
+    [0.3512, 0.2297, 0.3227],
+    [0.3250, 0.4974, 0.2350],
+    [-0.2829, 0.1762, 0.2721],
+    [-0.2120, -0.2616, -0.4702],
+];
+
+/// The TAESD decoder used for previews, and its weights once placed.
+struct Decoder {
+    asset: Arc<Asset>,
+    net: TaesdNet,
+    macs_per_px: u64,
+    weights: Option<DeviceWeights>,
+}
+
+/// Makes one preview per step within the time share; see the module docs.
+pub struct Previewer {
+    method: PreviewMethod,
+    decoder: Option<Decoder>,
+    weights: WeightContext,
+    /// Time the sampler's steps took so far.
+    sampled: Duration,
+    /// Time previews took so far.
+    spent: Duration,
+    /// Expected time of the next TAESD decode.
+    estimate: Option<Duration>,
+}
+
+impl Previewer {
+    /// A previewer for latents of `channels` channels in the job of `ctx`. A TAESD decoder
+    /// that is missing, of another latent width or unreadable leaves the projection.
+    pub fn new(ctx: &ExecContext, channels: usize) -> Previewer {
+        let mut weights = ctx.weights.clone();
+        weights.mode = WeightMode::Resident;
+        let decoder = match ctx.env.preview {
+            PreviewMethod::Auto | PreviewMethod::Taesd => open_decoder(ctx, channels),
+            _ => None,
+        };
+        Previewer {
+            method: ctx.env.preview,
+            decoder,
+            weights,
+            sampled: Duration::ZERO,
+            spent: Duration::ZERO,
+            estimate: None,
+        }
+    }
+
+    /// Whether previews are made at all.
+    pub fn enabled(&self) -> bool {
+        self.method != PreviewMethod::None
+    }
+
+    /// Time previews took so far.
+    pub fn spent(&self) -> Duration {
+        self.spent
+    }
+
+    /// A preview of `latent` (`[b, c, h, w]`, diffusion space; the first item is shown),
+    /// after a step that took `step_time`.
+    pub fn preview(
+        &mut self,
+        latent: &Tensor,
+        step_time: Duration,
+    ) -> Result<Option<StepPreview>, NodeError> {
+        self.sampled += step_time;
+        if !self.enabled() {
+            return Ok(None);
+        }
+        let first = latent.narrow(0, 0, 1)?;
+        let start = Instant::now();
+        let made = match self.taesd_allowed(&first) {
+            true => self.taesd(&first).map(|img| (img, "taesd")),
+            false => None,
+        };
+        let (image, method) = match made {
+            Some(m) => {
+                self.estimate = Some(start.elapsed());
+                m
+            }
+            None => (latent_to_rgb(&first)?, "latent2rgb"),
+        };
+        let image = image
+            .clamp(0f32, 1f32)?
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .to_device(&Device::Cpu)?;
+        self.spent += start.elapsed();
+        Ok(Some(StepPreview {
+            image: Value::image(image),
+            method,
+        }))
+    }
+
+    fn taesd_allowed(&self, latent: &Tensor) -> bool {
+        let Some(d) = &self.decoder else {
+            return false;
+        };
+        if self.method == PreviewMethod::Taesd {
+            return true;
+        }
+        let px = latent.dims().iter().skip(2).product::<usize>() as f64;
+        let estimate = self.estimate.unwrap_or_else(|| {
+            Duration::from_secs_f64(d.macs_per_px as f64 * px / PRIOR_MACS_PER_S)
+        });
+        let allowance = self.sampled.mul_f64(TIME_SHARE).saturating_sub(self.spent);
+        estimate <= allowance
+    }
+
+    /// Decodes with TAESD under a lease of its activations; `None` when the budget refuses
+    /// (the caller projects instead) or the decoder fails (it is then dropped for good).
+    fn taesd(&mut self, latent: &Tensor) -> Option<Tensor> {
+        let d = self.decoder.as_mut()?;
+        if d.weights.is_none() {
+            match DeviceWeights::new(d.asset.clone(), self.weights.clone()) {
+                Ok(w) => d.weights = Some(w),
+                Err(_) => return None,
+            }
+        }
+        let px = latent.dims().iter().skip(2).product::<usize>() as u64;
+        let _lease = self
+            .weights
+            .acct
+            .try_lease(d.net.activation_per_pixel() * px, "preview decode")
+            .ok()?;
+        let w = d.weights.as_ref()?;
+        let out = latent
+            .to_dtype(DType::F32)
+            .map_err(NodeError::from)
+            .and_then(|l| d.net.forward(&l, &|n| w.get(n).cloned()));
+        match out {
+            Ok(img) => Some(img),
+            Err(e) => {
+                tracing::warn!("TAESD preview failed, projecting from now on: {e}");
+                self.decoder = None;
+                None
+            }
+        }
+    }
+}
+
+/// `models/vae_approx/taesd_decoder.safetensors`, if present, readable and of `channels`.
+fn open_decoder(ctx: &ExecContext, channels: usize) -> Option<Decoder> {
+    let path = ctx
+        .env
+        .find_model(APPROX, "taesd_decoder.safetensors")
+        .ok()??;
+    let opened = super::open_asset("taesd_decoder.safetensors", &path, Some(&ctx.weights.log))
+        .and_then(|asset| {
+            let net = TaesdNet::from_source(asset.source(), Part::Decoder)?;
+            Ok((asset, net))
+        });
+    match opened {
+        Ok((asset, net)) if net.latent_channels == channels => {
+            let src = asset.source();
+            let macs_per_px = net.macs_per_input_pixel(&|n| src.shape(n));
+            Some(Decoder {
+                asset,
+                net,
+                macs_per_px,
+                weights: None,
+            })
+        }
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!("TAESD previews off: {e}");
+            None
+        }
+    }
+}
+
+/// The linear latent-to-RGB projection (`[1, c, h, w]` to `[1, 3, h, w]` in `[0, 1]`): SD1's
+/// factors for 4 channels, else the first three channels.
+pub fn latent_to_rgb(latent: &Tensor) -> Result<Tensor, NodeError> {
+    let (_, c, h, w) = latent.dims4()?;
+    let x = latent.to_dtype(DType::F32)?;
+    let rgb = if c == SD1_RGB.len() {
+        let f: Vec<f32> = SD1_RGB.iter().flatten().copied().collect();
+        let f = Tensor::from_vec(f, (c, 3), x.device())?;
+        // [h*w, c] x [c, 3] -> [h*w, 3] -> [1, 3, h, w]
+        x.reshape((c, h * w))?
+            .t()?
+            .matmul(&f)?
+            .t()?
+            .reshape((1, 3, h, w))?
+    } else {
+        x.narrow(1, 0, c.min(3))?
+    };
+    Ok(((rgb + 1.0)? / 2.0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_projection_maps_each_channel_by_sd1s_factors() {
+        let dev = Device::Cpu;
+        // A latent whose channel 1 is 1 everywhere: the image is factor row 1, shifted.
+        let mut v = vec![0f32; 4 * 2 * 3];
+        v[6..12].fill(1.0);
+        let lat = Tensor::from_vec(v, (1, 4, 2, 3), &dev).unwrap();
+        let img = latent_to_rgb(&lat).unwrap();
+        assert_eq!(img.dims(), &[1, 3, 2, 3]);
+        let px: Vec<f32> = img
+            .permute((0, 2, 3, 1))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (i, got) in px.iter().enumerate() {
+            let want = (SD1_RGB[1][i % 3] + 1.0) / 2.0;
+            assert!((got - want).abs() < 1e-6, "{i}: {got} vs {want}");
+        }
+    }
+}
