@@ -8,3 +8,6 @@ pub mod overhead;
 
 /// The memory-planner benchmark's suite and runners (`benches/memory_plan.rs`).
 pub mod memory;
+
+/// The models benchmark's pieces (`benches/models.rs`).
+pub mod models;

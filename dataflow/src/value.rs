@@ -225,6 +225,16 @@ impl Value {
         Value::Latent(TensorBox::new(t))
     }
 
+    /// The tensor of an image, mask, latent or conditioning.
+    pub fn as_tensor(&self) -> Option<&Tensor> {
+        match self {
+            Value::Image(t) | Value::Mask(t) | Value::Latent(t) | Value::Conditioning(t) => {
+                Some(&t.tensor)
+            }
+            _ => None,
+        }
+    }
+
     /// The tensor of a tensor value.
     fn tensor_box(&mut self) -> Option<&mut TensorBox> {
         match self {

@@ -23,10 +23,7 @@ fn group_norm(x: &Tensor, get: Get, p: &str) -> Result<Tensor, NodeError> {
     Ok(super::nn::group_norm(x, 32, &w, &b, 1e-6)?)
 }
 
-fn conv(x: &Tensor, get: Get, p: &str, pad: usize, stride: usize) -> Result<Tensor, NodeError> {
-    let y = x.conv2d(&get(&format!("{p}.weight"))?, pad, stride, 1, 1)?;
-    Ok(y.broadcast_add(&get(&format!("{p}.bias"))?.reshape((1, (), 1, 1))?)?)
-}
+use super::conv::conv_named as conv;
 
 fn resnet(x: &Tensor, get: Get, has: Has, p: &str) -> Result<Tensor, NodeError> {
     let h = group_norm(x, get, &format!("{p}.norm1"))?.silu()?;

@@ -2,6 +2,7 @@
 //! through the residency registry of `nova-dataflow`.
 
 pub mod clip;
+pub mod conv;
 pub mod kl_vae;
 mod nn;
 pub mod preview;

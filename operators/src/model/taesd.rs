@@ -12,6 +12,7 @@
 //! apply SD's 0.18215 around TAESD), the decoder soft-clamps its input to `3·tanh(x/3)`, and
 //! the network itself does not clamp its output (nodes clamp images to `[0, 1]`).
 
+use super::conv::{conv3x3_with, Epilogue};
 use candle_core::Tensor;
 use nova_dataflow::{NodeError, WeightSource};
 
@@ -281,15 +282,19 @@ impl TaesdNet {
                         let p = p.relu()?.conv2d(&g("pool.3.weight")?, 0, 1, 1, 1)?;
                         x = (x + p)?;
                     }
+                    // conv, ReLU, conv, ReLU, conv, then ReLU(y + x): each ReLU and the
+                    // residual fused into the convolution before it.
                     let mut y = x.clone();
-                    for (k, relu) in [(0, true), (2, true), (4, false)] {
+                    for k in [0, 2, 4] {
                         let b = g(&format!("conv.{k}.bias"))?;
-                        y = conv3(&y, &g(&format!("conv.{k}.weight"))?, Some(&b), 1)?;
-                        if relu {
-                            y = y.relu()?;
-                        }
+                        let ep = Epilogue {
+                            bias: Some(&b),
+                            residual: (k == 4).then_some(&x),
+                            relu: true,
+                        };
+                        y = conv3x3_with(&y, &g(&format!("conv.{k}.weight"))?, 1, ep)?;
                     }
-                    (y + x)?.relu()?
+                    y
                 }
                 Layer::Relu => h.relu()?,
                 Layer::Upsample => {
@@ -305,6 +310,11 @@ impl TaesdNet {
 
 /// 3x3 convolution, padding 1, optional bias.
 fn conv3(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize) -> Result<Tensor, NodeError> {
+    match stride {
+        1 => return super::conv::conv3x3(x, w, b, 1),
+        2 => return super::conv::conv3x3_stride2(x, w, b),
+        _ => {}
+    }
     let y = x.conv2d(w, 1, stride, 1, 1)?;
     Ok(match b {
         Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,

@@ -25,10 +25,7 @@ pub const HEADS: usize = 8;
 type Get<'a> = &'a dyn Fn(&str) -> Result<Tensor, NodeError>;
 type Has<'a> = &'a dyn Fn(&str) -> bool;
 
-fn conv(x: &Tensor, get: Get, p: &str, pad: usize, stride: usize) -> Result<Tensor, NodeError> {
-    let y = x.conv2d(&get(&format!("{p}.weight"))?, pad, stride, 1, 1)?;
-    Ok(y.broadcast_add(&get(&format!("{p}.bias"))?.reshape((1, (), 1, 1))?)?)
-}
+use super::conv::conv_named as conv;
 
 /// Sinusoidal embedding of timesteps `t` (`[b]`) to `dim`: cosines, then sines.
 pub fn timestep_embedding(t: &Tensor, dim: usize) -> candle_core::Result<Tensor> {

@@ -164,8 +164,7 @@ impl UpscaleKernel {
         let mut stream = weights.stream(&arch.blocks);
         for i in 0..arch.blocks.len() {
             let w = stream.block(i)?;
-            h = pad_border(h, sides)?.conv2d(&w[0], 0, 1, 1, 1)?;
-            h = h.broadcast_add(&w[1].reshape((1, (), 1, 1))?)?;
+            h = super::conv::conv3x3(&pad_border(h, sides)?, &w[0], Some(&w[1]), 0)?;
             if let Some(a) = w.get(2) {
                 let a = a.reshape((1, (), 1, 1))?;
                 h = (h.relu()? + h.minimum(0f32)?.broadcast_mul(&a)?)?;

@@ -7,7 +7,7 @@
 
 use super::kl_vae;
 use super::taesd::{Part, TaesdNet};
-use super::vae_tiled::TiledDecode;
+use super::vae_tiled::{TiledDecode, TiledVae};
 use crate::spec::{link, out, string};
 use candle_core::Tensor;
 use nova_dataflow::{
@@ -236,33 +236,62 @@ pub struct VaeDecodeTiled {
     schema: NodeSchema,
 }
 
+/// An integer input with a step (the tiled nodes' sizes).
+fn stepped(
+    name: &'static str,
+    default: i64,
+    min: i64,
+    max: i64,
+    step: i64,
+    required: bool,
+) -> InputSpec {
+    InputSpec {
+        name,
+        kind: InputKind::Int {
+            default,
+            min,
+            max,
+            step,
+        },
+        required,
+        tooltip: "",
+    }
+}
+
+/// The tile inputs of ComfyUI's tiled VAE nodes.
+fn tile_inputs(tile_step: i64) -> Vec<InputSpec> {
+    vec![
+        stepped("tile_size", 512, 64, 4096, tile_step, true),
+        stepped("overlap", 64, 0, 4096, 32, true),
+        stepped("temporal_size", 64, 8, 4096, 4, false),
+        stepped("temporal_overlap", 8, 4, 4096, 4, false),
+    ]
+}
+
+/// The tileable VAE among a node's planned inputs.
+fn tileable_vae(inputs: &Inputs<ValueInfo>) -> Option<ModelInfo> {
+    match inputs.get("vae") {
+        Some(ValueInfo::Model(m)) if m.tileable => Some(*m),
+        _ => None,
+    }
+}
+
 impl VaeDecodeTiled {
     pub fn new() -> Self {
-        let stepped = |name, default, min, max, step, required| InputSpec {
-            name,
-            kind: InputKind::Int {
-                default,
-                min,
-                max,
-                step,
-            },
-            required,
-            tooltip: "",
-        };
         VaeDecodeTiled {
             schema: NodeSchema {
                 class_type: "VAEDecodeTiled",
                 display_name: "VAE Decode (Tiled)",
                 category: "_for_testing",
                 description: "Decodes latents tile by tile, blending overlaps.",
-                inputs: vec![
-                    link("samples", DataType::Latent),
-                    link("vae", DataType::Vae),
-                    stepped("tile_size", 512, 64, 4096, 32, true),
-                    stepped("overlap", 64, 0, 4096, 32, true),
-                    stepped("temporal_size", 64, 8, 4096, 4, false),
-                    stepped("temporal_overlap", 8, 4, 4096, 4, false),
-                ],
+                inputs: [
+                    vec![
+                        link("samples", DataType::Latent),
+                        link("vae", DataType::Vae),
+                    ],
+                    tile_inputs(32),
+                ]
+                .concat(),
                 outputs: vec![out("IMAGE", DataType::Image)],
                 output_node: false,
             },
@@ -303,12 +332,7 @@ impl Node for VaeDecodeTiled {
     }
 
     fn chunked(&self, args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
-        let Some(ValueInfo::Model(m)) = inputs.get("vae").filter(|v| match v {
-            ValueInfo::Model(m) => m.tileable,
-            _ => false,
-        }) else {
-            return None;
-        };
+        let m = tileable_vae(inputs)?;
         Some(Chunking {
             input: "samples",
             op: Arc::new(Self::op(args, m.activation_per_pixel).ok()?),
@@ -329,9 +353,12 @@ impl Node for VaeDecodeTiled {
             return VaeDecode::new().execute(args, inputs, ctx);
         }
         let op = Self::op(args, model.info.activation_per_pixel)?.bind_to(&inputs, &ctx.weights)?;
-        let image = op.run_whole(latent, args.int("tile_size")? as usize)?;
+        let image = op.run_whole(
+            &Value::latent(latent.clone()),
+            args.int("tile_size")? as usize,
+        )?;
         Ok(NodeOutput {
-            values: vec![Value::image(image)],
+            values: vec![image],
             ui: None,
         })
     }
@@ -375,12 +402,7 @@ impl Node for VaeDecode {
     }
 
     fn chunked(&self, _args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
-        let Some(ValueInfo::Model(m)) = inputs.get("vae").filter(|v| match v {
-            ValueInfo::Model(m) => m.tileable,
-            _ => false,
-        }) else {
-            return None;
-        };
+        let m = tileable_vae(inputs)?;
         Some(Chunking {
             input: "samples",
             op: Arc::new(TiledDecode::new(DEFAULT_OVERLAP, m.activation_per_pixel)),
@@ -478,6 +500,23 @@ impl Node for VaeEncode {
         &self.schema
     }
 
+    fn meta(&self) -> NodeMeta {
+        // Whole when it fits; tiles blend their overlaps, so they only approximate it.
+        NodeMeta {
+            modes: vec![ExecMode::Atomic, ExecMode::Tiled],
+            ..NodeMeta::default()
+        }
+    }
+
+    fn chunked(&self, _args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
+        tileable_vae(inputs)?;
+        Some(Chunking {
+            input: "pixels",
+            op: Arc::new(TiledVae::encoder(DEFAULT_OVERLAP)),
+            max_tile: None,
+        })
+    }
+
     fn infer(
         &self,
         _args: &Args,
@@ -553,4 +592,90 @@ impl Node for VaeEncode {
     }
 }
 
-crate::spec::default_via_new!(VaeLoader, VaeDecodeTiled, VaeDecode, VaeEncode);
+/// `VAEEncodeTiled`: encode in tiles of at most `tile_size` pixels with `overlap` pixels
+/// blended between them (`temporal_*` accepted, for video VAEs).
+pub struct VaeEncodeTiled {
+    schema: NodeSchema,
+}
+
+impl VaeEncodeTiled {
+    pub fn new() -> Self {
+        VaeEncodeTiled {
+            schema: NodeSchema {
+                class_type: "VAEEncodeTiled",
+                display_name: "VAE Encode (Tiled)",
+                category: "_for_testing",
+                description: "Encodes images tile by tile, blending overlaps.",
+                inputs: [
+                    vec![link("pixels", DataType::Image), link("vae", DataType::Vae)],
+                    tile_inputs(64),
+                ]
+                .concat(),
+                outputs: vec![out("LATENT", DataType::Latent)],
+                output_node: false,
+            },
+        }
+    }
+}
+
+impl Node for VaeEncodeTiled {
+    fn schema(&self) -> &NodeSchema {
+        &self.schema
+    }
+
+    fn meta(&self) -> NodeMeta {
+        NodeMeta {
+            modes: vec![ExecMode::Tiled, ExecMode::Atomic],
+            ..NodeMeta::default()
+        }
+    }
+
+    fn infer(
+        &self,
+        args: &Args,
+        inputs: &Inputs<ValueInfo>,
+        env: &JobEnv,
+    ) -> Result<Vec<ValueInfo>, NodeError> {
+        VaeEncode::new().infer(args, inputs, env)
+    }
+
+    fn memory(&self, args: &Args, query: &MemoryQuery) -> MemoryEstimate {
+        VaeEncode::new().memory(args, query)
+    }
+
+    fn chunked(&self, args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
+        tileable_vae(inputs)?;
+        Some(Chunking {
+            input: "pixels",
+            op: Arc::new(TiledVae::encoder(args.int("overlap").ok()? as usize)),
+            max_tile: Some(args.int("tile_size").ok()? as usize),
+        })
+    }
+
+    fn execute(
+        &self,
+        args: &Args,
+        inputs: Inputs<Value>,
+        ctx: &ExecContext,
+    ) -> Result<NodeOutput, NodeError> {
+        let model = inputs.model("vae", DataType::Vae)?;
+        if !model.info.tileable {
+            return VaeEncode::new().execute(args, inputs, ctx);
+        }
+        let op = TiledVae::encoder(args.int("overlap")? as usize).bind_to(&inputs, &ctx.weights)?;
+        let pixels = inputs.require("pixels")?.clone();
+        let latent = op.run_whole(&pixels, args.int("tile_size")? as usize)?;
+        Ok(NodeOutput {
+            values: vec![latent],
+            ui: None,
+        })
+    }
+}
+
+crate::spec::default_via_new!(
+    VaeLoader,
+    VaeDecodeTiled,
+    VaeDecode,
+    VaeEncode,
+    VaeEncodeTiled
+);

@@ -1,13 +1,18 @@
-//! Tiled VAE decode: `VAEDecodeTiled` (ComfyUI's name and inputs), and the chunked form the
-//! planner gives `VAEDecode` when a whole decode does not fit the budget.
+//! Tiled VAE decode and encode: `VAEDecodeTiled` and `VAEEncodeTiled` (ComfyUI's names and
+//! inputs), and the chunked form the planner gives `VAEDecode` and `VAEEncode` when a whole
+//! run does not fit the budget.
 //!
-//! The output is cut into tiles aligned to latent pixels (8 output pixels); each tile is
-//! decoded from its latent window grown by `overlap` output pixels on every side (clipped at
-//! the image border), and the decoded windows are blended: a window's weight rises linearly
-//! from its interior edges over the overlap band, so neighbouring tiles cross-fade instead of
-//! meeting at a seam. With an overlap at least the decoder's receptive field (about 19 latent
-//! pixels for TAESD) the blend region only sees exact values; the defaults (64 pixels) trade a
-//! little accuracy for much less recomputation, as ComfyUI's do.
+//! Tiles are aligned to latent pixels (8 image pixels). Decode cuts the output image into
+//! tiles and decodes each from its latent window grown by `overlap` image pixels on every side
+//! (clipped at the border); encode cuts the output latent into tiles and encodes each from its
+//! image window grown the same way. The windows' results are blended: a window's weight rises
+//! linearly from its interior edges over the overlap band, so neighbouring tiles cross-fade
+//! instead of meeting at a seam. With an overlap at least the network's receptive field
+//! (about 19 latent pixels for TAESD) the blend only sees exact values; the defaults (64
+//! pixels) trade a little accuracy for much less recomputation, as ComfyUI's do.
+//!
+//! Tile sizes are in image pixels for both directions. Encode crops the image to a multiple
+//! of 8, centred, as the whole `VAEEncode` does.
 
 use super::taesd::{Part, TaesdNet};
 use super::vae::TaesdVae;
@@ -19,151 +24,220 @@ use nova_dataflow::{
 use nova_engines::{specs, tile_grid};
 use std::sync::Arc;
 
-/// Latent windows decoded tile by tile with blended overlaps.
-pub struct TiledDecode {
-    /// Overlap in output pixels (rounded down to latent pixels).
+/// Activation bytes per image pixel while encoding (64 channels, 3x3 patches, f32).
+pub const ENCODE_PER_PX: u64 = 64 * 13 * 4;
+
+/// A TAESD-family decoder or encoder run tile by tile with blended overlaps.
+pub struct TiledVae {
+    pub part: Part,
+    /// Overlap in image pixels (rounded down to latent pixels).
     pub overlap: usize,
-    /// Activation bytes per latent pixel while decoding.
-    pub per_latent_px: u64,
+    /// Activation bytes per input pixel while running (latent pixels for decode, image
+    /// pixels for encode).
+    pub per_px: u64,
+    /// Latent channels the encoder makes (the planner assumes SD1's 4 until bound).
+    pub latent_channels: usize,
     bound: Option<(TaesdNet, Arc<DeviceWeights>)>,
 }
 
-/// Latent dimensions `(batch, channels, height, width)` of a planned input.
-fn latent_dims(info: &ValueInfo) -> Result<(usize, usize, usize, usize), NodeError> {
-    match info {
-        ValueInfo::Latent {
-            batch,
-            channels,
-            height,
-            width,
-        } => Ok((*batch, *channels, *height, *width)),
-        _ => Err(NodeError::Other(
-            "tiled VAE decode needs a LATENT input".into(),
-        )),
+/// The tiled decoder (kept under its first name).
+pub type TiledDecode = TiledVae;
+
+/// Dimensions `(batch, channels, latent height, latent width)` of a planned input: a latent
+/// for decode, an image (cropped to latent pixels) for encode.
+fn dims(part: Part, info: &ValueInfo) -> Result<(usize, usize, usize, usize), NodeError> {
+    match (part, info) {
+        (
+            Part::Decoder,
+            ValueInfo::Latent {
+                batch,
+                channels,
+                height,
+                width,
+            },
+        ) => Ok((*batch, *channels, *height, *width)),
+        (Part::Encoder, ValueInfo::Image(i)) => {
+            Ok((i.batch, i.channels, i.height / 8, i.width / 8))
+        }
+        _ => Err(NodeError::Other(format!(
+            "tiled VAE {part:?} got a {info:?} input"
+        ))),
     }
 }
 
 fn rect_of(chunk: &ChunkSpec) -> Result<Rect, NodeError> {
     chunk
         .rect()
-        .ok_or_else(|| NodeError::Other("VAE decode chunk without a tile rectangle".into()))
+        .ok_or_else(|| NodeError::Other("VAE chunk without a tile rectangle".into()))
 }
 
-impl TiledDecode {
-    /// An unbound operator (for planning and merging).
-    pub fn new(overlap: usize, per_latent_px: u64) -> TiledDecode {
-        TiledDecode {
+impl TiledVae {
+    /// An unbound decoder (for planning and merging).
+    pub fn new(overlap: usize, per_latent_px: u64) -> TiledVae {
+        TiledVae {
+            part: Part::Decoder,
             overlap,
-            per_latent_px,
+            per_px: per_latent_px,
+            latent_channels: 4,
             bound: None,
         }
     }
 
-    /// The latent window of an output tile: the tile in latent pixels grown by the overlap,
+    /// An unbound encoder.
+    pub fn encoder(overlap: usize) -> TiledVae {
+        TiledVae {
+            part: Part::Encoder,
+            overlap,
+            per_px: ENCODE_PER_PX,
+            latent_channels: 4,
+            bound: None,
+        }
+    }
+
+    fn unbound(&self) -> TiledVae {
+        TiledVae {
+            part: self.part,
+            overlap: self.overlap,
+            per_px: self.per_px,
+            latent_channels: self.latent_channels,
+            bound: None,
+        }
+    }
+
+    /// A tile's window in latent pixels: the tile (in latent pixels) grown by the overlap,
     /// clipped to the latent's `h` x `w`.
-    fn window(&self, out: Rect, h: usize, w: usize) -> Rect {
+    fn window(&self, tile: Rect, h: usize, w: usize) -> Rect {
         let ov = self.overlap / 8;
-        let (x0, y0) = (
-            (out.x / 8).saturating_sub(ov),
-            (out.y / 8).saturating_sub(ov),
-        );
-        let x1 = ((out.x + out.w) / 8 + ov).min(w);
-        let y1 = ((out.y + out.h) / 8 + ov).min(h);
+        let (x0, y0) = (tile.x.saturating_sub(ov), tile.y.saturating_sub(ov));
+        let x1 = (tile.x + tile.w + ov).min(w);
+        let y1 = (tile.y + tile.h + ov).min(h);
         Rect::new(x0, y0, x1 - x0, y1 - y0)
     }
 
-    fn decode(&self, latent: &Tensor) -> Result<Tensor, NodeError> {
+    /// A chunk's tile in latent pixels (decode chunks are in image pixels).
+    fn latent_tile(&self, chunk: &ChunkSpec) -> Result<Rect, NodeError> {
+        let r = rect_of(chunk)?;
+        Ok(match self.part {
+            Part::Decoder => Rect::new(r.x / 8, r.y / 8, r.w / 8, r.h / 8),
+            Part::Encoder => r,
+        })
+    }
+
+    fn run_net(&self, x: &Tensor) -> Result<Tensor, NodeError> {
         let (net, weights) = self
             .bound
             .as_ref()
-            .ok_or_else(|| NodeError::Other("VAE decoder is not loaded".into()))?;
-        let rgb = net.forward(latent, &|n| weights.get(n).cloned())?;
-        Ok(rgb.clamp(0f32, 1f32)?.permute((0, 2, 3, 1))?.contiguous()?)
+            .ok_or_else(|| NodeError::Other(format!("VAE {:?} is not loaded", self.part)))?;
+        net.forward(x, &|n| weights.get(n).cloned())
     }
 
-    /// This operator with the `vae` input's decoder on the device.
+    /// This operator with the `vae` input's decoder or encoder on the device.
     pub fn bind_to(
         &self,
         side: &Inputs<Value>,
         weights: &WeightContext,
-    ) -> Result<TiledDecode, NodeError> {
+    ) -> Result<TiledVae, NodeError> {
         let model = side.model("vae", DataType::Vae)?;
         let vae = model
             .arch
             .clone()
             .downcast::<TaesdVae>()
             .map_err(|_| NodeError::input("vae", "not a TAESD-family VAE"))?;
-        let (asset, net): &(Arc<Asset>, TaesdNet) = vae
-            .decoder
+        let half = match self.part {
+            Part::Decoder => &vae.decoder,
+            Part::Encoder => &vae.encoder,
+        };
+        let (asset, net): &(Arc<Asset>, TaesdNet) = half
             .as_ref()
-            .ok_or_else(|| NodeError::input("vae", "this VAE has no decoder"))?;
-        debug_assert_eq!(net.part, Part::Decoder);
+            .ok_or_else(|| NodeError::input("vae", format!("this VAE has no {:?}", self.part)))?;
         let device = DeviceWeights::new(asset.clone(), weights.clone())?;
-        Ok(TiledDecode {
-            overlap: self.overlap,
-            per_latent_px: self.per_latent_px,
+        Ok(TiledVae {
+            latent_channels: net.latent_channels,
             bound: Some((net.clone(), Arc::new(device))),
+            ..self.unbound()
         })
     }
 
-    /// Decodes the whole latent tile by tile, in this thread (the atomic form).
-    pub fn run_whole(&self, latent: &Tensor, tile: usize) -> Result<Tensor, NodeError> {
-        let (b, c, h, w) = latent.dims4()?;
-        let info = ValueInfo::Latent {
-            batch: b,
-            channels: c,
-            height: h,
-            width: w,
-        };
+    /// Runs the whole input tile by tile, in this thread (the atomic form): a latent to an
+    /// image for decode, an image to a latent for encode.
+    pub fn run_whole(&self, input: &Value, tile: usize) -> Result<Value, NodeError> {
+        let info = input.info();
         let size = ChunkSize::Tile {
             width: tile,
             height: tile,
         };
         let out = self.output_info(&info)?;
         let mut merger = self.merger(&out)?;
-        let value = Value::latent(latent.clone());
         for chunk in self.plan(&info, size)? {
-            let piece = self.split(&value, &chunk)?;
+            let piece = self.split(input, &chunk)?;
             merger.add(&chunk, self.process(&info, &chunk, &piece)?)?;
         }
-        let image = merger.finish()?;
-        image
-            .as_image()
-            .cloned()
-            .ok_or_else(|| NodeError::Other("decode produced no image".into()))
+        merger.finish()
     }
 }
 
-impl ChunkedOp for TiledDecode {
+impl ChunkedOp for TiledVae {
     fn plan(&self, input: &ValueInfo, size: ChunkSize) -> Result<Vec<ChunkSpec>, NodeError> {
-        let (_, _, h, w) = latent_dims(input)?;
+        let (_, _, h, w) = dims(self.part, input)?;
         let ChunkSize::Tile { width, height } = size;
         // Tiles in whole latent pixels, so every window starts on one.
-        let rects = tile_grid(w, h, (width / 8).max(1), (height / 8).max(1))
-            .into_iter()
-            .map(|r| Rect::new(r.x * 8, r.y * 8, r.w * 8, r.h * 8))
-            .collect();
+        let tiles = tile_grid(w, h, (width / 8).max(1), (height / 8).max(1));
+        let rects = match self.part {
+            Part::Decoder => tiles
+                .into_iter()
+                .map(|r| Rect::new(r.x * 8, r.y * 8, r.w * 8, r.h * 8))
+                .collect(),
+            Part::Encoder => tiles,
+        };
         Ok(specs(rects))
     }
 
     fn output_info(&self, input: &ValueInfo) -> Result<ValueInfo, NodeError> {
-        let (batch, _, h, w) = latent_dims(input)?;
-        Ok(ValueInfo::Image(ImageInfo {
-            batch,
-            height: h * 8,
-            width: w * 8,
-            channels: 3,
-        }))
+        let (batch, _, h, w) = dims(self.part, input)?;
+        Ok(match self.part {
+            Part::Decoder => ValueInfo::Image(ImageInfo {
+                batch,
+                height: h * 8,
+                width: w * 8,
+                channels: 3,
+            }),
+            Part::Encoder => ValueInfo::Latent {
+                batch,
+                channels: self.latent_channels,
+                height: h,
+                width: w,
+            },
+        })
     }
 
     fn split(&self, input: &Value, chunk: &ChunkSpec) -> Result<Value, NodeError> {
-        let latent = input
-            .as_latent()
-            .ok_or_else(|| NodeError::input("samples", "expected a LATENT"))?;
-        let (_, _, h, w) = latent.dims4()?;
-        let win = self.window(rect_of(chunk)?, h, w);
-        let piece = latent.narrow(2, win.y, win.h)?.narrow(3, win.x, win.w)?;
-        Ok(Value::latent(piece.contiguous()?))
+        let tile = self.latent_tile(chunk)?;
+        match self.part {
+            Part::Decoder => {
+                let latent = input
+                    .as_latent()
+                    .ok_or_else(|| NodeError::input("samples", "expected a LATENT"))?;
+                let (_, _, h, w) = latent.dims4()?;
+                let win = self.window(tile, h, w);
+                let piece = latent.narrow(2, win.y, win.h)?.narrow(3, win.x, win.w)?;
+                Ok(Value::latent(piece.contiguous()?))
+            }
+            Part::Encoder => {
+                let image = input
+                    .as_image()
+                    .ok_or_else(|| NodeError::input("pixels", "expected an IMAGE"))?;
+                let (_, ih, iw, _) = image.dims4()?;
+                let win = self.window(tile, ih / 8, iw / 8);
+                // The centred crop to whole latent pixels, then the window.
+                let (oy, ox) = ((ih % 8) / 2, (iw % 8) / 2);
+                let piece = image.narrow(1, oy + win.y * 8, win.h * 8)?.narrow(
+                    2,
+                    ox + win.x * 8,
+                    win.w * 8,
+                )?;
+                Ok(Value::image(piece.contiguous()?))
+            }
+        }
     }
 
     fn process(
@@ -172,10 +246,24 @@ impl ChunkedOp for TiledDecode {
         _chunk: &ChunkSpec,
         piece: &Value,
     ) -> Result<Value, NodeError> {
-        let latent = piece
-            .as_latent()
-            .ok_or_else(|| NodeError::input("samples", "expected a LATENT"))?;
-        Ok(Value::image(self.decode(latent)?))
+        match self.part {
+            Part::Decoder => {
+                let latent = piece
+                    .as_latent()
+                    .ok_or_else(|| NodeError::input("samples", "expected a LATENT"))?;
+                let rgb = self.run_net(latent)?;
+                Ok(Value::image(
+                    rgb.clamp(0f32, 1f32)?.permute((0, 2, 3, 1))?.contiguous()?,
+                ))
+            }
+            Part::Encoder => {
+                let image = piece
+                    .as_image()
+                    .ok_or_else(|| NodeError::input("pixels", "expected an IMAGE"))?;
+                let x = image.narrow(3, 0, 3)?.permute((0, 3, 1, 2))?.contiguous()?;
+                Ok(Value::latent(self.run_net(&x)?))
+            }
+        }
     }
 
     fn bind(
@@ -187,37 +275,67 @@ impl ChunkedOp for TiledDecode {
     }
 
     fn merger(&self, output: &ValueInfo) -> Result<Box<dyn Merger>, NodeError> {
-        let info = output
-            .image()
-            .ok_or_else(|| NodeError::Other("tiled VAE decode makes an IMAGE".into()))?;
+        let (b, c, h, w, channels_last, scale) = match (self.part, output) {
+            (Part::Decoder, ValueInfo::Image(i)) => (i.batch, 3, i.height, i.width, true, 8),
+            (
+                Part::Encoder,
+                ValueInfo::Latent {
+                    batch,
+                    channels,
+                    height,
+                    width,
+                },
+            ) => (*batch, *channels, *height, *width, false, 1),
+            _ => {
+                return Err(NodeError::Other(format!(
+                    "tiled VAE {:?} cannot make a {output:?}",
+                    self.part
+                )))
+            }
+        };
         Ok(Box::new(BlendMerger {
-            overlap: (self.overlap / 8) * 8,
-            op: TiledDecode::new(self.overlap, self.per_latent_px),
-            acc: vec![0.0; info.batch * info.height * info.width * 3],
-            weight: vec![0.0; info.height * info.width],
-            info,
+            dims: (b, c, h, w),
+            channels_last,
+            scale,
+            overlap: (self.overlap / 8) * scale,
+            op: self.unbound(),
+            acc: vec![0.0; b * c * h * w],
+            weight: vec![0.0; h * w],
         }))
     }
 
     fn chunk_memory(&self, input: &ValueInfo, chunk: &ChunkSpec) -> ChunkMemory {
-        let (Ok((b, c, h, w)), Ok(out)) = (latent_dims(input), rect_of(chunk)) else {
+        let (Ok((b, c, h, w)), Ok(tile)) = (dims(self.part, input), self.latent_tile(chunk)) else {
             return ChunkMemory::default();
         };
-        let win = self.window(out, h, w);
-        let px = (b * win.w * win.h) as u64;
-        ChunkMemory {
-            piece: px * c as u64 * 4,
-            result: px * 64 * 3 * 4,
-            workspace: px * self.per_latent_px,
+        let win = self.window(tile, h, w);
+        let latent_px = (b * win.w * win.h) as u64;
+        match self.part {
+            Part::Decoder => ChunkMemory {
+                piece: latent_px * c as u64 * 4,
+                result: latent_px * 64 * 3 * 4,
+                workspace: latent_px * self.per_px,
+            },
+            Part::Encoder => ChunkMemory {
+                piece: latent_px * 64 * c as u64 * 4,
+                result: latent_px * self.latent_channels as u64 * 4,
+                workspace: latent_px * 64 * self.per_px,
+            },
         }
     }
 }
 
-/// Accumulates weighted decoded windows and divides by the weights at the end.
+/// Accumulates weighted windows of the output and divides by the weights at the end.
 struct BlendMerger {
-    info: ImageInfo,
+    /// Output `(batch, channels, height, width)`.
+    dims: (usize, usize, usize, usize),
+    /// Image layout `[b, h, w, c]` (decode) or latent layout `[b, c, h, w]` (encode).
+    channels_last: bool,
+    /// Output pixels per latent pixel.
+    scale: usize,
+    /// Blend band in output pixels.
     overlap: usize,
-    op: TiledDecode,
+    op: TiledVae,
     acc: Vec<f32>,
     weight: Vec<f32>,
 }
@@ -240,21 +358,17 @@ fn ramp(i: usize, n: usize, ov: usize, start_inside: bool, end_inside: bool) -> 
 
 impl Merger for BlendMerger {
     fn add(&mut self, chunk: &ChunkSpec, part: Value) -> Result<(), NodeError> {
-        let ImageInfo {
-            batch: b,
-            height: oh,
-            width: ow,
-            ..
-        } = self.info;
-        let win = self.op.window(rect_of(chunk)?, oh / 8, ow / 8);
-        let (x0, y0, ww, wh) = (win.x * 8, win.y * 8, win.w * 8, win.h * 8);
+        let (b, c, oh, ow) = self.dims;
+        let k = self.scale;
+        let win = self.op.window(self.op.latent_tile(chunk)?, oh / k, ow / k);
+        let (x0, y0, ww, wh) = (win.x * k, win.y * k, win.w * k, win.h * k);
         let t = part
-            .as_image()
-            .ok_or_else(|| NodeError::Other("decoded tile is not an image".into()))?;
+            .as_tensor()
+            .ok_or_else(|| NodeError::Other("a tile's result is not a tensor".into()))?;
         let data = t.flatten_all()?.to_vec1::<f32>()?;
-        if data.len() != b * wh * ww * 3 {
+        if data.len() != b * c * wh * ww {
             return Err(NodeError::Other(format!(
-                "decoded window {ww}x{wh} has {} values",
+                "window {ww}x{wh} has {} values",
                 data.len()
             )));
         }
@@ -266,10 +380,19 @@ impl Merger for BlendMerger {
                 let o = (y0 + y) * ow + x0 + x;
                 self.weight[o] += wgt;
                 for bi in 0..b {
-                    let src = ((bi * wh + y) * ww + x) * 3;
-                    let dst = (bi * oh * ow + o) * 3;
-                    for ch in 0..3 {
-                        self.acc[dst + ch] += wgt * data[src + ch];
+                    for ch in 0..c {
+                        let (src, dst) = if self.channels_last {
+                            (
+                                ((bi * wh + y) * ww + x) * c + ch,
+                                (bi * oh * ow + o) * c + ch,
+                            )
+                        } else {
+                            (
+                                ((bi * c + ch) * wh + y) * ww + x,
+                                (bi * c + ch) * oh * ow + o,
+                            )
+                        };
+                        self.acc[dst] += wgt * data[src];
                     }
                 }
             }
@@ -278,28 +401,28 @@ impl Merger for BlendMerger {
     }
 
     fn finish(self: Box<Self>) -> Result<Value, NodeError> {
-        let ImageInfo {
-            batch: b,
-            height: oh,
-            width: ow,
-            ..
-        } = self.info;
+        let (b, c, oh, ow) = self.dims;
         let mut out = self.acc;
+        if self.weight.iter().any(|w| *w <= 0.0) {
+            return Err(NodeError::Other("an output pixel was never covered".into()));
+        }
         for bi in 0..b {
-            for (o, w) in self.weight.iter().enumerate() {
-                if *w <= 0.0 {
-                    return Err(NodeError::Other("a decoded pixel was never covered".into()));
-                }
-                let d = (bi * oh * ow + o) * 3;
-                for ch in 0..3 {
-                    out[d + ch] /= w;
+            for ch in 0..c {
+                for (o, w) in self.weight.iter().enumerate() {
+                    let d = if self.channels_last {
+                        (bi * oh * ow + o) * c + ch
+                    } else {
+                        (bi * c + ch) * oh * ow + o
+                    };
+                    out[d] /= w;
                 }
             }
         }
-        Ok(Value::image(Tensor::from_vec(
-            out,
-            (b, oh, ow, 3),
-            &candle_core::Device::Cpu,
-        )?))
+        let dev = &candle_core::Device::Cpu;
+        Ok(if self.channels_last {
+            Value::image(Tensor::from_vec(out, (b, oh, ow, c), dev)?)
+        } else {
+            Value::latent(Tensor::from_vec(out, (b, c, oh, ow), dev)?)
+        })
     }
 }
