@@ -169,3 +169,26 @@ fn a_job_cancelled_during_sampling_stops_between_steps() {
     assert!((3..20).contains(&steps), "stopped after {steps} steps");
     assert!(!job.dir.path().join("output").join("x_00001_.png").exists());
 }
+
+#[test]
+fn long_and_weighted_prompts_condition_the_sampler() {
+    let job = job();
+    let base = default_workflow(11, "euler", "normal", "w");
+    let (_, _, plain) = run(&job, &base);
+    // A prompt of three 77-token windows against a one-window negative prompt.
+    let long = vec!["bottle"; 160].join(" ");
+    let wf = base.replace(
+        "beautiful scenery nature glass bottle landscape, , purple galaxy bottle,",
+        &long,
+    );
+    let (w, h, long_img) = run(&job, &wf.replace("\"w\"", "\"l\""));
+    assert_eq!((w, h), (64, 64));
+    assert_ne!(long_img, plain);
+    // Emphasis changes the image; weight 1 does not.
+    let weighted = base.replace("glass bottle", "(glass bottle:1.4)");
+    let (_, _, emphasised) = run(&job, &weighted.replace("\"w\"", "\"e\""));
+    assert_ne!(emphasised, plain);
+    let neutral = base.replace("glass bottle", "(glass bottle:1.0)");
+    let (_, _, same) = run(&job, &neutral.replace("\"w\"", "\"n\""));
+    assert_eq!(same, plain);
+}

@@ -13,7 +13,7 @@
 //! | `telemetry.memory_forecast` | `profile` (when known), `budget_bytes`, `limit_bytes` (budget minus headroom), `forecast_peak_bytes`, `naive_peak_bytes` (every node whole), `fits`, `nodes`: `[{node, mode, tile, chunks, forecast_bytes}]` | the plan is fixed, before any node runs |
 //! | `telemetry.retry` | `node`, `chunk`, `tile_from`, `tile_to`, `reason` | a chunk ran short of memory and is re-run as smaller tiles |
 //! | `telemetry.residency_delta` | `asset`, `from`, `to` (`UNLOADED`, `CPU_MMAP`, `CPU_HOT`, `GPU_FULL`, `GPU_PARTIAL`), `bytes_on_device`, `reason` | a model asset changed state |
-//! | `telemetry.node_start` | `node`, `class_type`, `mode`, `chunks` | the frontier of every input of the node passed the time of its input: the node may run |
+//! | `telemetry.node_start` | `node`, `class_type`, `mode`, `chunks`, and `steps` for an iterative node | the frontier of every input of the node passed the time of its input: the node may run |
 //! | `telemetry.chunk` | `node`, `chunk`, `chunks`, `rect` (tiles), `progress` `{value, max}` over all chunks of the job | the frontier after the node's kernel passed the chunk's timestamp |
 //! | `telemetry.step` | `node`, `step` (1-based), `steps`, `progress` `{value, max}` over all units of the job | an iterative node (a sampler): the frontier after it passed the step's time |
 //! | `output.preview` | `node` (the iterative node), `step`, `steps`, `method` (`taesd` or `latent2rgb`), `width`, `height` | right after that step's `telemetry.step`, when the node made a preview |
@@ -145,6 +145,9 @@ pub enum EventKind {
         class_type: String,
         mode: ExecMode,
         chunks: u32,
+        /// Steps of an iterative node (then `chunks` counts them); absent otherwise.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        steps: Option<u32>,
     },
     #[serde(rename = "telemetry.chunk")]
     Chunk {

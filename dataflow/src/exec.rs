@@ -1226,6 +1226,7 @@ impl Driver {
                     class_type: n.class_type.to_string(),
                     mode: p.mode,
                     chunks: p.chunk_count(),
+                    steps: (p.steps > 0).then_some(p.steps),
                 });
             }
             // Retries of this node's chunks, before the chunk events they delayed.

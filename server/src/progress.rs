@@ -50,7 +50,13 @@ fn plain(ev: &Event) {
             class_type,
             mode,
             chunks,
-        } => eprintln!("nova: node {node} ({class_type}) started, {mode:?} in {chunks} chunk(s)"),
+            steps,
+        } => match steps {
+            Some(s) => eprintln!("nova: node {node} ({class_type}) started, {s} steps"),
+            None => {
+                eprintln!("nova: node {node} ({class_type}) started, {mode:?} in {chunks} chunk(s)")
+            }
+        },
         EventKind::NodeEnd {
             node,
             class_type,

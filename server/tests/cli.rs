@@ -506,3 +506,54 @@ fn models_are_found_through_comfyuis_extra_model_paths_file() {
     );
     assert_clean_failure(&out, 2, &["bad.yaml", "section 'x', upscale_models"]);
 }
+
+#[test]
+fn the_txt2img_example_reports_every_step_with_a_preview() {
+    let s = Setup::new("txt2img");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let wf = repo.join("examples/workflows/txt2img_tiny.json");
+    let paths = repo.join("examples/extra_model_paths.yaml");
+    let out = nova(
+        &[
+            "run",
+            wf.to_str().unwrap(),
+            "--extra-model-paths-config",
+            paths.to_str().unwrap(),
+            "--events",
+            "-",
+        ],
+        &s.dir,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("node 3 (KSampler) started, 20 steps"),
+        "{stderr}"
+    );
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+        .collect();
+    let of = |t: &str| events.iter().filter(|e| e["type"] == t).collect::<Vec<_>>();
+    let steps: Vec<u64> = of("telemetry.step")
+        .iter()
+        .map(|e| e["data"]["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=20).collect::<Vec<_>>());
+    let previews = of("output.preview");
+    assert_eq!(previews.len(), 20);
+    // `auto`: a projection at latent size, or TAESD at image size where the time share
+    // allows it (on the tiny model, rarely if ever).
+    for p in previews {
+        let size = match p["data"]["method"].as_str() {
+            Some("latent2rgb") => 8,
+            Some("taesd") => 64,
+            other => panic!("unexpected preview method {other:?}"),
+        };
+        assert_eq!(
+            (p["data"]["width"].as_u64(), p["data"]["height"].as_u64()),
+            (Some(size), Some(size))
+        );
+    }
+    assert!(s.dir.join("output/txt2img_tiny_00001_.png").is_file());
+}

@@ -6,6 +6,7 @@ pub mod conv;
 pub mod kl_vae;
 mod nn;
 pub mod preview;
+pub mod prompt;
 pub mod safetensors;
 pub mod sampling;
 pub mod sd;

@@ -5,10 +5,13 @@
 //! Every step gets a preview. Under `auto` a step gets TAESD only when the decode's expected
 //! time fits in what is left of the share (the time the steps so far took, times the share,
 //! minus what previews already took); otherwise it gets the projection, whose cost (a 4x3
-//! matrix product at latent resolution) is counted too. Before TAESD first runs its time is
-//! estimated from its multiply-adds at a deliberately slow rate; after, the last measured
-//! decode is the estimate. `taesd` decodes every step with TAESD regardless of time (as
-//! ComfyUI does); `latent2rgb` always projects; `none` makes no previews.
+//! matrix product at latent resolution) is counted too. A decode's time is estimated from its
+//! multiply-adds and this machine's measured rate: the rate comes from a calibration decode of
+//! at most 8x8 latent pixels, run (and counted) once the share can pay for it at a
+//! deliberately slow assumed rate, and from every TAESD preview after. Small decodes run
+//! below the full rate, so the estimate errs long. `taesd` decodes every step with TAESD
+//! regardless of time (as ComfyUI does); `latent2rgb` always projects; `none` makes no
+//! previews.
 //!
 //! Memory: the decoder's weights are leased when first used and held until sampling ends;
 //! each decode leases its activations first and falls back to the projection if the budget
@@ -27,8 +30,8 @@ use std::time::{Duration, Instant};
 /// The most of sampling time that `auto` previews may take.
 pub const TIME_SHARE: f64 = 0.05;
 
-/// Multiply-adds per second assumed for TAESD before it was measured: slower than any CPU
-/// this runs on, so the first decode is not taken before the share can pay for it.
+/// Multiply-adds per second assumed for the calibration decode before anything was measured:
+/// slower than any CPU this runs on.
 const PRIOR_MACS_PER_S: f64 = 5e9;
 
 /// SD1's latent-to-RGB factors (ComfyUI's SD15 latent format): one row per latent channel.
@@ -56,8 +59,8 @@ pub struct Previewer {
     sampled: Duration,
     /// Time previews took so far.
     spent: Duration,
-    /// Expected time of the next TAESD decode.
-    estimate: Option<Duration>,
+    /// TAESD's measured multiply-adds per second on this machine.
+    rate: Option<f64>,
 }
 
 impl Previewer {
@@ -76,7 +79,7 @@ impl Previewer {
             weights,
             sampled: Duration::ZERO,
             spent: Duration::ZERO,
-            estimate: None,
+            rate: None,
         }
     }
 
@@ -102,14 +105,15 @@ impl Previewer {
             return Ok(None);
         }
         let first = latent.narrow(0, 0, 1)?;
+        let allowed = self.taesd_allowed(&first)?;
         let start = Instant::now();
-        let made = match self.taesd_allowed(&first) {
+        let made = match allowed {
             true => self.taesd(&first).map(|img| (img, "taesd")),
             false => None,
         };
         let (image, method) = match made {
             Some(m) => {
-                self.estimate = Some(start.elapsed());
+                self.measured(&first, start.elapsed());
                 m
             }
             None => (latent_to_rgb(&first)?, "latent2rgb"),
@@ -126,19 +130,51 @@ impl Previewer {
         }))
     }
 
-    fn taesd_allowed(&self, latent: &Tensor) -> bool {
-        let Some(d) = &self.decoder else {
-            return false;
-        };
-        if self.method == PreviewMethod::Taesd {
-            return true;
-        }
+    /// Multiply-adds of a TAESD decode of `latent`.
+    fn macs(&self, latent: &Tensor) -> f64 {
         let px = latent.dims().iter().skip(2).product::<usize>() as f64;
-        let estimate = self.estimate.unwrap_or_else(|| {
-            Duration::from_secs_f64(d.macs_per_px as f64 * px / PRIOR_MACS_PER_S)
-        });
-        let allowance = self.sampled.mul_f64(TIME_SHARE).saturating_sub(self.spent);
-        estimate <= allowance
+        self.decoder
+            .as_ref()
+            .map_or(0.0, |d| d.macs_per_px as f64 * px)
+    }
+
+    /// Records a TAESD decode of `latent` that took `took`.
+    fn measured(&mut self, latent: &Tensor, took: Duration) {
+        self.rate = Some(self.macs(latent) / took.as_secs_f64().max(1e-9));
+    }
+
+    /// What is left of the share.
+    fn allowance(&self) -> Duration {
+        self.sampled.mul_f64(TIME_SHARE).saturating_sub(self.spent)
+    }
+
+    /// Whether this step's preview may be a TAESD decode; calibrates the rate first when the
+    /// share can pay for that (the calibration's time counts as preview time).
+    fn taesd_allowed(&mut self, latent: &Tensor) -> Result<bool, NodeError> {
+        if self.decoder.is_none() {
+            return Ok(false);
+        }
+        if self.method == PreviewMethod::Taesd {
+            return Ok(true);
+        }
+        if self.rate.is_none() {
+            let (_, _, h, w) = latent.dims4()?;
+            let crop = latent.narrow(2, 0, h.min(8))?.narrow(3, 0, w.min(8))?;
+            let prior = Duration::from_secs_f64(self.macs(&crop) / PRIOR_MACS_PER_S);
+            if prior > self.allowance() {
+                return Ok(false);
+            }
+            let start = Instant::now();
+            let done = self.taesd(&crop).is_some();
+            let took = start.elapsed();
+            self.spent += took;
+            if !done {
+                return Ok(false);
+            }
+            self.measured(&crop, took);
+        }
+        let rate = self.rate.unwrap_or(PRIOR_MACS_PER_S);
+        Ok(Duration::from_secs_f64(self.macs(latent) / rate) <= self.allowance())
     }
 
     /// Decodes with TAESD under a lease of its activations; `None` when the budget refuses

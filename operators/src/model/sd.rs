@@ -8,11 +8,12 @@
 //! The samplers are iterative nodes: each step is its own dataflow time (progress events per
 //! step) and makes a preview of the denoised estimate.
 //!
-//! Not yet: prompt emphasis syntax (`(word:1.2)` is tokenized as written) and prompts longer
-//! than 75 tokens (truncated; ComfyUI concatenates 77-token windows).
+//! Prompts follow ComfyUI: `(word:1.2)` emphasis and 77-token windows for long prompts
+//! ([`super::prompt`]).
 
 use super::clip::{self, ClipTextConfig, ClipTokenizer};
 use super::preview::Previewer;
+use super::prompt;
 use super::sampling::{self, SamplerKind, Sampling, Schedule, SAMPLERS, SCHEDULERS};
 use super::unet;
 use super::vae::KlVae;
@@ -191,7 +192,8 @@ impl Node for CheckpointLoaderSimple {
     }
 }
 
-/// `CLIPTextEncode`: a prompt to conditioning (the text encoder's last layer, normed).
+/// `CLIPTextEncode`: a prompt to conditioning (the text encoder's last layer, normed), with
+/// ComfyUI's emphasis weights and 77-token windows (see [`super::prompt`]).
 pub struct ClipTextEncode {
     schema: NodeSchema,
 }
@@ -250,10 +252,11 @@ impl Node for ClipTextEncode {
             .downcast::<ClipTextConfig>()
             .map_err(|_| NodeError::input("clip", "not a CLIP text model"))?;
         let weights = DeviceWeights::part(model.asset.clone(), ctx.weights.clone(), clip::PREFIX)?;
-        let ids = ClipTokenizer::get().encode_padded(args.string("text")?);
-        let (_, last) = clip::encode_text(&cfg, &[ids], &|n| weights.get(n).cloned())?;
+        let cond = prompt::encode_prompt(ClipTokenizer::get(), args.string("text")?, &|ids| {
+            Ok(clip::encode_text(&cfg, ids, &|n| weights.get(n).cloned())?.1)
+        })?;
         Ok(NodeOutput {
-            values: vec![Value::Conditioning(nova_dataflow::TensorBox::new(last))],
+            values: vec![Value::Conditioning(nova_dataflow::TensorBox::new(cond))],
             ui: None,
         })
     }
@@ -265,6 +268,14 @@ fn conditioning(inputs: &Inputs<Value>, name: &str) -> Result<Tensor, NodeError>
         .as_conditioning()
         .cloned()
         .ok_or_else(|| NodeError::input(name, "expected CONDITIONING"))
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a.max(1)
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// The sigmas a sampler node's args ask for: `KSampler`'s steps and denoise, or
@@ -343,8 +354,15 @@ impl SamplerRun {
         };
         let weights = DeviceWeights::part(model.asset.clone(), ctx.weights.clone(), unet::PREFIX)?;
         let (b, c, _, _) = latent.dims4()?;
-        let repeat = |t: &Tensor| -> candle_core::Result<Tensor> { Tensor::cat(&vec![t; b], 0) };
-        let context = Tensor::cat(&[repeat(&negative)?, repeat(&positive)?], 0)?;
+        // Prompts of different lengths (77-token windows) are repeated to a common length,
+        // as ComfyUI does.
+        let (np, nn) = (positive.dim(1)?, negative.dim(1)?);
+        let common = np / gcd(np, nn) * nn;
+        let widen = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+            let t = Tensor::cat(&vec![t; common / n], 1)?;
+            Tensor::cat(&vec![&t; b], 0)
+        };
+        let context = Tensor::cat(&[widen(&negative, nn)?, widen(&positive, np)?], 0)?;
         let x = match sigmas.first() {
             Some(&first) if add_noise => {
                 let n = sampling::noise(seed, latent.dims(), latent.device())?;
