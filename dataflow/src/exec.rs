@@ -5,10 +5,10 @@
 //! - **atomic**: one operator, owned by worker `node index % workers`, that waits until its
 //!   input frontier passes the node's input time, runs the kernel, and emits the outputs at the
 //!   node's output time.
-//! - **iterative** (an atomic node with steps, e.g. a sampler): one operator on the owner that
-//!   starts the node once its inputs are complete, then runs one step per activation, step `i`
-//!   at time `in_time + i`, downgrading its capability after each, so the frontier after it
-//!   passes step by step; the outputs come at the last step's time.
+//! - **iterative** (an atomic node with steps, e.g. a sampler): the same operator starts the
+//!   node once its inputs are complete, then runs one step per activation, step `i` at time
+//!   `in_time + i`, downgrading its capability after each, so the frontier after it passes
+//!   step by step; the outputs come at the last step's time.
 //! - **tiled**: *split* (owner: cuts the whole input into chunk records at successive times),
 //!   *process* (chunks exchanged across all workers by index; one chunk per activation so the
 //!   frontier moves chunk by chunk), *merge* (owner: assembles the output once the frontier
@@ -449,11 +449,7 @@ fn build(
         let capture = feeds_output[ix];
         let output = match chunking {
             None => {
-                let out = if p.steps > 0 {
-                    stepped(scope, input, ix, owner == me, wf, plan, ctx, shared)
-                } else {
-                    atomic(input, ix, owner == me, wf, plan, ctx, shared)
-                };
+                let out = whole(scope, input, ix, owner == me, wf, plan, ctx, shared);
                 let sh = shared.clone();
                 out.inspect(move |r: &Record| {
                     if capture && r.port == 0 {
@@ -524,60 +520,6 @@ fn named_inputs(wf: &ValidatedWorkflow, ix: usize, stash: &mut Vec<Record>) -> I
     inputs
 }
 
-/// An atomic node: waits for all inputs, runs once, emits all outputs at the output time.
-///
-/// Memory: before the kernel runs it leases the node's forecast working set (outputs and
-/// workspace); the outputs then carry leases of their own and the working lease is returned.
-fn atomic<'s>(
-    input: Recs<'s>,
-    ix: usize,
-    owner: bool,
-    wf: &Arc<ValidatedWorkflow>,
-    plan: &Arc<ExecutionPlan>,
-    ctx: ExecContext,
-    shared: &Arc<Shared>,
-) -> Recs<'s> {
-    let (wf, plan, shared) = (wf.clone(), plan.clone(), shared.clone());
-    let (in_time, out_time) = (plan.nodes[ix].in_time, plan.nodes[ix].out_time);
-    let owner_ix = (ix % input.scope().peers()) as u64;
-    let name = format!("{}:{}", wf.nodes[ix].id, wf.nodes[ix].class_type);
-    input.unary_frontier::<Cb, _, _, _>(
-        Exchange::new(move |_r: &Record| owner_ix),
-        &name,
-        move |cap, _info| {
-            let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&out_time));
-            let mut stash: Vec<Record> = Vec::new();
-            move |(input, frontier), output| {
-                input.for_each(|_c, data| stash.append(data));
-                if cap.is_none() || frontier.frontier().less_equal(&in_time) {
-                    return;
-                }
-                let cap = cap.take().expect("checked above");
-                if shared.stopped() {
-                    stash.clear();
-                    return;
-                }
-                let n = &wf.nodes[ix];
-                let inputs = named_inputs(&wf, ix, &mut stash);
-                let working = plan.nodes[ix].atomic_working_bytes();
-                let lease = match shared.acct.try_lease(working, &format!("node {}", n.id)) {
-                    Ok(l) => l,
-                    Err(oom) => return shared.fail(ix, NodeError::OutOfMemory(oom.to_string())),
-                };
-                let result = guarded(|| n.node.execute(&n.args, inputs, &ctx));
-                drop(lease);
-                match result {
-                    Ok(out) => {
-                        let recs = finished(&shared, ix, out);
-                        output.session(&cap).give_iterator(recs.into_iter());
-                    }
-                    Err(e) => shared.fail(ix, e),
-                }
-            }
-        },
-    )
-}
-
 /// Records a node's UI output, marks it ran, and turns its values into tracked records.
 fn finished(shared: &Shared, ix: usize, out: NodeOutput) -> Vec<Record> {
     if let Some(ui) = out.ui {
@@ -600,14 +542,19 @@ fn finished(shared: &Shared, ix: usize, out: NodeOutput) -> Vec<Record> {
         .collect()
 }
 
-/// An iterative node: waits for all inputs, starts, then runs one step per activation, step
-/// `i` at time `in_time + i`; emits the outputs at the last step's time (the output time).
+/// A node that runs whole: waits for all inputs, then runs.
 ///
-/// Memory: the node's forecast working set is leased when it starts and held until it
-/// finishes (a sampler keeps its latent and model activations across steps). A step's
-/// preview is left for the driver, which announces it once the frontier passes the step.
+/// - An atomic node runs its kernel once and emits all outputs at the output time.
+/// - An iterative node starts, then runs one step per activation, step `i` at time
+///   `in_time + i`, downgrading its capability after each so the frontier passes step by step;
+///   the outputs come at the last step's time (the output time). A step's preview is left for
+///   the driver, which announces it once the frontier passes the step.
+///
+/// Memory: before the kernel (or the first step) runs it leases the node's forecast working
+/// set (outputs and workspace), held until the node finishes (a sampler keeps its latent and
+/// activations across steps); the outputs then carry leases of their own.
 #[allow(clippy::too_many_arguments)]
-fn stepped<'s>(
+fn whole<'s>(
     scope: Scope<'s, u64>,
     input: Recs<'s>,
     ix: usize,
@@ -628,7 +575,7 @@ fn stepped<'s>(
             let activator = scope.activator_for(info.address.clone());
             let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&in_time));
             let mut stash: Vec<Record> = Vec::new();
-            let mut running: Option<(Box<dyn Stepper>, Lease)> = None;
+            let mut running: Option<(Option<Box<dyn Stepper>>, Lease)> = None;
             let mut done = 0u32;
             move |(input, frontier), output| {
                 input.for_each(|_c, data| stash.append(data));
@@ -642,6 +589,7 @@ fn stepped<'s>(
                     return;
                 }
                 let n = &wf.nodes[ix];
+                let mut result = None;
                 if running.is_none() {
                     let inputs = named_inputs(&wf, ix, &mut stash);
                     let working = plan.nodes[ix].atomic_working_bytes();
@@ -652,43 +600,55 @@ fn stepped<'s>(
                             return shared.fail(ix, NodeError::OutOfMemory(oom.to_string()));
                         }
                     };
-                    match guarded(|| n.node.start(&n.args, inputs, &ctx)) {
-                        Ok(s) => running = Some((s, lease)),
+                    if steps == 0 {
+                        result = Some(guarded(|| n.node.execute(&n.args, inputs, &ctx)));
+                        running = Some((None, lease));
+                    } else {
+                        match guarded(|| n.node.start(&n.args, inputs, &ctx)) {
+                            Ok(s) => running = Some((Some(s), lease)),
+                            Err(e) => {
+                                cap = None;
+                                return shared.fail(ix, e);
+                            }
+                        }
+                    }
+                }
+                if let Some((Some(stepper), _)) = running.as_mut() {
+                    match guarded(|| stepper.step()) {
+                        Ok(preview) => {
+                            if let Some(p) = preview {
+                                shared
+                                    .previews
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .insert((ix, done), p);
+                            }
+                            done += 1;
+                        }
                         Err(e) => {
                             cap = None;
+                            running = None;
                             return shared.fail(ix, e);
                         }
                     }
-                }
-                let (stepper, _) = running.as_mut().expect("started above");
-                match guarded(|| stepper.step()) {
-                    Ok(preview) => {
-                        if let Some(p) = preview {
-                            shared
-                                .previews
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert((ix, done), p);
+                    if done < steps {
+                        // Step `done - 1` is finished: let the frontier pass its time.
+                        if let Some(c) = cap.as_mut() {
+                            c.downgrade(&(in_time + done as u64));
                         }
-                        done += 1;
+                        activator.activate();
+                        return;
                     }
-                    Err(e) => {
-                        cap = None;
-                        running = None;
-                        return shared.fail(ix, e);
-                    }
-                }
-                if done < steps {
-                    // Step `done - 1` is finished: let the frontier pass its time.
-                    if let Some(c) = cap.as_mut() {
-                        c.downgrade(&(in_time + done as u64));
-                    }
-                    activator.activate();
-                    return;
                 }
                 let c = cap.take().expect("checked above");
-                let (stepper, lease) = running.take().expect("started above");
-                let result = guarded(|| stepper.finish());
+                let Some((stepper, lease)) = running.take() else {
+                    return;
+                };
+                let result = match (result, stepper) {
+                    (Some(r), _) => r,
+                    (None, Some(s)) => guarded(|| s.finish()),
+                    (None, None) => Err(NodeError::Other("the node produced nothing".into())),
+                };
                 drop(lease);
                 match result {
                     Ok(out) => {

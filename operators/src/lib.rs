@@ -30,7 +30,7 @@ pub fn registry() -> NodeRegistry {
     r.register(model::vae::VaeDecode::new());
     r.register(model::vae::VaeDecodeTiled::new());
     r.register(model::vae::VaeEncode::new());
-    r.register(model::vae::VaeEncodeTiled::new());
+    r.register(model::vae::VaeDecodeTiled::encode());
     r.register(latent::EmptyLatentImage::new());
     r.register(model::sd::CheckpointLoaderSimple::new());
     r.register(model::sd::ClipTextEncode::new());

@@ -348,18 +348,7 @@ mod tests {
         let cfg = ClipTextConfig::from_shapes(&|n| ckpt.shape(n).map(|s| s.to_vec())).unwrap();
         assert_eq!((cfg.hidden, cfg.layers), (32, 3));
         let (states, last) = encode_text(&cfg, &[ids], &|n| ckpt.read(n)).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = crate::model::max_abs_diff;
         let e_last = diff(&last, &r.read("text_last_hidden_state").unwrap());
         let e_pen = diff(
             &states[cfg.layers - 2],

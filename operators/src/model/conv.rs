@@ -434,26 +434,7 @@ mod tests {
     use super::*;
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let s: f32 = b
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        d / s
+        crate::model::max_abs_diff(a, b) / crate::model::max_abs(b)
     }
 
     #[test]

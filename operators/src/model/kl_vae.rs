@@ -141,18 +141,7 @@ mod tests {
         let r = SafetensorsFile::open(&dir.join("reference.safetensors")).unwrap();
         let get = |n: &str| ckpt.read(n);
         let has = |n: &str| ckpt.shape(n).is_some();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = crate::model::max_abs_diff;
         // The reference decodes diffusion latents: VAE latents are those divided by SCALE.
         let z = (r.read("vae_decode_latent_in").unwrap() / SCALE).unwrap();
         let img = decode(&z, &get, &has).unwrap();

@@ -31,3 +31,19 @@ pub(crate) fn open_asset(
         log,
     )
 }
+
+/// Largest absolute difference between two tensors (tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    max_abs(&(a - b).expect("same shapes"))
+}
+
+/// Largest absolute value of a tensor (tests).
+#[cfg(test)]
+pub(crate) fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.max(0))
+        .and_then(|t| t.to_scalar())
+        .expect("a float tensor")
+}

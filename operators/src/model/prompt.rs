@@ -233,18 +233,7 @@ mod tests {
             })
             .unwrap()
         };
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = crate::model::max_abs_diff;
         let plain = enc("a cat dog");
         assert_eq!(plain.dims(), &[1, 77, cfg.hidden]);
         // Weight 1 is no weight at all.

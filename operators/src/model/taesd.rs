@@ -336,18 +336,7 @@ mod tests {
         p
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::model::max_abs_diff as max_diff;
 
     /// Encodes and decodes a reference's input; returns (latent error, decoded error).
     fn check(

@@ -241,16 +241,7 @@ mod tests {
         )
         .unwrap();
         let want = r.read("unet_eps_out").unwrap();
-        let e: f32 = (eps - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let e = crate::model::max_abs_diff(&eps, &want);
         eprintln!("UNet step at t=500: max |err| {e:.2e}");
         assert!(e < 1e-3, "{e}");
     }

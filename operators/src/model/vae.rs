@@ -7,7 +7,7 @@
 
 use super::kl_vae;
 use super::taesd::{Part, TaesdNet};
-use super::vae_tiled::{TiledDecode, TiledVae};
+use super::vae_tiled::TiledVae;
 use crate::spec::{link, out, string};
 use candle_core::Tensor;
 use nova_dataflow::{
@@ -229,13 +229,6 @@ fn model_info(inputs: &[ValueInfo]) -> Option<ModelInfo> {
 /// The overlap (output pixels) of automatic tiled decode: ComfyUI's `VAEDecodeTiled` default.
 pub const DEFAULT_OVERLAP: usize = 64;
 
-/// `VAEDecodeTiled`: decode in tiles of at most `tile_size` pixels with `overlap` pixels
-/// blended between them. `temporal_size` and `temporal_overlap` (ComfyUI's, for video VAEs)
-/// are accepted and do not apply to images.
-pub struct VaeDecodeTiled {
-    schema: NodeSchema,
-}
-
 /// An integer input with a step (the tiled nodes' sizes).
 fn stepped(
     name: &'static str,
@@ -276,7 +269,17 @@ fn tileable_vae(inputs: &Inputs<ValueInfo>) -> Option<ModelInfo> {
     }
 }
 
+/// `VAEDecodeTiled` and `VAEEncodeTiled`: decode or encode in tiles of at most `tile_size`
+/// pixels with `overlap` pixels blended between them. `temporal_size` and `temporal_overlap`
+/// (ComfyUI's, for video VAEs) are accepted and do not apply to images. A VAE that is not
+/// tile-local (a checkpoint's KL VAE) runs whole.
+pub struct VaeDecodeTiled {
+    schema: NodeSchema,
+    part: Part,
+}
+
 impl VaeDecodeTiled {
+    /// `VAEDecodeTiled`.
     pub fn new() -> Self {
         VaeDecodeTiled {
             schema: NodeSchema {
@@ -295,14 +298,52 @@ impl VaeDecodeTiled {
                 outputs: vec![out("IMAGE", DataType::Image)],
                 output_node: false,
             },
+            part: Part::Decoder,
         }
     }
 
-    fn op(args: &Args, per_latent_px: u64) -> Result<TiledDecode, NodeError> {
-        Ok(TiledDecode::new(
-            args.int("overlap")? as usize,
-            per_latent_px,
-        ))
+    /// `VAEEncodeTiled`.
+    pub fn encode() -> Self {
+        VaeDecodeTiled {
+            schema: NodeSchema {
+                class_type: "VAEEncodeTiled",
+                display_name: "VAE Encode (Tiled)",
+                category: "_for_testing",
+                description: "Encodes images tile by tile, blending overlaps.",
+                inputs: [
+                    vec![link("pixels", DataType::Image), link("vae", DataType::Vae)],
+                    tile_inputs(64),
+                ]
+                .concat(),
+                outputs: vec![out("LATENT", DataType::Latent)],
+                output_node: false,
+            },
+            part: Part::Encoder,
+        }
+    }
+
+    /// The whole-run node of the same direction.
+    fn whole(&self) -> Box<dyn Node> {
+        match self.part {
+            Part::Decoder => Box::new(VaeDecode::new()),
+            Part::Encoder => Box::new(VaeEncode::new()),
+        }
+    }
+
+    /// The input that is cut.
+    fn input(&self) -> &'static str {
+        match self.part {
+            Part::Decoder => "samples",
+            Part::Encoder => "pixels",
+        }
+    }
+
+    fn op(&self, args: &Args, per_latent_px: u64) -> Result<TiledVae, NodeError> {
+        let overlap = args.int("overlap")? as usize;
+        Ok(match self.part {
+            Part::Decoder => TiledVae::new(overlap, per_latent_px),
+            Part::Encoder => TiledVae::encoder(overlap),
+        })
     }
 }
 
@@ -324,18 +365,18 @@ impl Node for VaeDecodeTiled {
         inputs: &Inputs<ValueInfo>,
         env: &JobEnv,
     ) -> Result<Vec<ValueInfo>, NodeError> {
-        VaeDecode::new().infer(args, inputs, env)
+        self.whole().infer(args, inputs, env)
     }
 
     fn memory(&self, args: &Args, query: &MemoryQuery) -> MemoryEstimate {
-        VaeDecode::new().memory(args, query)
+        self.whole().memory(args, query)
     }
 
     fn chunked(&self, args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
         let m = tileable_vae(inputs)?;
         Some(Chunking {
-            input: "samples",
-            op: Arc::new(Self::op(args, m.activation_per_pixel).ok()?),
+            input: self.input(),
+            op: Arc::new(self.op(args, m.activation_per_pixel).ok()?),
             max_tile: Some(args.int("tile_size").ok()? as usize),
         })
     }
@@ -346,19 +387,17 @@ impl Node for VaeDecodeTiled {
         inputs: Inputs<Value>,
         ctx: &ExecContext,
     ) -> Result<NodeOutput, NodeError> {
-        let latent = inputs.latent("samples")?;
         let model = inputs.model("vae", DataType::Vae)?;
         if !model.info.tileable {
-            // Not tile-local (the KL VAE's mid-block attends over the whole latent): whole.
-            return VaeDecode::new().execute(args, inputs, ctx);
+            return self.whole().execute(args, inputs, ctx);
         }
-        let op = Self::op(args, model.info.activation_per_pixel)?.bind_to(&inputs, &ctx.weights)?;
-        let image = op.run_whole(
-            &Value::latent(latent.clone()),
-            args.int("tile_size")? as usize,
-        )?;
+        let op = self
+            .op(args, model.info.activation_per_pixel)?
+            .bind_to(&inputs, &ctx.weights)?;
+        let whole = inputs.require(self.input())?;
+        let out = op.run_whole(whole, args.int("tile_size")? as usize)?;
         Ok(NodeOutput {
-            values: vec![image],
+            values: vec![out],
             ui: None,
         })
     }
@@ -405,7 +444,7 @@ impl Node for VaeDecode {
         let m = tileable_vae(inputs)?;
         Some(Chunking {
             input: "samples",
-            op: Arc::new(TiledDecode::new(DEFAULT_OVERLAP, m.activation_per_pixel)),
+            op: Arc::new(TiledVae::new(DEFAULT_OVERLAP, m.activation_per_pixel)),
             max_tile: None,
         })
     }
@@ -592,90 +631,4 @@ impl Node for VaeEncode {
     }
 }
 
-/// `VAEEncodeTiled`: encode in tiles of at most `tile_size` pixels with `overlap` pixels
-/// blended between them (`temporal_*` accepted, for video VAEs).
-pub struct VaeEncodeTiled {
-    schema: NodeSchema,
-}
-
-impl VaeEncodeTiled {
-    pub fn new() -> Self {
-        VaeEncodeTiled {
-            schema: NodeSchema {
-                class_type: "VAEEncodeTiled",
-                display_name: "VAE Encode (Tiled)",
-                category: "_for_testing",
-                description: "Encodes images tile by tile, blending overlaps.",
-                inputs: [
-                    vec![link("pixels", DataType::Image), link("vae", DataType::Vae)],
-                    tile_inputs(64),
-                ]
-                .concat(),
-                outputs: vec![out("LATENT", DataType::Latent)],
-                output_node: false,
-            },
-        }
-    }
-}
-
-impl Node for VaeEncodeTiled {
-    fn schema(&self) -> &NodeSchema {
-        &self.schema
-    }
-
-    fn meta(&self) -> NodeMeta {
-        NodeMeta {
-            modes: vec![ExecMode::Tiled, ExecMode::Atomic],
-            ..NodeMeta::default()
-        }
-    }
-
-    fn infer(
-        &self,
-        args: &Args,
-        inputs: &Inputs<ValueInfo>,
-        env: &JobEnv,
-    ) -> Result<Vec<ValueInfo>, NodeError> {
-        VaeEncode::new().infer(args, inputs, env)
-    }
-
-    fn memory(&self, args: &Args, query: &MemoryQuery) -> MemoryEstimate {
-        VaeEncode::new().memory(args, query)
-    }
-
-    fn chunked(&self, args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
-        tileable_vae(inputs)?;
-        Some(Chunking {
-            input: "pixels",
-            op: Arc::new(TiledVae::encoder(args.int("overlap").ok()? as usize)),
-            max_tile: Some(args.int("tile_size").ok()? as usize),
-        })
-    }
-
-    fn execute(
-        &self,
-        args: &Args,
-        inputs: Inputs<Value>,
-        ctx: &ExecContext,
-    ) -> Result<NodeOutput, NodeError> {
-        let model = inputs.model("vae", DataType::Vae)?;
-        if !model.info.tileable {
-            return VaeEncode::new().execute(args, inputs, ctx);
-        }
-        let op = TiledVae::encoder(args.int("overlap")? as usize).bind_to(&inputs, &ctx.weights)?;
-        let pixels = inputs.require("pixels")?.clone();
-        let latent = op.run_whole(&pixels, args.int("tile_size")? as usize)?;
-        Ok(NodeOutput {
-            values: vec![latent],
-            ui: None,
-        })
-    }
-}
-
-crate::spec::default_via_new!(
-    VaeLoader,
-    VaeDecodeTiled,
-    VaeDecode,
-    VaeEncode,
-    VaeEncodeTiled
-);
+crate::spec::default_via_new!(VaeLoader, VaeDecodeTiled, VaeDecode, VaeEncode);

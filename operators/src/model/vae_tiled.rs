@@ -40,9 +40,6 @@ pub struct TiledVae {
     bound: Option<(TaesdNet, Arc<DeviceWeights>)>,
 }
 
-/// The tiled decoder (kept under its first name).
-pub type TiledDecode = TiledVae;
-
 /// Dimensions `(batch, channels, latent height, latent width)` of a planned input: a latent
 /// for decode, an image (cropped to latent pixels) for encode.
 fn dims(part: Part, info: &ValueInfo) -> Result<(usize, usize, usize, usize), NodeError> {
