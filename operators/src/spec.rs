@@ -27,13 +27,24 @@ pub(crate) fn link(name: &'static str, t: DataType) -> InputSpec {
 }
 
 pub(crate) fn int(name: &'static str, default: i64, min: i64, max: i64) -> InputSpec {
+    int_step(name, default, min, max, 1)
+}
+
+/// An integer input that moves in `step`s.
+pub(crate) fn int_step(
+    name: &'static str,
+    default: i64,
+    min: i64,
+    max: i64,
+    step: i64,
+) -> InputSpec {
     InputSpec {
         name,
         kind: InputKind::Int {
             default,
             min,
             max,
-            step: 1,
+            step,
         },
         required: true,
         tooltip: "",

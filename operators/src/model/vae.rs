@@ -8,12 +8,12 @@
 use super::kl_vae;
 use super::taesd::{Part, TaesdNet};
 use super::vae_tiled::TiledVae;
-use crate::spec::{link, out, string};
+use crate::spec::{int_step, link, out, string};
 use candle_core::Tensor;
 use nova_dataflow::{
-    Args, Asset, Chunking, DataType, DeviceWeights, ExecContext, ExecMode, ImageInfo, InputKind,
-    InputSpec, Inputs, JobEnv, MemoryEstimate, MemoryQuery, ModelInfo, ModelRef, Node, NodeError,
-    NodeMeta, NodeOutput, NodeSchema, Value, ValueInfo,
+    Args, Asset, Chunking, DataType, DeviceWeights, ExecContext, ExecMode, ImageInfo, InputSpec,
+    Inputs, JobEnv, MemoryEstimate, MemoryQuery, ModelInfo, ModelRef, Node, NodeError, NodeMeta,
+    NodeOutput, NodeSchema, Value, ValueInfo,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -229,35 +229,17 @@ fn model_info(inputs: &[ValueInfo]) -> Option<ModelInfo> {
 /// The overlap (output pixels) of automatic tiled decode: ComfyUI's `VAEDecodeTiled` default.
 pub const DEFAULT_OVERLAP: usize = 64;
 
-/// An integer input with a step (the tiled nodes' sizes).
-fn stepped(
-    name: &'static str,
-    default: i64,
-    min: i64,
-    max: i64,
-    step: i64,
-    required: bool,
-) -> InputSpec {
-    InputSpec {
-        name,
-        kind: InputKind::Int {
-            default,
-            min,
-            max,
-            step,
-        },
-        required,
-        tooltip: "",
-    }
-}
-
 /// The tile inputs of ComfyUI's tiled VAE nodes.
 fn tile_inputs(tile_step: i64) -> Vec<InputSpec> {
+    let optional = |spec: InputSpec| InputSpec {
+        required: false,
+        ..spec
+    };
     vec![
-        stepped("tile_size", 512, 64, 4096, tile_step, true),
-        stepped("overlap", 64, 0, 4096, 32, true),
-        stepped("temporal_size", 64, 8, 4096, 4, false),
-        stepped("temporal_overlap", 8, 4, 4096, 4, false),
+        int_step("tile_size", 512, 64, 4096, tile_step),
+        int_step("overlap", 64, 0, 4096, 32),
+        optional(int_step("temporal_size", 64, 8, 4096, 4)),
+        optional(int_step("temporal_overlap", 8, 4, 4096, 4)),
     ]
 }
 
