@@ -455,8 +455,8 @@ fn sampler_memory(query: &MemoryQuery) -> MemoryEstimate {
         })
         .sum();
     let out: u64 = query.outputs.iter().filter_map(|o| o.bytes()).sum();
-    // Self-attention at the first level holds a tokens x tokens matrix per head (no fused
-    // attention kernel yet): quadratic in the latent's pixels.
+    // Self-attention at the first level: scores in query slices of bounded size (see
+    // `unet::ATTENTION_BLOCK_BYTES`), so linear in the latent's pixels past the first slice.
     let tokens: u64 = query
         .inputs
         .iter()
@@ -467,7 +467,8 @@ fn sampler_memory(query: &MemoryQuery) -> MemoryEstimate {
         .max()
         .unwrap_or(0);
     let batch = px / tokens.max(1);
-    let attention = 2 * batch * unet::HEADS as u64 * tokens * tokens * 4;
+    // Conditional and unconditional halves: a batch of two per item.
+    let attention = unet::attention_bytes(2 * batch as usize, tokens as usize);
     MemoryEstimate {
         weights: m.map(|m| m.bytes).unwrap_or(0),
         // Conditional and unconditional halves run as one batch of two.

@@ -22,6 +22,24 @@ pub const PREFIX: &str = "model.diffusion_model.";
 /// SD1's attention heads per transformer.
 pub const HEADS: usize = 8;
 
+/// The most bytes one block of attention scores (`batch x heads x queries x keys`, f32) may
+/// take: queries are processed in slices small enough for it, so attention memory grows
+/// linearly with the image's pixels instead of quadratically.
+pub const ATTENTION_BLOCK_BYTES: u64 = 64 << 20;
+
+/// Queries per slice for `batch` items attending over `keys` keys.
+fn query_slice(batch: usize, keys: usize) -> usize {
+    let per_query = (batch * HEADS * keys * 4).max(1) as u64;
+    (ATTENTION_BLOCK_BYTES / per_query).max(1) as usize
+}
+
+/// Bytes attention holds at once for `batch` items of `tokens` tokens (self-attention, the
+/// largest): the score block and its softmax temporaries.
+pub fn attention_bytes(batch: usize, tokens: usize) -> u64 {
+    let queries = tokens.min(query_slice(batch, tokens));
+    3 * (batch * HEADS * queries * tokens * 4) as u64
+}
+
 type Get<'a> = &'a dyn Fn(&str) -> Result<Tensor, NodeError>;
 type Has<'a> = &'a dyn Fn(&str) -> bool;
 
@@ -65,6 +83,18 @@ fn res_block(x: &Tensor, emb: &Tensor, get: Get, has: Has, p: &str) -> Result<Te
 }
 
 fn attention(x: &Tensor, ctx: &Tensor, get: Get, p: &str) -> Result<Tensor, NodeError> {
+    let slice = query_slice(x.dim(0)?, ctx.dim(1)?);
+    attention_sliced(x, ctx, get, p, slice)
+}
+
+/// Attention with queries in slices of `slice`.
+fn attention_sliced(
+    x: &Tensor,
+    ctx: &Tensor,
+    get: Get,
+    p: &str,
+    slice: usize,
+) -> Result<Tensor, NodeError> {
     let g = |s: &str| get(&format!("{p}.{s}"));
     let (b, n, c) = x.dims3()?;
     let m = ctx.dim(1)?;
@@ -77,10 +107,19 @@ fn attention(x: &Tensor, ctx: &Tensor, get: Get, p: &str) -> Result<Tensor, Node
     let q = split(linear(x, &g("to_q.weight")?, None)?, n)?;
     let k = split(linear(ctx, &g("to_k.weight")?, None)?, m)?;
     let v = split(linear(ctx, &g("to_v.weight")?, None)?, m)?;
-    let att = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
-    let att = att.broadcast_sub(&att.max_keepdim(D::Minus1)?)?.exp()?;
-    let att = att.broadcast_div(&att.sum_keepdim(D::Minus1)?)?;
-    let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+    let kt = k.t()?;
+    let scale = (hd as f64).powf(-0.5);
+    // Queries in slices, so the score block stays under ATTENTION_BLOCK_BYTES.
+    let slice = slice.max(1);
+    let mut outs = Vec::with_capacity(n.div_ceil(slice));
+    for start in (0..n).step_by(slice) {
+        let qs = q.narrow(2, start, slice.min(n - start))?;
+        let att = (qs.matmul(&kt)? * scale)?;
+        let att = att.broadcast_sub(&att.max_keepdim(D::Minus1)?)?.exp()?;
+        let att = att.broadcast_div(&att.sum_keepdim(D::Minus1)?)?;
+        outs.push(att.matmul(&v)?);
+    }
+    let o = Tensor::cat(&outs, 2)?.transpose(1, 2)?.reshape((b, n, c))?;
     Ok(linear(
         &o,
         &g("to_out.0.weight")?,
@@ -244,5 +283,20 @@ mod tests {
         let e = crate::model::max_abs_diff(&eps, &want);
         eprintln!("UNet step at t=500: max |err| {e:.2e}");
         assert!(e < 1e-3, "{e}");
+    }
+
+    #[test]
+    fn sliced_attention_equals_whole_attention() {
+        let ckpt = SafetensorsFile::open(&shared("tiny-sd1/tiny_sd1.safetensors")).unwrap();
+        let p = format!("{PREFIX}input_blocks.1.1.transformer_blocks.0.attn1");
+        let c = WeightSource::shape(&ckpt, &format!("{p}.to_q.weight")).unwrap()[1];
+        let x = Tensor::randn(0f32, 1.0, (2, 50, c), &candle_core::Device::Cpu).unwrap();
+        let get = |n: &str| ckpt.read(n);
+        let whole = attention_sliced(&x, &x, &get, &p, 50).unwrap();
+        let sliced = attention_sliced(&x, &x, &get, &p, 7).unwrap();
+        assert!(crate::model::max_abs_diff(&whole, &sliced) < 1e-6);
+        // The slice bounds the score block: 4096 tokens (SD1 at 512x512) in a batch of two.
+        assert!(attention_bytes(2, 4096) <= 3 * ATTENTION_BLOCK_BYTES);
+        assert_eq!(attention_bytes(1, 64), 3 * (HEADS * 64 * 64 * 4) as u64);
     }
 }
