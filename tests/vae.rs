@@ -393,3 +393,63 @@ fn an_encode_that_cannot_fit_whole_is_tiled_and_decodes_without_visible_seams() 
     eprintln!("VAEEncodeTiled 192/64 vs whole, decoded: PSNR {p:.1} dB");
     assert!(p > 35.0, "PSNR {p:.1} dB");
 }
+
+#[test]
+fn a_checkpoints_vae_runs_whole_under_the_planner_and_tiled_on_request() {
+    let job = job(256, 192);
+    let ckpts = job.env.models_dir.join("checkpoints");
+    std::fs::create_dir_all(&ckpts).unwrap();
+    std::fs::copy(
+        shared_models().join("tiny-sd1/tiny_sd1.safetensors"),
+        ckpts.join("tiny_sd1.safetensors"),
+    )
+    .unwrap();
+    let wf = |decode: &str, prefix: &str| {
+        format!(
+            r#"{{
+      "1": {{"class_type": "LoadImage", "inputs": {{"image": "card.png"}}}},
+      "2": {{"class_type": "CheckpointLoaderSimple", "inputs": {{"ckpt_name": "tiny_sd1.safetensors"}}}},
+      "3": {{"class_type": "VAEEncode", "inputs": {{"pixels": ["1", 0], "vae": ["2", 2]}}}},
+      "4": {{"class_type": {decode}, "vae": ["2", 2]}}}},
+      "5": {{"class_type": "SaveImage", "inputs": {{"images": ["4", 0], "filename_prefix": "{prefix}"}}}}
+    }}"#
+        )
+    };
+    let run = |decode: &str, prefix: &str| {
+        let out = run_planned(
+            &wf(decode, prefix),
+            &job.env,
+            &options(Some(512), 2),
+            None,
+            |_| false,
+        );
+        let modes: Vec<_> = out.plan.nodes.iter().map(|n| n.mode).collect();
+        let report = out.result.expect("round trip runs");
+        (
+            modes,
+            png_samples(&job.output(&reported_files(&report, "5")[0])).2,
+        )
+    };
+    let (modes, whole) = run(r#""VAEDecode", "inputs": {"samples": ["3", 0]"#, "whole");
+    assert_eq!(modes[2], nova_dataflow::ExecMode::Atomic);
+    assert_eq!(modes[3], nova_dataflow::ExecMode::Atomic);
+    // One tile covering the image is the whole decode (the planner runs it whole).
+    let tiled_input = |tile: u32, overlap: u32| {
+        format!(
+            r#""VAEDecodeTiled", "inputs": {{"samples": ["3", 0], "tile_size": {tile}, "overlap": {overlap}"#
+        )
+    };
+    let (_, one) = run(&tiled_input(512, 64), "one");
+    assert_eq!(one, whole);
+    // Smaller tiles run and blend; GroupNorm statistics per tile make them approximate.
+    let (modes, tiled) = run(&tiled_input(128, 64), "tiled");
+    assert_eq!(modes[3], nova_dataflow::ExecMode::Tiled);
+    // Tiles whose windows reach across the whole latent see what the whole run sees.
+    let (_, wide) = run(&tiled_input(128, 512), "wide");
+    let p = psnr(&wide, &whole);
+    assert!(p > 50.0, "PSNR {p:.1} dB");
+    eprintln!(
+        "KL VAE VAEDecodeTiled 128/64 vs whole (random tiny weights): PSNR {:.1} dB",
+        psnr(&tiled, &whole)
+    );
+}

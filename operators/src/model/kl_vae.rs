@@ -7,6 +7,7 @@
 //! latents are the VAE's own (`encode` returns the mean and log-variance "moments";
 //! diffusion latents are `mean × 0.18215`, which the nodes apply).
 
+use super::taesd::Part;
 use candle_core::{Tensor, D};
 use nova_dataflow::NodeError;
 
@@ -101,6 +102,47 @@ pub fn encode(x: &Tensor, get: Get, has: Has) -> Result<Tensor, NodeError> {
 }
 
 /// Decodes VAE latents (`[b, c, h, w]`, not scaled) to images in `[-1, 1]`.
+/// One half of the VAE as NOVA's VAE nodes use it: images in `[0, 1]` (`[b, 3, h, w]`),
+/// diffusion latents (VAE latents times [`SCALE`]); the encoder returns the mean.
+pub fn forward(part: Part, x: &Tensor, get: Get, has: Has) -> Result<Tensor, NodeError> {
+    match part {
+        Part::Decoder => {
+            let img = decode(&(x / SCALE)?, get, has)?;
+            Ok(((img + 1.0)? / 2.0)?)
+        }
+        Part::Encoder => {
+            let moments = encode(&((x * 2.0)? - 1.0)?, get, has)?;
+            let c = moments.dim(1)? / 2;
+            Ok((moments.narrow(1, 0, c)? * SCALE)?)
+        }
+    }
+}
+
+/// Activation bytes per latent pixel while decoding (f32): the widest level's channels times
+/// its pixels per latent pixel, times the feature maps alive at once (a block's input,
+/// output and residual, norm and activation temporaries: 8, with room to spare; the
+/// convolutions' Winograd buffers are per band and small). SD1: 128 channels at 8x8 per latent
+/// pixel, 256 KiB.
+pub fn decode_bytes_per_latent_px(src: &dyn nova_dataflow::WeightSource) -> u64 {
+    let channels = |i: usize| {
+        src.shape(&format!("{PREFIX}decoder.up.{i}.block.0.conv2.weight"))
+            .map(|s| s[0] as u64)
+    };
+    let levels = (0..).take_while(|&i| channels(i).is_some()).count();
+    let widest = (0..levels)
+        .filter_map(|i| Some(channels(i)? << (2 * (levels - 1 - i))))
+        .max()
+        .unwrap_or(128 * 64);
+    widest * 4 * 8
+}
+
+/// Latent channels of the checkpoint's VAE (SD1: 4).
+pub fn latent_channels(src: &dyn nova_dataflow::WeightSource) -> usize {
+    src.shape(&format!("{PREFIX}decoder.conv_in.weight"))
+        .and_then(|s| s.get(1).copied())
+        .unwrap_or(4)
+}
+
 pub fn decode(z: &Tensor, get: Get, has: Has) -> Result<Tensor, NodeError> {
     let g = |s: &str| get(&format!("{PREFIX}{s}"));
     let hp = |s: &str| has(&format!("{PREFIX}{s}"));

@@ -133,9 +133,11 @@ impl CheckpointLoaderSimple {
                 false,
             ),
             info(bytes_with_prefix(src, clip::PREFIX), 0, false),
+            // Not tile-local (GroupNorm statistics and the mid-block's attention span the
+            // whole latent): the planner runs it whole; VAEDecodeTiled tiles it on request.
             info(
                 bytes_with_prefix(src, super::kl_vae::PREFIX),
-                512 * 4 * 64 * 13,
+                super::kl_vae::decode_bytes_per_latent_px(src),
                 false,
             ),
         ]

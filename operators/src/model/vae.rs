@@ -124,20 +124,10 @@ fn run_part(
     if model.arch.clone().downcast::<KlVae>().is_ok() {
         let weights =
             DeviceWeights::part(model.asset.clone(), ctx.weights.clone(), kl_vae::PREFIX)?;
-        let get = |n: &str| weights.get(n).cloned();
         let src = model.asset.source();
-        let has = |n: &str| src.shape(n).is_some();
-        return match part {
-            Part::Decoder => {
-                let img = kl_vae::decode(&(x / kl_vae::SCALE)?, &get, &has)?;
-                Ok(((img + 1.0)? / 2.0)?)
-            }
-            Part::Encoder => {
-                let moments = kl_vae::encode(&((x * 2.0)? - 1.0)?, &get, &has)?;
-                let c = moments.dim(1)? / 2;
-                Ok((moments.narrow(1, 0, c)? * kl_vae::SCALE)?)
-            }
-        };
+        return kl_vae::forward(part, x, &|n| weights.get(n).cloned(), &|n| {
+            src.shape(n).is_some()
+        });
     }
     let vae = model
         .arch
@@ -243,6 +233,16 @@ fn tile_inputs(tile_step: i64) -> Vec<InputSpec> {
     ]
 }
 
+/// Activation bytes per image pixel while encoding, from the VAE's per-latent-pixel decode
+/// figure: the encoder's widest level mirrors the decoder's (64 image pixels a latent pixel);
+/// TAESD's 64 channels with 3x3 patches when unknown.
+fn encode_per_px(decode_per_latent_px: u64) -> u64 {
+    match decode_per_latent_px / 64 {
+        0 => 64 * 13 * 4,
+        n => n,
+    }
+}
+
 /// The tileable VAE among a node's planned inputs.
 fn tileable_vae(inputs: &Inputs<ValueInfo>) -> Option<ModelInfo> {
     match inputs.get("vae") {
@@ -254,7 +254,8 @@ fn tileable_vae(inputs: &Inputs<ValueInfo>) -> Option<ModelInfo> {
 /// `VAEDecodeTiled` and `VAEEncodeTiled`: decode or encode in tiles of at most `tile_size`
 /// pixels with `overlap` pixels blended between them. `temporal_size` and `temporal_overlap`
 /// (ComfyUI's, for video VAEs) are accepted and do not apply to images. A VAE that is not
-/// tile-local (a checkpoint's KL VAE) runs whole.
+/// tile-local (a checkpoint's KL VAE: GroupNorm and attention span the whole latent) is tiled
+/// too, as ComfyUI does; its tiles then only approximate the whole run.
 pub struct VaeDecodeTiled {
     schema: NodeSchema,
     part: Part,
@@ -324,7 +325,7 @@ impl VaeDecodeTiled {
         let overlap = args.int("overlap")? as usize;
         Ok(match self.part {
             Part::Decoder => TiledVae::new(overlap, per_latent_px),
-            Part::Encoder => TiledVae::encoder(overlap),
+            Part::Encoder => TiledVae::encoder(overlap, encode_per_px(per_latent_px)),
         })
     }
 }
@@ -355,7 +356,10 @@ impl Node for VaeDecodeTiled {
     }
 
     fn chunked(&self, args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
-        let m = tileable_vae(inputs)?;
+        // Asked for tiles: any VAE, tile-local or not (as ComfyUI does).
+        let Some(ValueInfo::Model(m)) = inputs.get("vae") else {
+            return None;
+        };
         Some(Chunking {
             input: self.input(),
             op: Arc::new(self.op(args, m.activation_per_pixel).ok()?),
@@ -370,9 +374,6 @@ impl Node for VaeDecodeTiled {
         ctx: &ExecContext,
     ) -> Result<NodeOutput, NodeError> {
         let model = inputs.model("vae", DataType::Vae)?;
-        if !model.info.tileable {
-            return self.whole().execute(args, inputs, ctx);
-        }
         let op = self
             .op(args, model.info.activation_per_pixel)?
             .bind_to(&inputs, &ctx.weights)?;
@@ -530,10 +531,13 @@ impl Node for VaeEncode {
     }
 
     fn chunked(&self, _args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
-        tileable_vae(inputs)?;
+        let m = tileable_vae(inputs)?;
         Some(Chunking {
             input: "pixels",
-            op: Arc::new(TiledVae::encoder(DEFAULT_OVERLAP)),
+            op: Arc::new(TiledVae::encoder(
+                DEFAULT_OVERLAP,
+                encode_per_px(m.activation_per_pixel),
+            )),
             max_tile: None,
         })
     }
@@ -577,8 +581,7 @@ impl Node for VaeEncode {
         let output: u64 = query.outputs.iter().filter_map(|o| o.bytes()).sum();
         MemoryEstimate {
             weights: m.map(|m| m.bytes).unwrap_or(0),
-            // The encoder's widest layers run at full resolution: 64 channels, 3x3 patches.
-            activations: output + px * (64 * 13 * 4),
+            activations: output + px * encode_per_px(m.map_or(0, |m| m.activation_per_pixel)),
             weight_block: 0,
         }
     }

@@ -14,8 +14,9 @@
 //! Tile sizes are in image pixels for both directions. Encode crops the image to a multiple
 //! of 8, centred, as the whole `VAEEncode` does.
 
+use super::kl_vae;
 use super::taesd::{Part, TaesdNet};
-use super::vae::TaesdVae;
+use super::vae::{KlVae, TaesdVae};
 use candle_core::Tensor;
 use nova_dataflow::{
     Asset, ChunkMemory, ChunkSize, ChunkSpec, ChunkedOp, DataType, DeviceWeights, ImageInfo,
@@ -23,9 +24,6 @@ use nova_dataflow::{
 };
 use nova_engines::{specs, tile_grid};
 use std::sync::Arc;
-
-/// Activation bytes per image pixel while encoding (64 channels, 3x3 patches, f32).
-pub const ENCODE_PER_PX: u64 = 64 * 13 * 4;
 
 /// A TAESD-family decoder or encoder run tile by tile with blended overlaps.
 pub struct TiledVae {
@@ -37,7 +35,15 @@ pub struct TiledVae {
     pub per_px: u64,
     /// Latent channels the encoder makes (the planner assumes SD1's 4 until bound).
     pub latent_channels: usize,
-    bound: Option<(TaesdNet, Arc<DeviceWeights>)>,
+    bound: Option<(Net, Arc<DeviceWeights>)>,
+}
+
+/// The network a tiled VAE runs: a TAESD half, or a checkpoint's KL VAE (whose weights are
+/// the asset's `first_stage_model.` part).
+#[derive(Clone)]
+enum Net {
+    Taesd(TaesdNet),
+    Kl(Arc<Asset>),
 }
 
 /// Dimensions `(batch, channels, latent height, latent width)` of a planned input: a latent
@@ -80,12 +86,12 @@ impl TiledVae {
         }
     }
 
-    /// An unbound encoder.
-    pub fn encoder(overlap: usize) -> TiledVae {
+    /// An unbound encoder needing `per_image_px` activation bytes per image pixel.
+    pub fn encoder(overlap: usize, per_image_px: u64) -> TiledVae {
         TiledVae {
             part: Part::Encoder,
             overlap,
-            per_px: ENCODE_PER_PX,
+            per_px: per_image_px,
             latent_channels: 4,
             bound: None,
         }
@@ -120,12 +126,20 @@ impl TiledVae {
         })
     }
 
+    /// The network on a piece: images in `[0, 1]` (`[b, 3, h, w]`), diffusion latents.
     fn run_net(&self, x: &Tensor) -> Result<Tensor, NodeError> {
         let (net, weights) = self
             .bound
             .as_ref()
             .ok_or_else(|| NodeError::Other(format!("VAE {:?} is not loaded", self.part)))?;
-        net.forward(x, &|n| weights.get(n).cloned())
+        let get = |n: &str| weights.get(n).cloned();
+        match net {
+            Net::Taesd(t) => t.forward(x, &get),
+            Net::Kl(asset) => {
+                let src = asset.source();
+                kl_vae::forward(self.part, x, &get, &|n| src.shape(n).is_some())
+            }
+        }
     }
 
     /// This operator with the `vae` input's decoder or encoder on the device.
@@ -135,11 +149,19 @@ impl TiledVae {
         weights: &WeightContext,
     ) -> Result<TiledVae, NodeError> {
         let model = side.model("vae", DataType::Vae)?;
+        if model.arch.clone().downcast::<KlVae>().is_ok() {
+            let device = DeviceWeights::part(model.asset.clone(), weights.clone(), kl_vae::PREFIX)?;
+            return Ok(TiledVae {
+                latent_channels: kl_vae::latent_channels(model.asset.source()),
+                bound: Some((Net::Kl(model.asset.clone()), Arc::new(device))),
+                ..self.unbound()
+            });
+        }
         let vae = model
             .arch
             .clone()
             .downcast::<TaesdVae>()
-            .map_err(|_| NodeError::input("vae", "not a TAESD-family VAE"))?;
+            .map_err(|_| NodeError::input("vae", "not a TAESD-family or SD1 VAE"))?;
         let half = match self.part {
             Part::Decoder => &vae.decoder,
             Part::Encoder => &vae.encoder,
@@ -150,7 +172,7 @@ impl TiledVae {
         let device = DeviceWeights::new(asset.clone(), weights.clone())?;
         Ok(TiledVae {
             latent_channels: net.latent_channels,
-            bound: Some((net.clone(), Arc::new(device))),
+            bound: Some((Net::Taesd(net.clone()), Arc::new(device))),
             ..self.unbound()
         })
     }
