@@ -8,7 +8,7 @@
 //! tokens), so nothing is downloaded.
 
 use super::nn::layer_norm;
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     super::nn::linear(x, w, Some(b))
@@ -249,8 +249,7 @@ pub fn encode_text(
         };
         let (q, k, v) = (proj("q_proj")?, proj("k_proj")?, proj("v_proj")?);
         let att = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.broadcast_add(&mask)?;
-        let att = candle_core::Tensor::exp(&att.broadcast_sub(&att.max_keepdim(D::Minus1)?)?)?;
-        let att = att.broadcast_div(&att.sum_keepdim(D::Minus1)?)?;
+        let att = super::nn::softmax_last_scaled(&att, 1.0)?;
         let o = att
             .matmul(&v)?
             .transpose(1, 2)?

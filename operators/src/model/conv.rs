@@ -12,7 +12,8 @@
 //! Invariant: the result equals `conv2d` up to f32 rounding (the transforms' constants are
 //! small: the error stays near 1e-6 relative; see the tests).
 
-use candle_core::{DType, Device, Storage, Tensor};
+use super::nn::{par_each, with_values};
+use candle_core::{DType, Device, Tensor};
 use nova_dataflow::NodeError;
 
 /// Smallest channel count and image side for which Winograd is used.
@@ -126,43 +127,6 @@ pub fn conv_named(
     }
     let y = x.conv2d(&w, pad, stride, 1, 1)?;
     Ok(y.broadcast_add(&b.reshape((1, (), 1, 1))?)?)
-}
-
-/// Runs `f` on the values of an f32 CPU tensor, without copying them when it is contiguous.
-fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, NodeError> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(NodeError::Other(
-            "Winograd convolution runs on the CPU only".into(),
-        ));
-    };
-    let all = cpu.as_slice::<f32>()?;
-    let (a, b) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| NodeError::Other("tensor is not contiguous".into()))?;
-    Ok(f(&all[a..b]))
-}
-
-/// Worker threads for the transforms.
-fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
-/// Runs `f` on each item of `items`, the items split into one run per thread.
-fn par_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync) {
-    let per = items.len().div_ceil(threads()).max(1);
-    let mut items = items.into_iter();
-    std::thread::scope(|s| loop {
-        let run: Vec<T> = items.by_ref().take(per).collect();
-        if run.is_empty() {
-            break;
-        }
-        let f = &f;
-        s.spawn(move || run.into_iter().for_each(f));
-    });
 }
 
 /// The rows of `B^T` = `[4,0,-5,0,1,0] [0,-4,-4,1,1,0] [0,4,-4,-1,1,0] [0,-2,-1,2,1,0]
@@ -368,7 +332,7 @@ fn winograd(
             }
             // M[xi][tx][k].
             let product = Tensor::from_vec(v, (36, tw, c), &dev).and_then(|v| v.matmul(&u));
-            let done = product.map_err(NodeError::from).and_then(|p| {
+            let done = product.and_then(|p| {
                 with_values(&p, |m| {
                     // Y = A^T M A per tile, channels-last: yb[i][pixel][k].
                     let mut tmp = vec![0f32; 24 * k];
@@ -412,7 +376,7 @@ fn winograd(
                 })
             });
             if let Err(e) = done {
-                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(NodeError::from(e));
             }
         })
     };

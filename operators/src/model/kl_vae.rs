@@ -8,7 +8,7 @@
 //! diffusion latents are `mean × 0.18215`, which the nodes apply).
 
 use super::taesd::Part;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use nova_dataflow::NodeError;
 
 /// The prefix of VAE tensors in a single-file checkpoint.
@@ -48,9 +48,7 @@ fn attn(x: &Tensor, get: Get, p: &str) -> Result<Tensor, NodeError> {
     let q = flat(conv(&n, get, &format!("{p}.q"), 0, 1)?)?;
     let k = flat(conv(&n, get, &format!("{p}.k"), 0, 1)?)?;
     let v = flat(conv(&n, get, &format!("{p}.v"), 0, 1)?)?;
-    let att = (q.matmul(&k.t()?)? * (c as f64).powf(-0.5))?;
-    let att = att.broadcast_sub(&att.max_keepdim(D::Minus1)?)?.exp()?;
-    let att = att.broadcast_div(&att.sum_keepdim(D::Minus1)?)?;
+    let att = super::nn::softmax_last_scaled(&q.matmul(&k.t()?)?, (c as f64).powf(-0.5))?;
     let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, c, h, w))?;
     Ok((x + conv(&o, get, &format!("{p}.proj_out"), 0, 1)?)?)
 }

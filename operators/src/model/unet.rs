@@ -8,7 +8,7 @@
 //! 1e-6 in front of transformers, LayerNorm eps 1e-5, 8 attention heads, GEGLU feed-forward,
 //! sinusoidal timestep embedding with cosines first.
 
-use super::nn::{layer_norm, linear};
+use super::nn::{layer_norm, linear, softmax_last_scaled};
 use candle_core::{Tensor, D};
 use nova_dataflow::NodeError;
 
@@ -114,9 +114,7 @@ fn attention_sliced(
     let mut outs = Vec::with_capacity(n.div_ceil(slice));
     for start in (0..n).step_by(slice) {
         let qs = q.narrow(2, start, slice.min(n - start))?;
-        let att = (qs.matmul(&kt)? * scale)?;
-        let att = att.broadcast_sub(&att.max_keepdim(D::Minus1)?)?.exp()?;
-        let att = att.broadcast_div(&att.sum_keepdim(D::Minus1)?)?;
+        let att = softmax_last_scaled(&qs.matmul(&kt)?, scale)?;
         outs.push(att.matmul(&v)?);
     }
     let o = Tensor::cat(&outs, 2)?.transpose(1, 2)?.reshape((b, n, c))?;
