@@ -50,7 +50,8 @@ pub fn softmax_last_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
     let scale = scale as f32;
     with_values(x, |xs| {
         let rows: Vec<(&mut [f32], &[f32])> = out.chunks_mut(n).zip(xs.chunks(n)).collect();
-        par_each(rows, |(o, i)| {
+        // Small blocks in this thread: spawning costs more than they do.
+        let row = |(o, i): (&mut [f32], &[f32])| {
             // Scaled first, then shifted by the scaled maximum: PyTorch's order of rounding.
             for (o, &v) in o.iter_mut().zip(i) {
                 *o = v * scale;
@@ -64,7 +65,12 @@ pub fn softmax_last_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
             }
             let inv = 1.0 / sum;
             o.iter_mut().for_each(|o| *o *= inv);
-        })
+        };
+        if xs.len() < 1 << 16 {
+            rows.into_iter().for_each(row);
+        } else {
+            par_each(rows, row);
+        }
     })?;
     Tensor::from_vec(out, dims, &Device::Cpu)
 }
