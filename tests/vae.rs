@@ -165,6 +165,18 @@ fn an_unknown_or_unsupported_vae_is_refused_at_validation() {
     }
 }
 
+/// Plan options for 128-pixel tiles (down to 32) on 2 workers under `limit` bytes.
+fn budgeted(limit: u64) -> nova_dataflow::PlanOptions {
+    nova_dataflow::PlanOptions {
+        tile: Some(128),
+        min_tile: 32,
+        limit: Some(nova_dataflow::Bytes(limit)),
+        workers: 2,
+        prefetch: 1,
+        ..nova_dataflow::PlanOptions::default()
+    }
+}
+
 /// PSNR in dB between two 8-bit sample arrays.
 fn psnr(a: &[u8], b: &[u8]) -> f64 {
     assert_eq!(a.len(), b.len());
@@ -225,14 +237,7 @@ fn a_decode_that_cannot_fit_whole_is_tiled_by_the_planner_without_visible_seams(
     let report = whole.result.expect("whole decode runs");
     let (_, _, reference) = png_samples(&job.output(&reported_files(&report, "4")[0]));
     let limit = whole.plan.naive_peak_bytes / 2;
-    let opts = nova_dataflow::PlanOptions {
-        tile: Some(128),
-        min_tile: 32,
-        limit: Some(nova_dataflow::Bytes(limit)),
-        workers: 2,
-        prefetch: 1,
-        ..nova_dataflow::PlanOptions::default()
-    };
+    let opts = budgeted(limit);
     let tiled = run_planned(
         &decode_workflow("taesd", "VAEDecode", "", "tiled"),
         &job.env,
@@ -336,14 +341,7 @@ fn an_encode_that_cannot_fit_whole_is_tiled_and_decodes_without_visible_seams() 
         encode_with(&job, "VAEEncode", "", "whole", &options(None, 2), None);
     assert_eq!(whole.plan.nodes[2].mode, nova_dataflow::ExecMode::Atomic);
     let limit = whole.plan.naive_peak_bytes / 2;
-    let opts = nova_dataflow::PlanOptions {
-        tile: Some(128),
-        min_tile: 32,
-        limit: Some(nova_dataflow::Bytes(limit)),
-        workers: 2,
-        prefetch: 1,
-        ..nova_dataflow::PlanOptions::default()
-    };
+    let opts = budgeted(limit);
     let (tiled, tiled_latent) = encode_with(
         &job,
         "VAEEncode",

@@ -243,6 +243,35 @@ fn encode_per_px(decode_per_latent_px: u64) -> u64 {
     }
 }
 
+/// VAEDecode's and VAEEncode's modes: whole when it fits; tiles blend their overlaps, so they
+/// only approximate it.
+fn whole_first() -> NodeMeta {
+    NodeMeta {
+        modes: vec![ExecMode::Atomic, ExecMode::Tiled],
+        ..NodeMeta::default()
+    }
+}
+
+/// The planner's tiles for VAEDecode/VAEEncode: a tile-local VAE, ComfyUI's default overlap.
+fn auto_tiles(part: Part, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
+    let m = tileable_vae(inputs)?;
+    let (input, op) = match part {
+        Part::Decoder => (
+            "samples",
+            TiledVae::new(DEFAULT_OVERLAP, m.activation_per_pixel),
+        ),
+        Part::Encoder => (
+            "pixels",
+            TiledVae::encoder(DEFAULT_OVERLAP, encode_per_px(m.activation_per_pixel)),
+        ),
+    };
+    Some(Chunking {
+        input,
+        op: Arc::new(op),
+        max_tile: None,
+    })
+}
+
 /// The tileable VAE among a node's planned inputs.
 fn tileable_vae(inputs: &Inputs<ValueInfo>) -> Option<ModelInfo> {
     match inputs.get("vae") {
@@ -416,20 +445,11 @@ impl Node for VaeDecode {
     }
 
     fn meta(&self) -> NodeMeta {
-        // Whole when it fits; tiles blend their overlaps, so they only approximate it.
-        NodeMeta {
-            modes: vec![ExecMode::Atomic, ExecMode::Tiled],
-            ..NodeMeta::default()
-        }
+        whole_first()
     }
 
     fn chunked(&self, _args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
-        let m = tileable_vae(inputs)?;
-        Some(Chunking {
-            input: "samples",
-            op: Arc::new(TiledVae::new(DEFAULT_OVERLAP, m.activation_per_pixel)),
-            max_tile: None,
-        })
+        auto_tiles(Part::Decoder, inputs)
     }
 
     fn infer(
@@ -523,23 +543,11 @@ impl Node for VaeEncode {
     }
 
     fn meta(&self) -> NodeMeta {
-        // Whole when it fits; tiles blend their overlaps, so they only approximate it.
-        NodeMeta {
-            modes: vec![ExecMode::Atomic, ExecMode::Tiled],
-            ..NodeMeta::default()
-        }
+        whole_first()
     }
 
     fn chunked(&self, _args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
-        let m = tileable_vae(inputs)?;
-        Some(Chunking {
-            input: "pixels",
-            op: Arc::new(TiledVae::encoder(
-                DEFAULT_OVERLAP,
-                encode_per_px(m.activation_per_pixel),
-            )),
-            max_tile: None,
-        })
+        auto_tiles(Part::Encoder, inputs)
     }
 
     fn infer(
