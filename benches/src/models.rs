@@ -1,6 +1,7 @@
 //! The models benchmark's pieces (`benches/models.rs`): TAESD and the tiny SD1 UNet with
 //! their weights read into memory once, the PyTorch comparison, and the preview-overhead run.
 
+use crate::memory::models_dir;
 use candle_core::{Device, Tensor};
 use nova_dataflow::{
     plan, run, workflow, Emitter, EventSink, JobEnv, PlanOptions, PreviewMethod, RunOptions,
@@ -14,11 +15,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The shared models folder beside the repository.
-pub fn models_dir() -> PathBuf {
-    crate::memory::models_dir()
-}
 
 /// Every tensor of a safetensors file, read into memory.
 fn read_all(path: &Path) -> (SafetensorsFile, HashMap<String, Tensor>) {

@@ -520,8 +520,16 @@ fn named_inputs(wf: &ValidatedWorkflow, ix: usize, stash: &mut Vec<Record>) -> I
     inputs
 }
 
-/// Records a node's UI output, marks it ran, and turns its values into tracked records.
-fn finished(shared: &Shared, ix: usize, out: NodeOutput) -> Vec<Record> {
+/// A node's outputs as tracked records, recording its UI output and that it ran; for a
+/// failure, records it and gives nothing.
+fn finished(shared: &Shared, ix: usize, result: Result<NodeOutput, NodeError>) -> Vec<Record> {
+    let out = match result {
+        Ok(out) => out,
+        Err(e) => {
+            shared.fail(ix, e);
+            return Vec::new();
+        }
+    };
     if let Some(ui) = out.ui {
         shared
             .ui
@@ -575,7 +583,7 @@ fn whole<'s>(
             let activator = scope.activator_for(info.address.clone());
             let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&in_time));
             let mut stash: Vec<Record> = Vec::new();
-            let mut running: Option<(Option<Box<dyn Stepper>>, Lease)> = None;
+            let mut running: Option<(Box<dyn Stepper>, Lease)> = None;
             let mut done = 0u32;
             move |(input, frontier), output| {
                 input.for_each(|_c, data| stash.append(data));
@@ -589,7 +597,6 @@ fn whole<'s>(
                     return;
                 }
                 let n = &wf.nodes[ix];
-                let mut result = None;
                 if running.is_none() {
                     let inputs = named_inputs(&wf, ix, &mut stash);
                     let working = plan.nodes[ix].atomic_working_bytes();
@@ -601,61 +608,56 @@ fn whole<'s>(
                         }
                     };
                     if steps == 0 {
-                        result = Some(guarded(|| n.node.execute(&n.args, inputs, &ctx)));
-                        running = Some((None, lease));
-                    } else {
-                        match guarded(|| n.node.start(&n.args, inputs, &ctx)) {
-                            Ok(s) => running = Some((Some(s), lease)),
-                            Err(e) => {
-                                cap = None;
-                                return shared.fail(ix, e);
-                            }
+                        // Atomic: the kernel once, the outputs at the output time.
+                        let result = guarded(|| n.node.execute(&n.args, inputs, &ctx));
+                        drop(lease);
+                        if let Some(c) = cap.take() {
+                            let recs = finished(&shared, ix, result);
+                            output.session(&c).give_iterator(recs.into_iter());
                         }
+                        return;
                     }
-                }
-                if let Some((Some(stepper), _)) = running.as_mut() {
-                    match guarded(|| stepper.step()) {
-                        Ok(preview) => {
-                            if let Some(p) = preview {
-                                shared
-                                    .previews
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .insert((ix, done), p);
-                            }
-                            done += 1;
-                        }
+                    match guarded(|| n.node.start(&n.args, inputs, &ctx)) {
+                        Ok(s) => running = Some((s, lease)),
                         Err(e) => {
                             cap = None;
-                            running = None;
                             return shared.fail(ix, e);
                         }
                     }
-                    if done < steps {
-                        // Step `done - 1` is finished: let the frontier pass its time.
-                        if let Some(c) = cap.as_mut() {
-                            c.downgrade(&(in_time + done as u64));
-                        }
-                        activator.activate();
-                        return;
-                    }
                 }
-                let c = cap.take().expect("checked above");
-                let Some((stepper, lease)) = running.take() else {
+                let Some((stepper, _)) = running.as_mut() else {
                     return;
                 };
-                let result = match (result, stepper) {
-                    (Some(r), _) => r,
-                    (None, Some(s)) => guarded(|| s.finish()),
-                    (None, None) => Err(NodeError::Other("the node produced nothing".into())),
-                };
-                drop(lease);
-                match result {
-                    Ok(out) => {
-                        let recs = finished(&shared, ix, out);
-                        output.session(&c).give_iterator(recs.into_iter());
+                match guarded(|| stepper.step()) {
+                    Ok(preview) => {
+                        if let Some(p) = preview {
+                            shared
+                                .previews
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert((ix, done), p);
+                        }
+                        done += 1;
                     }
-                    Err(e) => shared.fail(ix, e),
+                    Err(e) => {
+                        cap = None;
+                        running = None;
+                        return shared.fail(ix, e);
+                    }
+                }
+                if done < steps {
+                    // Step `done - 1` is finished: let the frontier pass its time.
+                    if let Some(c) = cap.as_mut() {
+                        c.downgrade(&(in_time + done as u64));
+                    }
+                    activator.activate();
+                    return;
+                }
+                if let (Some(c), Some((stepper, lease))) = (cap.take(), running.take()) {
+                    let result = guarded(|| stepper.finish());
+                    drop(lease);
+                    let recs = finished(&shared, ix, result);
+                    output.session(&c).give_iterator(recs.into_iter());
                 }
             }
         },

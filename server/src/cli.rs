@@ -98,7 +98,7 @@ struct JobArgs {
     extra_model_paths_config: Option<PathBuf>,
     /// How samplers preview each step: auto (TAESD from vae_approx/ when it costs under 5%
     /// of sampling time, else a latent-to-RGB projection), latent2rgb, taesd, none.
-    #[arg(long, default_value = "auto", value_parser = parse_preview)]
+    #[arg(long, default_value = "auto")]
     preview_method: PreviewMethod,
     /// Worker threads (default: available cores).
     #[arg(long)]
@@ -178,10 +178,6 @@ fn parse_tile_size(s: &str) -> Result<usize, String> {
         ));
     }
     Ok(v)
-}
-
-fn parse_preview(s: &str) -> Result<PreviewMethod, String> {
-    s.parse()
 }
 
 /// Entry point of the binary.

@@ -175,12 +175,12 @@ fn at4(m: [&[f32]; 6], o: [&mut [f32]; 4]) {
 /// Six (or four) consecutive `len`-long slices of `buf` from slice `first` on.
 fn six_mut(buf: &mut [f32], first: usize, len: usize) -> [&mut [f32]; 6] {
     let mut it = buf[first * len..(first + 6) * len].chunks_exact_mut(len);
-    std::array::from_fn(|_| it.next().expect("six slices"))
+    std::array::from_fn(|_| it.next().unwrap_or_default())
 }
 
 fn four_mut(buf: &mut [f32], first: usize, len: usize) -> [&mut [f32]; 4] {
     let mut it = buf[first * len..(first + 4) * len].chunks_exact_mut(len);
-    std::array::from_fn(|_| it.next().expect("four slices"))
+    std::array::from_fn(|_| it.next().unwrap_or_default())
 }
 
 /// `B^T d B` of a 6x6 tile of channel vectors (`d[r * 6 + q]`, each `len` long) into
@@ -206,7 +206,7 @@ fn input_transform(d: &[&[f32]], len: usize, tmp: &mut [f32], out: &mut [&mut [f
 
 /// `G g G^T` of one 3x3 filter, `G` = `[1/4,0,0] [-1/6,-1/6,-1/6] [-1/6,1/6,-1/6]
 /// [1/24,1/12,1/6] [1/24,-1/12,1/6] [0,0,1]`.
-fn filter_transform(g: &[f32; 9]) -> [f32; 36] {
+fn filter_transform(g: &[f32]) -> [f32; 36] {
     const G: [[f64; 3]; 6] = [
         [0.25, 0.0, 0.0],
         [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
@@ -255,13 +255,11 @@ fn winograd(
     // U[xi][c][k] from the filters.
     let ws: Vec<f32> = w.flatten_all()?.to_vec1()?;
     let mut u = vec![0f32; 36 * c * k];
-    for kk in 0..k {
-        for cc in 0..c {
-            let o = (kk * c + cc) * 9;
-            let g: [f32; 9] = ws[o..o + 9].try_into().expect("nine taps");
-            for (xi, val) in filter_transform(&g).into_iter().enumerate() {
-                u[(xi * c + cc) * k + kk] = val;
-            }
+    // Filters in order: (k, c) pairs of nine taps.
+    for (i, g) in ws.chunks_exact(9).enumerate() {
+        let (kk, cc) = (i / c, i % c);
+        for (xi, val) in filter_transform(g).into_iter().enumerate() {
+            u[(xi * c + cc) * k + kk] = val;
         }
     }
     let u = Tensor::from_vec(u, (36, c, k), &dev)?;

@@ -64,33 +64,27 @@ pub struct Previewer {
 }
 
 impl Previewer {
-    /// A previewer for latents of `channels` channels in the job of `ctx`. A TAESD decoder
-    /// that is missing, of another latent width or unreadable leaves the projection.
-    pub fn new(ctx: &ExecContext, channels: usize) -> Previewer {
+    /// A previewer for latents of `channels` channels in the job of `ctx`, unless the job
+    /// asks for no previews. A TAESD decoder that is missing, of another latent width or
+    /// unreadable leaves the projection.
+    pub fn new(ctx: &ExecContext, channels: usize) -> Option<Previewer> {
+        if ctx.env.preview == PreviewMethod::None {
+            return None;
+        }
         let mut weights = ctx.weights.clone();
         weights.mode = WeightMode::Resident;
         let decoder = match ctx.env.preview {
             PreviewMethod::Auto | PreviewMethod::Taesd => open_decoder(ctx, channels),
             _ => None,
         };
-        Previewer {
+        Some(Previewer {
             method: ctx.env.preview,
             decoder,
             weights,
             sampled: Duration::ZERO,
             spent: Duration::ZERO,
             rate: None,
-        }
-    }
-
-    /// Whether previews are made at all.
-    pub fn enabled(&self) -> bool {
-        self.method != PreviewMethod::None
-    }
-
-    /// Time previews took so far.
-    pub fn spent(&self) -> Duration {
-        self.spent
+        })
     }
 
     /// A preview of `latent` (`[b, c, h, w]`, diffusion space; the first item is shown),
@@ -99,11 +93,8 @@ impl Previewer {
         &mut self,
         latent: &Tensor,
         step_time: Duration,
-    ) -> Result<Option<StepPreview>, NodeError> {
+    ) -> Result<StepPreview, NodeError> {
         self.sampled += step_time;
-        if !self.enabled() {
-            return Ok(None);
-        }
         let first = latent.narrow(0, 0, 1)?;
         let allowed = self.taesd_allowed(&first)?;
         let start = Instant::now();
@@ -124,10 +115,10 @@ impl Previewer {
             .contiguous()?
             .to_device(&Device::Cpu)?;
         self.spent += start.elapsed();
-        Ok(Some(StepPreview {
+        Ok(StepPreview {
             image: Value::image(image),
             method,
-        }))
+        })
     }
 
     /// Multiply-adds of a TAESD decode of `latent`.

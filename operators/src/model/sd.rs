@@ -380,13 +380,16 @@ impl SamplerRun {
             cfg: args.float("cfg")?,
             schedule: Schedule::sd1(),
             sampling: Sampling::new(kind, x, sigmas, seed),
-            previewer: previews.then(|| Previewer::new(ctx, c)),
+            previewer: if previews {
+                Previewer::new(ctx, c)
+            } else {
+                None
+            },
         })
     }
 
-    /// Runs every step left, without previews.
+    /// Runs every step left (started without previews, it makes none).
     fn run(mut self) -> Result<Tensor, NodeError> {
-        self.previewer = None;
         while self.sampling.remaining() > 0 {
             self.step()?;
         }
@@ -413,10 +416,10 @@ impl Stepper for SamplerRun {
             Ok((x - (eps * sigma)?)?)
         };
         let denoised = self.sampling.step(&mut denoise)?;
-        match self.previewer.as_mut() {
-            Some(p) => p.preview(&denoised, started.elapsed()),
-            None => Ok(None),
-        }
+        self.previewer
+            .as_mut()
+            .map(|p| p.preview(&denoised, started.elapsed()))
+            .transpose()
     }
 
     fn finish(self: Box<Self>) -> Result<NodeOutput, NodeError> {
