@@ -220,7 +220,7 @@ pub enum PreviewMethod {
     Auto,
     /// Always the linear latent-to-RGB projection (cheapest).
     Latent2rgb,
-    /// TAESD whenever the time budget allows (the projection otherwise).
+    /// TAESD every step, whatever it costs (the projection when no decoder is present).
     Taesd,
     /// No previews.
     None,
@@ -445,11 +445,11 @@ pub trait Node: Send + Sync + 'static {
         None
     }
 
-    /// For iterative nodes: how many steps these args ask for (`None`, or zero steps: the node
-    /// runs whole through [`Node::execute`]). Each step becomes its own dataflow time, so its
-    /// completion is observable as progress.
-    fn steps(&self, _args: &Args) -> Option<u32> {
-        None
+    /// For iterative nodes: how many steps these args ask for (0: the node runs whole
+    /// through [`Node::execute`]). Each step becomes its own dataflow time, so its completion
+    /// is observable as progress.
+    fn steps(&self, _args: &Args) -> u32 {
+        0
     }
 
     /// Starts an iterative node on its inputs; called only when [`Node::steps`] is positive.

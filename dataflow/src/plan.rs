@@ -525,20 +525,10 @@ pub fn plan(
         let choice = chosen.expect("at least the resident option was tried");
         // An iterative node runs whole, one time per step.
         let steps = if choice.mode == ExecMode::Atomic {
-            guarded(|| Ok(n.node.steps(&n.args)))
-                .map_err(fail)?
-                .unwrap_or(0)
+            guarded(|| Ok(n.node.steps(&n.args))).map_err(fail)?
         } else {
             0
         };
-        let chunk_count = if steps > 0 {
-            steps as u64
-        } else {
-            choice.chunks.len().max(1) as u64
-        };
-        let in_time = time;
-        let out_time = in_time + chunk_count - 1;
-        time = out_time;
         let peak = live + choice.working;
         plans.push(NodePlan {
             node: n.id.0.clone(),
@@ -561,9 +551,13 @@ pub fn plan(
                 fits: fits(peak),
             },
             atomic_peak_bytes: atomic_peak,
-            in_time,
-            out_time,
+            in_time: time,
+            out_time: time,
         });
+        if let Some(np) = plans.last_mut() {
+            np.out_time = np.in_time + np.chunk_count() as u64 - 1;
+            time = np.out_time;
+        }
     }
     let forecast_peak_bytes = plans
         .iter()

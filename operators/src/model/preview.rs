@@ -98,9 +98,10 @@ impl Previewer {
         let first = latent.narrow(0, 0, 1)?;
         let allowed = self.taesd_allowed(&first)?;
         let start = Instant::now();
-        let made = match allowed {
-            true => self.taesd(&first).map(|img| (img, "taesd")),
-            false => None,
+        let made = if allowed {
+            self.taesd(&first).map(|img| (img, "taesd"))
+        } else {
+            None
         };
         let (image, method) = match made {
             Some(m) => {

@@ -562,9 +562,9 @@ impl Node for KSampler {
         sampler_memory(query)
     }
 
-    fn steps(&self, args: &Args) -> Option<u32> {
-        let sigmas = sampler_sigmas(args, self.advanced).ok()?;
-        Some(sigmas.len().saturating_sub(1) as u32)
+    fn steps(&self, args: &Args) -> u32 {
+        // Bad args plan as a whole run, which reports them when it executes.
+        sampler_sigmas(args, self.advanced).map_or(0, |s| s.len().saturating_sub(1) as u32)
     }
 
     fn start(
