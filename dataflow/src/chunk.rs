@@ -39,6 +39,18 @@ impl Rect {
 pub enum ChunkRegion {
     /// A spatial tile of an image, in output pixel coordinates.
     Tile { rect: Rect },
+    /// A window of video frames: source frames `[start, start + count)` and the output
+    /// frames `[out_start, out_start + out_count)` it yields; the next window's output starts
+    /// at `out_next` (frames from there on are shared with it and cross-faded).
+    Frames {
+        start: u64,
+        count: u64,
+        out_start: u64,
+        out_count: u64,
+        out_next: u64,
+    },
+    /// A span of audio frames `[start, start + len)` of the output.
+    Samples { start: u64, len: u64 },
 }
 
 /// One chunk of a node's work: its index among `count` and its region of the output.
@@ -54,6 +66,7 @@ impl ChunkSpec {
     pub fn rect(&self) -> Option<Rect> {
         match self.region {
             ChunkRegion::Tile { rect } => Some(rect),
+            _ => None,
         }
     }
 }
@@ -63,6 +76,10 @@ impl ChunkSpec {
 pub enum ChunkSize {
     /// Square-ish image tiles of at most this many pixels a side (output coordinates).
     Tile { width: usize, height: usize },
+    /// Windows of at most `window` source frames, consecutive ones sharing `overlap`.
+    Frames { window: usize, overlap: usize },
+    /// Spans of at most `len` audio frames.
+    Samples { len: usize },
 }
 
 /// Device memory of one chunk while it is processed.
@@ -83,6 +100,14 @@ pub trait Merger: Send {
     fn add(&mut self, chunk: &ChunkSpec, part: Value) -> Result<(), NodeError>;
     /// The assembled output, once every chunk was added.
     fn finish(self: Box<Self>) -> Result<Value, NodeError>;
+    /// The assembled output with the node's UI record (an output node's files); by default
+    /// [`Self::finish`]'s value and none.
+    fn finish_output(self: Box<Self>) -> Result<crate::node::NodeOutput, NodeError> {
+        Ok(crate::node::NodeOutput {
+            values: vec![self.finish()?],
+            ui: None,
+        })
+    }
 }
 
 /// How a node runs chunk by chunk. Implemented by the media engines.

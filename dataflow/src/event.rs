@@ -19,6 +19,8 @@
 //! | `output.preview` | `node` (the iterative node), `step`, `steps`, `method` (`taesd` or `latent2rgb`), `width`, `height` | right after that step's `telemetry.step`, when the node made a preview |
 //! | `telemetry.node_end` | `node`, `class_type`, `wall_ms`, `chunks` | the frontier of the node's output passed its output time |
 //! | `output.partial.image` | `node` (the output node), `source_node`, `tile` `{x,y,w,h}`, `tile_index`, `tiles`, `width`, `height` | a tile of an image that an output node consumes is final |
+//! | `output.partial.video` | `node` (the output node), `window`, `windows`, `frame_start`, `frame_count` (output frames that are now final, the window's overlap with the next one excluded), `pts_start`, `pts_end` (seconds), `width`, `height`, `fps`, `windows_decoded` (windows of the source cut so far), `cached` (replayed from the temporal cache) | a window of a video that an output node consumes is final; the frames travel with the event to library and server consumers |
+//! | `output.partial.audio` | `node`, `chunk`, `chunks`, `sample_start`, `sample_count`, `sample_rate`, `channels`, `chunks_decoded` | a chunk of audio that an output node consumes is final; its PCM travels with the event |
 //! | `executed` | `node`, `output` (ComfyUI's UI record, e.g. `{"images": [...]}`) | an output node finished |
 //! | `execution_success` | `wall_ms`, `budget_bytes`, `tracked_peak_bytes` | the job finished; always the last event |
 //! | `execution_error` | `node_id`, `node_type`, `message`, and once it ran `budget_bytes`, `tracked_peak_bytes` | the job failed; always the last event |
@@ -191,6 +193,32 @@ pub enum EventKind {
         width: usize,
         height: usize,
     },
+    #[serde(rename = "output.partial.video")]
+    PartialVideo {
+        node: String,
+        window: u32,
+        windows: u32,
+        frame_start: u64,
+        frame_count: u64,
+        pts_start: f64,
+        pts_end: f64,
+        width: usize,
+        height: usize,
+        fps: f64,
+        windows_decoded: u32,
+        cached: bool,
+    },
+    #[serde(rename = "output.partial.audio")]
+    PartialAudio {
+        node: String,
+        chunk: u32,
+        chunks: u32,
+        sample_start: u64,
+        sample_count: u64,
+        sample_rate: u32,
+        channels: u16,
+        chunks_decoded: u32,
+    },
     #[serde(rename = "executed")]
     Executed { node: String, output: Json },
     #[serde(rename = "execution_success")]
@@ -251,6 +279,8 @@ impl Event {
             EventKind::Preview { .. } => "output.preview",
             EventKind::NodeEnd { .. } => "telemetry.node_end",
             EventKind::PartialImage { .. } => "output.partial.image",
+            EventKind::PartialVideo { .. } => "output.partial.video",
+            EventKind::PartialAudio { .. } => "output.partial.audio",
             EventKind::Executed { .. } => "executed",
             EventKind::Success { .. } => "execution_success",
             EventKind::Error { .. } => "execution_error",

@@ -172,6 +172,8 @@ struct Shared {
     output_leases: Mutex<HashMap<usize, Lease>>,
     /// Per node: how many of its chunks the driver has announced (and released).
     announced: Vec<AtomicU64>,
+    /// Per chunked node: how many pieces its split has cut (windows decoded, for streams).
+    cut: Vec<AtomicU64>,
     /// Per tiled node: its operator bound to its other inputs (a model), while it runs.
     bound: Mutex<HashMap<usize, Arc<dyn ChunkedOp>>>,
     /// Residency changes the run caused, for the driver to announce.
@@ -255,6 +257,7 @@ pub fn run(
         retry_count: AtomicU64::new(0),
         output_leases: Mutex::new(HashMap::new()),
         announced: wf.nodes.iter().map(|_| AtomicU64::new(0)).collect(),
+        cut: wf.nodes.iter().map(|_| AtomicU64::new(0)).collect(),
         bound: Mutex::new(HashMap::new()),
         residency: DeltaLog::default(),
         previews: Mutex::new(HashMap::new()),
@@ -388,7 +391,7 @@ fn build(
     let me = scope.index() as u64;
     // Capture exactly what the driver announces as partial outputs, so nothing is left behind.
     let feeds_output: Vec<bool> = (0..wf.nodes.len())
-        .map(|ix| !image_output_consumers(wf, plan, ix).is_empty())
+        .map(|ix| !image_output_consumers(wf, plan, ix).is_empty() || streams_output(wf, plan, ix))
         .collect();
     let mut outputs: Vec<Recs> = Vec::with_capacity(wf.nodes.len());
     let mut probes = Vec::with_capacity(wf.nodes.len());
@@ -435,7 +438,7 @@ fn build(
             },
         };
         let chunking = match p.mode {
-            ExecMode::Tiled => {
+            ExecMode::Tiled | ExecMode::Streamed => {
                 let mut infos = Inputs::new();
                 for (l, info) in n.links.iter().zip(&p.inputs) {
                     infos.insert(l.input, *info);
@@ -609,7 +612,13 @@ fn whole<'s>(
                     };
                     if steps == 0 {
                         // Atomic: the kernel once, the outputs at the output time.
-                        let result = guarded(|| n.node.execute(&n.args, inputs, &ctx));
+                        let result = guarded(|| {
+                            if n.lifted.is_empty() {
+                                n.node.execute(&n.args, inputs, &ctx)
+                            } else {
+                                crate::lift::execute(n, inputs, &ctx)
+                            }
+                        });
                         drop(lease);
                         if let Some(c) = cap.take() {
                             let recs = finished(&shared, ix, result);
@@ -694,7 +703,8 @@ fn split<'s>(
     let ahead = plan.nodes[ix].inflight.clamp(1, total.max(1));
     // A chunk an output node shows is kept until the driver announces it: count it in flight
     // until then.
-    let announces = !image_output_consumers(&wf, &plan, ix).is_empty();
+    let announces =
+        !image_output_consumers(&wf, &plan, ix).is_empty() || streams_output(&wf, &plan, ix);
     input.unary_frontier::<Cb, _, _, _>(
         Exchange::new(move |_r: &Record| owner_ix),
         "split",
@@ -814,6 +824,7 @@ fn split<'s>(
                         }
                     }
                     next += 1;
+                    shared.cut[ix].store(next as u64, Ordering::SeqCst);
                 }
                 if next < total {
                     // Hold only the time of the next piece, so the probe after the kernel can
@@ -1058,9 +1069,21 @@ fn merge<'s>(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&ix);
-                match guarded(|| m.finish()) {
-                    Ok(value) => {
+                match guarded(|| m.finish_output()) {
+                    Ok(out) => {
+                        if let Some(ui) = out.ui {
+                            shared
+                                .ui
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(ix, ui);
+                        }
                         shared.mark_ran(ix);
+                        let value = out
+                            .values
+                            .into_iter()
+                            .next()
+                            .unwrap_or(Value::Boolean(true));
                         output.session(&cap).give(Record {
                             port: 0,
                             chunk: 0,
@@ -1073,6 +1096,12 @@ fn merge<'s>(
             }
         },
     )
+}
+
+/// Whether node `ix` is an output node that consumes a stream window by window: its own
+/// windows (chunks) are announced as partial outputs.
+fn streams_output(wf: &ValidatedWorkflow, plan: &ExecutionPlan, ix: usize) -> bool {
+    plan.nodes[ix].mode == ExecMode::Streamed && wf.nodes[ix].node.schema().output_node
 }
 
 /// The output nodes that consume node `ix`'s first output as an image: the nodes its chunks
@@ -1319,8 +1348,99 @@ impl Driver {
         }
     }
 
+    /// Announces window or chunk `chunk` of a streamed output node `ix`.
+    fn announce_stream(&mut self, ix: usize, chunk: u32) {
+        let value = self
+            .shared
+            .captured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(ix, chunk));
+        self.shared.announced[ix].fetch_max(chunk as u64 + 1, Ordering::SeqCst);
+        let p = &self.plan.nodes[ix];
+        let Some(spec) = p.chunks.get(chunk as usize) else {
+            return;
+        };
+        if !self.streaming {
+            self.streaming = true;
+            self.emitter.emit(EventKind::Lifecycle {
+                state: Lifecycle::StreamingPartial,
+            });
+        }
+        let node = self.wf.nodes[ix].id.0.clone();
+        let cut = self.shared.cut[ix].load(Ordering::SeqCst) as u32;
+        match (spec.region, p.chunked_input) {
+            (
+                crate::chunk::ChunkRegion::Frames {
+                    out_start,
+                    out_next,
+                    ..
+                },
+                Some(ValueInfo::Video(shape)),
+            ) => {
+                // The window's own frames that are final now: up to where the next begins.
+                let window = value
+                    .as_ref()
+                    .and_then(|v| v.as_video().and_then(|s| s.source().as_memory().cloned()));
+                let keep = out_next.saturating_sub(out_start) as usize;
+                let (pts_start, pts_end, cached) = window.as_ref().map_or((0.0, 0.0, false), |w| {
+                    let last = keep.min(w.len()).saturating_sub(1);
+                    (
+                        w.pts.first().copied().unwrap_or(0.0),
+                        w.pts.get(last).copied().unwrap_or(0.0),
+                        w.cached,
+                    )
+                });
+                let frames = window.and_then(|w| {
+                    let n = keep.min(w.len());
+                    w.frames
+                        .narrow(0, 0, n)
+                        .ok()
+                        .map(Value::image)
+                        .and_then(|v| v.to_host().ok())
+                });
+                self.emitter.emit_with(
+                    EventKind::PartialVideo {
+                        node,
+                        window: chunk,
+                        windows: p.chunk_count(),
+                        frame_start: out_start,
+                        frame_count: keep as u64,
+                        pts_start,
+                        pts_end,
+                        width: shape.out.width,
+                        height: shape.out.height,
+                        fps: shape.out.fps(),
+                        windows_decoded: cut,
+                        cached,
+                    },
+                    frames,
+                );
+            }
+            (crate::chunk::ChunkRegion::Samples { start, len }, Some(ValueInfo::Audio(meta))) => {
+                self.emitter.emit_with(
+                    EventKind::PartialAudio {
+                        node,
+                        chunk,
+                        chunks: p.chunk_count(),
+                        sample_start: start,
+                        sample_count: len,
+                        sample_rate: meta.sample_rate,
+                        channels: meta.channels,
+                        chunks_decoded: cut,
+                    },
+                    value,
+                );
+            }
+            _ => {}
+        }
+    }
+
     /// Announces chunk `chunk` of node `ix` as a partial output of each output node it feeds.
     fn announce_partial(&mut self, ix: usize, chunk: u32) {
+        if streams_output(&self.wf, &self.plan, ix) {
+            return self.announce_stream(ix, chunk);
+        }
         if self.output_consumers[ix].is_empty() {
             return;
         }

@@ -24,6 +24,7 @@ pub mod chunk;
 pub mod error;
 pub mod event;
 pub mod exec;
+pub mod lift;
 pub mod memory;
 pub mod model_paths;
 pub mod node;
@@ -31,6 +32,7 @@ pub mod plan;
 pub mod profile;
 pub mod residency;
 pub mod schema;
+pub mod stream;
 pub mod value;
 pub mod workflow;
 
@@ -55,6 +57,10 @@ pub use residency::{
 pub use schema::{
     ExecMode, FileFolder, InputKind, InputSpec, MemoryEstimate, MemoryQuery, NodeMeta, NodeSchema,
     OutputSpec,
+};
+pub use stream::{
+    AudioGraph, AudioMeta, AudioPull, AudioStream, Frame, FrameCursor, FrameOp, FrameSource,
+    MemoryFrames, Planar, Temporal, VideoMeta, VideoShape, VideoStream,
 };
 pub use value::{DataType, ImageInfo, ModelInfo, ModelRef, TensorBox, Value, ValueInfo};
 pub use workflow::{ValidatedWorkflow, WorkflowNode};

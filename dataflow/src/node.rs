@@ -154,6 +154,11 @@ impl<T> Inputs<T> {
         self.map.remove(name)
     }
 
+    /// Every input, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &T)> {
+        self.map.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
     /// Number of linked inputs present.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -450,6 +455,12 @@ pub trait Node: Send + Sync + 'static {
     /// is observable as progress.
     fn steps(&self, _args: &Args) -> u32 {
         0
+    }
+
+    /// How the node relates frames when its `IMAGE` input is a video (see [`crate::lift`]):
+    /// by default each frame on its own. `None`: the node cannot run on video frames.
+    fn temporal(&self, _args: &Args) -> Option<crate::stream::Temporal> {
+        Some(crate::stream::Temporal::PER_FRAME)
     }
 
     /// Starts an iterative node on its inputs; called only when [`Node::steps`] is positive.

@@ -292,7 +292,11 @@ pub fn plan(
             input_list.push(info);
         }
         // Every call into node code is guarded: a node bug fails the plan, not the process.
-        let outputs = guarded(|| n.node.infer(&n.args, &infos, env)).map_err(fail)?;
+        let outputs = if n.lifted.is_empty() {
+            guarded(|| n.node.infer(&n.args, &infos, env)).map_err(fail)?
+        } else {
+            guarded(|| crate::lift::infer(n, &infos, env, opts.bytes_per_element)).map_err(fail)?
+        };
         for (i, o) in outputs.iter().enumerate() {
             if let Some(b) = o.bytes().filter(|b| *b > opts.max_value_bytes) {
                 return Err(fail(NodeError::Other(format!(
@@ -302,17 +306,23 @@ pub fn plan(
                 ))));
             }
         }
-        let memory = guarded(|| {
-            Ok(n.node.memory(
-                &n.args,
-                &MemoryQuery {
-                    inputs: &input_list,
-                    outputs: &outputs,
-                    bytes_per_element: opts.bytes_per_element,
-                },
-            ))
-        })
-        .map_err(fail)?;
+        // A lifted node only extends a stream; its kernel's memory is part of the windows of
+        // the node that consumes the video.
+        let memory = if !n.lifted.is_empty() {
+            MemoryEstimate::default()
+        } else {
+            guarded(|| {
+                Ok(n.node.memory(
+                    &n.args,
+                    &MemoryQuery {
+                        inputs: &input_list,
+                        outputs: &outputs,
+                        bytes_per_element: opts.bytes_per_element,
+                    },
+                ))
+            })
+            .map_err(fail)?
+        };
         shapes.push((input_list, outputs, memory));
         named.push(infos);
     }
@@ -371,7 +381,9 @@ pub fn plan(
             .iter()
             .any(|&c| wf.nodes[c].node.schema().output_node);
         let meta = n.node.meta();
-        let chunking = if meta.supports(ExecMode::Tiled) {
+        let chunking = if n.lifted.is_empty()
+            && (meta.supports(ExecMode::Tiled) || meta.supports(ExecMode::Streamed))
+        {
             guarded(|| Ok(n.node.chunked(&n.args, &named[ix]))).map_err(fail)?
         } else {
             None
@@ -392,8 +404,33 @@ pub fn plan(
                 memory.weights,
             ));
         }
+        let stream_input = chunking.as_ref().and_then(|c| {
+            n.links
+                .iter()
+                .position(|l| l.input == c.input)
+                .map(|i| input_list[i])
+                .filter(|i| matches!(i, ValueInfo::Video(_) | ValueInfo::Audio(_)))
+        });
         let mut chosen: Option<Choice> = None;
-        for weights in weight_options {
+        if let (Some(chunking), Some(sin), true) =
+            (&chunking, stream_input, meta.supports(ExecMode::Streamed))
+        {
+            let weights = WeightPlan::resident(memory.weights);
+            chosen = Some(
+                streamed(
+                    chunking,
+                    &sin,
+                    weights,
+                    live,
+                    opts,
+                    &fits,
+                    feeds_output || n.node.schema().output_node,
+                )
+                .map_err(fail)?,
+            );
+        }
+        let decided = chosen.is_some();
+        for weights in weight_options.into_iter().filter(|_| !decided) {
             let users = opts.workers.max(1) as u64;
             let atomic = Choice {
                 mode: ExecMode::Atomic,
@@ -576,6 +613,93 @@ pub fn plan(
         prefetch: opts.prefetch,
         min_tile: opts.min_tile.max(MIN_TILE),
     })
+}
+
+/// Window (video) or chunk (audio) sizes a streamed node may be cut at, largest first: the
+/// node's own request when it makes one, else a preference halved down to a floor.
+fn stream_sizes(input: &ValueInfo, requested: Option<usize>) -> Vec<ChunkSize> {
+    match input {
+        ValueInfo::Video(_) => {
+            let top = requested.unwrap_or(16).max(1);
+            let mut sizes = vec![top];
+            while *sizes.last().expect("non-empty") > 1 && requested.is_none() {
+                let next = sizes.last().expect("non-empty") / 2;
+                sizes.push(next.max(1));
+            }
+            sizes
+                .into_iter()
+                .map(|window| ChunkSize::Frames { window, overlap: 0 })
+                .collect()
+        }
+        ValueInfo::Audio(m) => {
+            // One second by default: previews come often, per-chunk overhead stays small.
+            let top = requested.unwrap_or(m.sample_rate.max(1024) as usize);
+            let mut sizes = vec![top];
+            while *sizes.last().expect("non-empty") > 1024 && requested.is_none() {
+                let next = sizes.last().expect("non-empty") / 2;
+                sizes.push(next.max(1024));
+            }
+            sizes
+                .into_iter()
+                .map(|len| ChunkSize::Samples { len })
+                .collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The plan of a node that consumes a stream window by window: the largest window that fits
+/// with the profile's windows in flight, else one at a time, else the most frugal.
+fn streamed(
+    chunking: &crate::node::Chunking,
+    input: &ValueInfo,
+    weights: WeightPlan,
+    live: u64,
+    opts: &PlanOptions,
+    fits: &dyn Fn(u64) -> bool,
+    announced: bool,
+) -> Result<Choice, NodeError> {
+    let mut frugal: Option<Choice> = None;
+    for serial in [false, true] {
+        for size in stream_sizes(input, chunking.max_tile) {
+            let chunks = guarded(|| chunking.op.plan(input, size))?;
+            let mem = chunks.iter().fold(ChunkMemory::default(), |m, c| {
+                let x = chunking.op.chunk_memory(input, c);
+                ChunkMemory {
+                    piece: m.piece.max(x.piece),
+                    result: m.result.max(x.result),
+                    workspace: m.workspace.max(x.workspace),
+                }
+            });
+            let inflight = if serial {
+                1
+            } else {
+                opts.inflight(chunks.len())
+            } as u64;
+            // Chunks of (or consumed by) an output node are kept until announced.
+            let captured = if announced { inflight * mem.result } else { 0 };
+            let working = weights.device_bytes(1)
+                + inflight * (mem.piece + mem.result + mem.workspace)
+                + captured;
+            let c = Choice {
+                mode: ExecMode::Streamed,
+                tile: None,
+                chunks,
+                chunked_input: Some(*input),
+                chunk_memory: Some(mem),
+                working,
+                weights,
+                inflight: inflight as usize,
+            };
+            if fits(live + working) {
+                return Ok(c);
+            }
+            if frugal.as_ref().is_none_or(|f| working < f.working) {
+                frugal = Some(c);
+            }
+        }
+    }
+    frugal.ok_or_else(|| NodeError::Other(format!("a stream of {input:?} cannot be cut")))
 }
 
 /// A candidate mode for one node.

@@ -6,6 +6,7 @@
 //! consumer of a stream.
 
 use crate::memory::{Accountant, Lease};
+use crate::stream::{AudioMeta, AudioStream, VideoShape, VideoStream};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
@@ -207,6 +208,13 @@ pub enum Value {
     Boolean(bool),
     /// A loaded model.
     Model(ModelRef),
+    /// A video, lazy: frames are decoded and processed window by window when consumed
+    /// ([`crate::stream`]). Shared within one process, never serialized.
+    #[serde(skip)]
+    Video(VideoStream),
+    /// Audio (ComfyUI's `AUDIO`), lazy: samples are pulled chunk by chunk when consumed.
+    #[serde(skip)]
+    Audio(AudioStream),
 }
 
 impl Value {
@@ -310,6 +318,8 @@ impl Value {
             Value::String(_) => DataType::String,
             Value::Boolean(_) => DataType::Boolean,
             Value::Model(m) => m.kind.clone(),
+            Value::Video(_) => DataType::Video,
+            Value::Audio(_) => DataType::Audio,
         }
     }
 
@@ -325,6 +335,22 @@ impl Value {
     pub fn as_latent(&self) -> Option<&Tensor> {
         match self {
             Value::Latent(t) => Some(&t.tensor),
+            _ => None,
+        }
+    }
+
+    /// The video stream, if this is a video.
+    pub fn as_video(&self) -> Option<&VideoStream> {
+        match self {
+            Value::Video(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The audio stream, if this is audio.
+    pub fn as_audio(&self) -> Option<&AudioStream> {
+        match self {
+            Value::Audio(a) => Some(a),
             _ => None,
         }
     }
@@ -371,6 +397,8 @@ impl Value {
                 Err(_) => ValueInfo::Unknown,
             },
             Value::Model(m) => ValueInfo::Model(m.info),
+            Value::Video(v) => ValueInfo::Video(v.shape()),
+            Value::Audio(a) => ValueInfo::Audio(a.meta()),
             _ => ValueInfo::Scalar,
         }
     }
@@ -416,6 +444,10 @@ pub enum ValueInfo {
     },
     /// A model, whose weights the planner places.
     Model(ModelInfo),
+    /// A video stream (lazy; its windows are counted where they are processed).
+    Video(VideoShape),
+    /// An audio stream (lazy; its chunks are counted where they are processed).
+    Audio(AudioMeta),
     /// A scalar or small value whose size does not matter for planning.
     Scalar,
     /// Shape not known before running.
@@ -452,6 +484,8 @@ impl ValueInfo {
             ValueInfo::Scalar => Some(16),
             // Weights are counted where a node puts them on the device, not as a value.
             ValueInfo::Model(_) => Some(0),
+            // A stream holds no samples until it is consumed window by window.
+            ValueInfo::Video(_) | ValueInfo::Audio(_) => Some(0),
             ValueInfo::Unknown => None,
         }
     }

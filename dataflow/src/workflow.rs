@@ -41,6 +41,9 @@ pub struct WorkflowNode {
     pub args: Args,
     /// Linked inputs, in schema order.
     pub links: Vec<Link>,
+    /// `IMAGE` inputs linked to a video: the node runs on its frames ([`crate::lift`]) and
+    /// its outputs are videos. Empty for a node that runs as declared.
+    pub lifted: Vec<&'static str>,
 }
 
 impl std::fmt::Debug for WorkflowNode {
@@ -50,6 +53,7 @@ impl std::fmt::Debug for WorkflowNode {
             .field("class_type", &self.class_type)
             .field("args", &self.args)
             .field("links", &self.links)
+            .field("lifted", &self.lifted)
             .finish()
     }
 }
@@ -317,7 +321,13 @@ pub fn validate(
                 let expected = spec.kind.data_type();
                 let compatible = out.data_type == expected
                     || (expected == DataType::Combo && out.data_type == DataType::String);
-                if !compatible {
+                // IMAGE and VIDEO meet where image nodes run on video frames: decided once
+                // every producer's effective type is known (after ordering).
+                let video_image = matches!(
+                    (&expected, &out.data_type),
+                    (DataType::Image, DataType::Video) | (DataType::Video, DataType::Image)
+                );
+                if !compatible && !video_image {
                     errors.push(WorkflowError::TypeMismatch {
                         node,
                         class_type,
@@ -392,6 +402,72 @@ pub fn validate(
         });
     }
 
+    // Pass 4b: effective types. A node whose IMAGE input carries a video runs per frame, and
+    // its IMAGE outputs are videos; every other link must then agree exactly.
+    let mut lifted: BTreeMap<&str, Vec<&'static str>> = BTreeMap::new();
+    if errors.is_empty() {
+        let mut video_out: BTreeMap<&str, bool> = BTreeMap::new();
+        for id in &order {
+            let raw = &nodes[id];
+            let schema = raw.node.schema();
+            let c = &checked[id];
+            let effective = |t: &str, idx: usize| -> Option<DataType> {
+                let out = nodes
+                    .get(t)?
+                    .node
+                    .schema()
+                    .outputs
+                    .get(idx)?
+                    .data_type
+                    .clone();
+                Some(
+                    if out == DataType::Image && video_out.get(t).copied().unwrap_or(false) {
+                        DataType::Video
+                    } else {
+                        out
+                    },
+                )
+            };
+            let mut mine = Vec::new();
+            for (input, t, idx) in &c.links {
+                let Some(spec) = schema.inputs.iter().find(|s| s.name == *input) else {
+                    continue;
+                };
+                let expected = spec.kind.data_type();
+                let Some(found) = effective(t, *idx) else {
+                    continue;
+                };
+                let ok =
+                    found == expected || (expected == DataType::Combo && found == DataType::String);
+                if ok {
+                    continue;
+                }
+                let args = Args::new(c.args.clone());
+                if expected == DataType::Image
+                    && found == DataType::Video
+                    && mine.is_empty()
+                    && crate::lift::liftable(raw.node.as_ref(), &args).is_some()
+                {
+                    mine.push(*input);
+                    continue;
+                }
+                errors.push(WorkflowError::TypeMismatch {
+                    node: id.to_string(),
+                    class_type: schema.class_type.to_string(),
+                    input: input.to_string(),
+                    expected: expected.to_string(),
+                    from: t.clone(),
+                    output: *idx,
+                    found: found.to_string(),
+                });
+            }
+            video_out.insert(id, !mine.is_empty());
+            if !mine.is_empty() {
+                lifted.insert(id, mine);
+            }
+        }
+    }
+
     // Pass 5: checks that need the environment, only for structurally sound nodes.
     if errors.is_empty() {
         for id in &order {
@@ -434,6 +510,7 @@ pub fn validate(
                         output,
                     })
                     .collect(),
+                lifted: lifted.remove(id).unwrap_or_default(),
             }
         })
         .collect();

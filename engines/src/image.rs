@@ -209,7 +209,11 @@ impl<K: TileKernel> ChunkedOp for TiledImage<K> {
     fn plan(&self, input: &ValueInfo, size: ChunkSize) -> Result<Vec<ChunkSpec>, NodeError> {
         let i = image_info(input)?;
         let (oh, ow) = self.kernel.output_size(i.height, i.width);
-        let ChunkSize::Tile { width, height } = size;
+        let ChunkSize::Tile { width, height } = size else {
+            return Err(NodeError::Other(format!(
+                "image tiles cannot be cut as {size:?}"
+            )));
+        };
         Ok(specs(tile_grid(ow, oh, width, height)))
     }
 
