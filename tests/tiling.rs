@@ -34,7 +34,11 @@ fn assert_tiled_equals_whole(
     let whole = whole.values[0].as_image().unwrap().clone();
 
     let chunking = node
-        .chunked(&args, &nova_dataflow::Inputs::new())
+        .chunked(
+            &args,
+            &nova_dataflow::Inputs::new(),
+            &nova_dataflow::JobEnv::new("input", "output", "temp"),
+        )
         .expect("tileable");
     let op = chunking.op;
     let input = Value::image(image);

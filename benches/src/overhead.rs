@@ -121,7 +121,11 @@ impl Setup {
         let blur = &self.wf.nodes[1];
         let op = blur
             .node
-            .chunked(&blur.args, &nova_dataflow::Inputs::new())
+            .chunked(
+                &blur.args,
+                &nova_dataflow::Inputs::new(),
+                &nova_dataflow::JobEnv::new("input", "output", "temp"),
+            )
             .expect("blur is tileable")
             .op;
         let np = &self.plan.nodes[1];

@@ -443,7 +443,7 @@ fn build(
                 for (l, info) in n.links.iter().zip(&p.inputs) {
                     infos.insert(l.input, *info);
                 }
-                n.node.chunked(&n.args, &infos)
+                n.node.chunked(&n.args, &infos, env)
             }
             _ => None,
         };

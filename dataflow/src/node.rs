@@ -446,7 +446,12 @@ pub trait Node: Send + Sync + 'static {
     }
 
     /// The chunked form of this node for these args and input shapes, if it has one.
-    fn chunked(&self, _args: &Args, _inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
+    fn chunked(
+        &self,
+        _args: &Args,
+        _inputs: &Inputs<ValueInfo>,
+        _env: &JobEnv,
+    ) -> Option<Chunking> {
         None
     }
 

@@ -384,7 +384,7 @@ pub fn plan(
         let chunking = if n.lifted.is_empty()
             && (meta.supports(ExecMode::Tiled) || meta.supports(ExecMode::Streamed))
         {
-            guarded(|| Ok(n.node.chunked(&n.args, &named[ix]))).map_err(fail)?
+            guarded(|| Ok(n.node.chunked(&n.args, &named[ix], env))).map_err(fail)?
         } else {
             None
         };

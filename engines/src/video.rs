@@ -176,6 +176,8 @@ struct Decoder {
 pub struct VideoWindows {
     sink: SinkFactory,
     cache: Option<&'static TemporalCache>,
+    /// Frames consecutive windows share at least (cross-faded), beyond the chain's own need.
+    min_overlap: usize,
     /// The stream this run consumes (set by *split*, read by the merger).
     stream: Mutex<Option<VideoStream>>,
     decoder: Mutex<Option<Decoder>>,
@@ -188,6 +190,7 @@ impl VideoWindows {
         VideoWindows {
             sink,
             cache: Some(TemporalCache::global()),
+            min_overlap: 0,
             stream: Mutex::new(None),
             decoder: Mutex::new(None),
         }
@@ -201,6 +204,12 @@ impl VideoWindows {
         }
     }
 
+    /// The same with consecutive windows sharing at least `overlap` frames, cross-faded.
+    pub fn with_overlap(mut self, overlap: usize) -> VideoWindows {
+        self.min_overlap = overlap;
+        self
+    }
+
     /// Runs a whole stream through windows of `window` frames on this thread, into a sink made
     /// by `sink` (library use and nodes that run whole). The same path as the dataflow's.
     pub fn run_whole(
@@ -208,17 +217,30 @@ impl VideoWindows {
         window: usize,
         sink: SinkFactory,
     ) -> Result<NodeOutput, NodeError> {
-        let op = VideoWindows::new(sink);
+        VideoWindows::new(sink).run(stream, window)
+    }
+
+    /// Runs a whole stream through this operator's windows on this thread.
+    pub fn run(&self, stream: &VideoStream, window: usize) -> Result<NodeOutput, NodeError> {
         let shape = stream.shape();
         let input = Value::Video(stream.clone());
         let info = ValueInfo::Video(shape);
-        let mut merger = op.merger(&info)?;
-        for spec in plan_windows(&shape, window, 0) {
-            let piece = op.split(&input, &spec)?;
-            let done = op.process(&info, &spec, &piece)?;
-            merger.add(&spec, done)?;
+        let specs = self.plan(&info, ChunkSize::Frames { window, overlap: 0 })?;
+        for spec in specs.iter().take(1) {
+            // The first window's split records the stream the merger writes with.
+            let piece = self.split(&input, spec)?;
+            let mut merger = self.merger(&info)?;
+            merger.add(spec, self.process(&info, spec, &piece)?)?;
+            for spec in &specs[1..] {
+                let piece = self.split(&input, spec)?;
+                merger.add(spec, self.process(&info, spec, &piece)?)?;
+            }
+            return merger.finish_output();
         }
-        merger.finish_output()
+        Err(NodeError::Other(format!(
+            "{} has no frames",
+            stream.source().describe()
+        )))
     }
 
     fn lock_stream(&self) -> std::sync::MutexGuard<'_, Option<VideoStream>> {
@@ -316,7 +338,7 @@ impl ChunkedOp for VideoWindows {
                 "video windows cannot be cut as {size:?}"
             )));
         };
-        Ok(plan_windows(&shape, window, overlap))
+        Ok(plan_windows(&shape, window, overlap.max(self.min_overlap)))
     }
 
     fn output_info(&self, input: &ValueInfo) -> Result<ValueInfo, NodeError> {

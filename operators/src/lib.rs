@@ -5,10 +5,12 @@
 //! Tensor work is on candle tensors created on the job's device (the CPU today; nothing here
 //! assumes it).
 
+pub mod audio;
 pub mod image;
 pub mod latent;
 pub mod model;
 mod spec;
+pub mod video;
 
 use nova_dataflow::NodeRegistry;
 
@@ -38,5 +40,20 @@ pub fn registry() -> NodeRegistry {
     r.register(model::sd::KSampler::advanced());
     r.register(latent::SaveLatent::new());
     r.register(latent::LoadLatent::new());
+    r.register(video::load::LoadVideo::new());
+    r.register(video::save::SaveVideo::new());
+    r.register(video::create::CreateVideo::new());
+    r.register(video::components::GetVideoComponents::new());
+    r.register(audio::load::LoadAudio::new());
+    r.register(audio::save::SaveAudio::new());
+    r.register(audio::save::SaveAudio::preview());
+    r.register(audio::resample::AudioResample::new());
+    r.register(audio::gain::AudioGain::new());
+    r.register(audio::biquad::AudioBiquad::new());
+    r.register(audio::fade::AudioFade::new());
+    r.register(audio::mix::AudioMix::new());
+    r.register(audio::eq::AudioEqualizer::new());
+    r.register(audio::generate::AudioOscillator::new());
+    r.register(audio::generate::AudioNoise::new());
     r
 }

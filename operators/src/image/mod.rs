@@ -60,7 +60,7 @@ impl<T: TileNode> Node for Tiled<T> {
         Ok(vec![self.op(args)?.output_info(info)?])
     }
 
-    fn chunked(&self, args: &Args, _inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
+    fn chunked(&self, args: &Args, _inputs: &Inputs<ValueInfo>, _env: &JobEnv) -> Option<Chunking> {
         let op = self.op(args).ok()?;
         Some(Chunking {
             input: "image",

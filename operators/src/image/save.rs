@@ -135,6 +135,29 @@ pub(crate) fn split_prefix(prefix: &str) -> Result<(PathBuf, String), NodeError>
     Ok((p.parent().map(Path::to_path_buf).unwrap_or_default(), stem))
 }
 
+/// Reserves the next `<stem>_<counter>_.<ext>` file for `prefix` under `base` (creating it
+/// empty, so concurrent saves never pick the same name): the path, the subfolder and the file
+/// name, for ComfyUI's UI record.
+pub(crate) fn reserve_file(
+    base: &Path,
+    prefix: &str,
+    ext: &str,
+) -> Result<(PathBuf, String, String), NodeError> {
+    let (subfolder, stem) = split_prefix(prefix)?;
+    let folder = base.join(&subfolder);
+    let io = |e: std::io::Error| NodeError::File {
+        path: folder.display().to_string(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(&folder).map_err(io)?;
+    let _guard = SAVE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let counter = next_counter(&folder, &stem);
+    let file = format!("{stem}_{counter:05}_.{ext}");
+    let path = folder.join(&file);
+    std::fs::File::create(&path).map_err(io)?;
+    Ok((path, subfolder.to_string_lossy().to_string(), file))
+}
+
 /// One past the highest counter of `<stem>_<counter>_` files in `folder`.
 pub(crate) fn next_counter(folder: &Path, stem: &str) -> u64 {
     let probe = stem.replace("%batch_num%", "");

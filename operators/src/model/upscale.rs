@@ -459,7 +459,7 @@ impl Node for ImageUpscaleWithModel {
         }
     }
 
-    fn chunked(&self, _args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
+    fn chunked(&self, _args: &Args, inputs: &Inputs<ValueInfo>, _env: &JobEnv) -> Option<Chunking> {
         let Some(ValueInfo::Model(info)) = inputs.get("upscale_model") else {
             return None;
         };

@@ -384,7 +384,7 @@ impl Node for VaeDecodeTiled {
         self.whole().memory(args, query)
     }
 
-    fn chunked(&self, args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
+    fn chunked(&self, args: &Args, inputs: &Inputs<ValueInfo>, _env: &JobEnv) -> Option<Chunking> {
         // Asked for tiles: any VAE, tile-local or not (as ComfyUI does).
         let Some(ValueInfo::Model(m)) = inputs.get("vae") else {
             return None;
@@ -448,7 +448,7 @@ impl Node for VaeDecode {
         whole_first()
     }
 
-    fn chunked(&self, _args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
+    fn chunked(&self, _args: &Args, inputs: &Inputs<ValueInfo>, _env: &JobEnv) -> Option<Chunking> {
         auto_tiles(Part::Decoder, inputs)
     }
 
@@ -546,7 +546,7 @@ impl Node for VaeEncode {
         whole_first()
     }
 
-    fn chunked(&self, _args: &Args, inputs: &Inputs<ValueInfo>) -> Option<Chunking> {
+    fn chunked(&self, _args: &Args, inputs: &Inputs<ValueInfo>, _env: &JobEnv) -> Option<Chunking> {
         auto_tiles(Part::Encoder, inputs)
     }
 
