@@ -62,15 +62,8 @@ pub(crate) fn infer(
     let mut one = inputs.clone();
     one.insert(name, frame_info(&shape, 1));
     let frame_outs = n.node.infer(&n.args, &one, env)?;
-    let in_list = [frame_info(&shape, 1)];
-    let mem = n.node.memory(
-        &n.args,
-        &MemoryQuery {
-            inputs: &in_list,
-            outputs: &frame_outs,
-            bytes_per_element,
-        },
-    );
+    let workspace = frame_workspace(n.node.as_ref(), &n.args, frame_info(&shape, 1), &frame_outs);
+    let _ = bytes_per_element;
     frame_outs
         .iter()
         .map(|o| {
@@ -81,10 +74,24 @@ pub(crate) fn infer(
                 &shape,
                 temporal,
                 (img.width, img.height),
-                mem.activations,
+                workspace,
             )))
         })
         .collect()
+}
+
+/// The node's working memory for one frame, by its own estimate (frames are f32 `IMAGE`s
+/// whatever the profile's precision, so the element size is 4).
+fn frame_workspace(node: &dyn Node, args: &Args, input: ValueInfo, outputs: &[ValueInfo]) -> u64 {
+    node.memory(
+        args,
+        &MemoryQuery {
+            inputs: &[input],
+            outputs,
+            bytes_per_element: 4,
+        },
+    )
+    .activations
 }
 
 /// `shape` after one more operator.
@@ -131,6 +138,8 @@ pub(crate) fn execute(
         }),
     );
     let outs = n.node.infer(&n.args, &probe, &ctx.env)?;
+    let one = probe.get(name).copied().unwrap_or(ValueInfo::Unknown);
+    let workspace = frame_workspace(n.node.as_ref(), &n.args, one, &outs);
     let mut h = std::collections::hash_map::DefaultHasher::new();
     n.class_type.hash(&mut h);
     for (k, v) in n.args.values() {
@@ -160,6 +169,7 @@ pub(crate) fn execute(
                 port,
                 temporal,
                 size,
+                workspace,
                 signature: base ^ (port as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
                 label: format!("node {} ({})", n.id, n.class_type),
             };
@@ -179,6 +189,7 @@ struct NodeFrames {
     port: usize,
     temporal: Temporal,
     size: (usize, usize),
+    workspace: u64,
     signature: u64,
     label: String,
 }
@@ -203,6 +214,9 @@ impl FrameOp for NodeFrames {
     }
     fn signature(&self) -> u64 {
         self.signature
+    }
+    fn workspace_per_frame(&self, _w: usize, _h: usize) -> u64 {
+        self.workspace
     }
     fn describe(&self) -> String {
         self.label.clone()
