@@ -11,3 +11,6 @@ pub mod memory;
 
 /// The models benchmark's pieces (`benches/models.rs`).
 pub mod models;
+
+/// The media benchmark's workloads and peers (`benches/media.rs`).
+pub mod media;
