@@ -592,7 +592,10 @@ fn run_command(args: RunArgs) -> ExitCode {
         Ok(report) => {
             let env = env_out.expect("set before the run");
             for (node, ui) in &report.outputs {
-                if let Some(images) = ui.get("images").and_then(|i| i.as_array()) {
+                let files = ["images", "audio"]
+                    .iter()
+                    .filter_map(|k| ui.get(*k).and_then(|i| i.as_array()));
+                for images in files {
                     for img in images {
                         let sub = img["subfolder"].as_str().unwrap_or("");
                         let name = img["filename"].as_str().unwrap_or("");
@@ -609,12 +612,15 @@ fn run_command(args: RunArgs) -> ExitCode {
                 }
             }
             eprintln!(
-                "nova: done in {:.0} ms; tracked peak {}{}",
+                "nova: done in {:.0} ms; tracked peak {}{}{}",
                 report.wall_ms,
                 Bytes(report.tracked_peak_bytes),
                 report
                     .budget_bytes
                     .map(|b| format!(" of {} budget", Bytes(b)))
+                    .unwrap_or_default(),
+                peak_rss()
+                    .map(|b| format!("; process peak RSS {}", Bytes(b)))
                     .unwrap_or_default()
             );
             match write_failed {
@@ -624,4 +630,12 @@ fn run_command(args: RunArgs) -> ExitCode {
         }
         Err((code, msg)) => fail(code, msg),
     }
+}
+
+/// The process's peak resident memory (`VmHWM`, Linux), for the closing line.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

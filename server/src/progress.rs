@@ -63,6 +63,24 @@ fn plain(ev: &Event) {
             wall_ms,
             ..
         } => eprintln!("nova: node {node} ({class_type}) finished in {wall_ms:.1} ms"),
+        EventKind::PartialVideo {
+            node,
+            window,
+            windows,
+            frame_start,
+            frame_count,
+            cached,
+            ..
+        } => eprintln!(
+            "nova: node {node} window {}/{windows} final: frames {frame_start}..{}{}",
+            window + 1,
+            frame_start + frame_count,
+            if *cached {
+                " (replayed from cache)"
+            } else {
+                ""
+            }
+        ),
         _ => {}
     }
 }
