@@ -557,3 +557,85 @@ fn the_txt2img_example_reports_every_step_with_a_preview() {
     }
     assert!(s.dir.join("output/txt2img_tiny_00001_.png").is_file());
 }
+
+/// Writes `seconds` of a stereo 48 kHz tone as 16-bit WAV, chunk by chunk.
+fn write_tone_wav(path: &Path, seconds: usize) {
+    use nova_media::audio::{AudioSpec, SampleFormat, WavWriter};
+    let spec = AudioSpec {
+        sample_rate: 48_000,
+        channels: 2,
+    };
+    let mut w = WavWriter::create(path, spec, SampleFormat::I16).unwrap();
+    // One second repeats (440 Hz fits a whole number of periods in it).
+    let c: Vec<f32> = (0..48_000)
+        .map(|i| 0.3 * (2.0 * std::f32::consts::PI * 440.0 * i as f32 / 48_000.0).sin())
+        .collect();
+    for _ in 0..seconds {
+        w.write(&[c.clone(), c.clone()]).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// The "process peak RSS" figure of `nova run`'s closing line, in bytes.
+fn peak_rss(stderr: &str) -> f64 {
+    let text = stderr
+        .lines()
+        .find_map(|l| l.split("process peak RSS ").nth(1))
+        .unwrap_or_else(|| panic!("no peak RSS in: {stderr}"));
+    let mut parts = text.split_whitespace();
+    let v: f64 = parts.next().unwrap().parse().unwrap();
+    let unit = parts.next().unwrap();
+    v * match unit {
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => 1.0,
+    }
+}
+
+#[test]
+fn ten_minutes_of_audio_run_in_the_same_process_memory_as_ten_seconds() {
+    let s = Setup::new("long-audio");
+    let mut rss = Vec::new();
+    for (name, seconds) in [("short.wav", 10), ("long.wav", 600)] {
+        write_tone_wav(&s.dir.join("input").join(name), seconds);
+        let wf = s.workflow(
+            &format!("{name}.json"),
+            &format!(
+                r#"{{"1": {{"class_type": "LoadAudio", "inputs": {{"audio": "{name}"}}}},
+                    "2": {{"class_type": "AudioBiquad", "inputs": {{"audio": ["1", 0], "filter_type": "highpass", "frequency": 80.0, "q": 0.7071, "gain_db": 0.0}}}},
+                    "3": {{"class_type": "AudioResample", "inputs": {{"audio": ["2", 0], "sample_rate": 44100}}}},
+                    "4": {{"class_type": "SaveAudio", "inputs": {{"audio": ["3", 0], "filename_prefix": "{name}"}}}}}}"#
+            ),
+        );
+        let out = nova(
+            &[
+                "run",
+                &wf,
+                "--input-dir",
+                "input",
+                "--out",
+                "output",
+                "--workers",
+                "2",
+            ],
+            &s.dir,
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        let peak = peak_rss(&stderr);
+        eprintln!(
+            "{seconds} s of 48 kHz stereo: process peak RSS {:.1} MiB",
+            peak / 1048576.0
+        );
+        rss.push(peak);
+    }
+    let ratio = rss[1] / rss[0];
+    eprintln!("10 min / 10 s peak RSS: {ratio:.3}");
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "10 s: {} B, 10 min: {} B",
+        rss[0],
+        rss[1]
+    );
+}
