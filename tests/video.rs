@@ -344,3 +344,58 @@ fn an_image_node_cannot_take_a_video_where_it_cannot_run_per_frame() {
     assert!(text.contains("IMAGE") && text.contains("VIDEO"), "{text}");
     assert_eq!(err.errors()[0].node(), Some("2"));
 }
+
+#[test]
+fn rife_on_a_video_doubles_the_frame_rate_and_windows_equal_the_whole_batch() {
+    let job = Job::new(8, 8);
+    let env = job.env.clone().with_models_dir(nova_tests::shared_models());
+    write_clip(&env.input_dir.join("clip.mp4"), 4, false);
+    let wf = r#"{
+      "1": {"class_type": "LoadVideo", "inputs": {"file": "clip.mp4"}},
+      "2": {"class_type": "RIFE VFI", "inputs": {"ckpt_name": "rife_hdv3.safetensors", "frames": ["1", 0], "multiplier": 2}},
+      "3": {"class_type": "SaveVideo", "inputs": {"video": ["2", 0], "filename_prefix": "rife", "format": "mp4", "codec": "h264", "window": 3}}
+    }"#;
+    let out = run_workflow(wf, &env, None, 2);
+    let report = out.result.expect("run succeeds");
+    // Windows of 3 source frames sharing one: [0, 3) and [2, 4).
+    assert_eq!(out.plan.nodes[2].chunks.len(), 2);
+    let file = report.outputs["3"]["images"][0]["filename"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let info = nova_media::video::probe(&job.output(&file)).unwrap();
+    assert_eq!(info.fps.as_f64(), 48.0);
+    let (decoded, pts) = decode_all(&job.output(&file));
+    assert_eq!(decoded.dims()[0], 7);
+    assert!((pts[1] - 1.0 / 48.0).abs() < 1e-3, "{pts:?}");
+
+    // The whole clip as one IMAGE batch through the same node.
+    let (source, _) = decode_all(&env.input_dir.join("clip.mp4"));
+    let registry = nova_operators::registry();
+    let parsed = nova_dataflow::workflow::load(wf, &registry, &env).unwrap();
+    let ctx = nova_dataflow::ExecContext::standalone(env.clone(), "2");
+    let mut inputs = nova_dataflow::Inputs::new();
+    inputs.insert("frames", nova_dataflow::Value::image(source));
+    let whole = parsed.nodes[1]
+        .node
+        .execute(&parsed.nodes[1].args, inputs, &ctx)
+        .unwrap();
+    let whole = whole.values[0].as_image().unwrap().clone();
+    assert_eq!(whole.dims()[0], 7);
+    let frames: Vec<Tensor> = partial_videos(&out.events)
+        .iter()
+        .map(|e| e.attachment.as_ref().unwrap().as_image().unwrap().clone())
+        .collect();
+    let windowed = Tensor::cat(&frames, 0).unwrap();
+    assert_eq!(windowed.dims()[0], 7);
+    let diff = (&windowed - &whole)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    eprintln!("RIFE over windows vs the whole batch: max abs difference {diff:.2e}");
+    assert!(diff < 1e-5, "{diff}");
+}

@@ -40,6 +40,7 @@ pub fn registry() -> NodeRegistry {
     r.register(model::sd::KSampler::advanced());
     r.register(latent::SaveLatent::new());
     r.register(latent::LoadLatent::new());
+    r.register(model::rife::RifeVfi::new());
     r.register(video::load::LoadVideo::new());
     r.register(video::save::SaveVideo::new());
     r.register(video::create::CreateVideo::new());

@@ -133,7 +133,7 @@ impl AudioBiquad {
                     link("audio", DataType::Audio),
                     combo("filter_type", KINDS),
                     float("frequency", 1000.0, 1.0, 96000.0, 1.0),
-                    float("q", 0.7071, 0.01, 100.0, 0.01),
+                    float("q", std::f64::consts::FRAC_1_SQRT_2, 0.01, 100.0, 0.01),
                     float("gain_db", 0.0, -48.0, 48.0, 0.1),
                 ],
                 outputs: vec![out("AUDIO", DataType::Audio)],

@@ -62,10 +62,13 @@ pub(crate) trait SampleMap: Send {
     fn apply(&mut self, chunk: &mut Planar, at: u64);
 }
 
+/// Makes a fresh [`SampleMap`] for a stream of this shape.
+pub(crate) type MakeMap = Arc<dyn Fn(&AudioMeta) -> Box<dyn SampleMap> + Send + Sync>;
+
 /// A stream through a [`SampleMap`] made fresh for every puller.
 pub(crate) struct Mapped {
     pub input: AudioStream,
-    pub make: Arc<dyn Fn(&AudioMeta) -> Box<dyn SampleMap> + Send + Sync>,
+    pub make: MakeMap,
     pub signature: u64,
     pub name: String,
 }

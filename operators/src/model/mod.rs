@@ -3,10 +3,12 @@
 
 pub mod clip;
 pub mod conv;
+pub mod grid_sample;
 pub mod kl_vae;
 mod nn;
 pub mod preview;
 pub mod prompt;
+pub mod rife;
 pub mod safetensors;
 pub mod sampling;
 pub mod sd;

@@ -199,7 +199,9 @@ impl ChunkedOp for TiledVae {
     fn plan(&self, input: &ValueInfo, size: ChunkSize) -> Result<Vec<ChunkSpec>, NodeError> {
         let (_, _, h, w) = dims(self.part, input)?;
         let ChunkSize::Tile { width, height } = size else {
-            return Err(NodeError::Other(format!("VAE tiles cannot be cut as {size:?}")));
+            return Err(NodeError::Other(format!(
+                "VAE tiles cannot be cut as {size:?}"
+            )));
         };
         // Tiles in whole latent pixels, so every window starts on one.
         let tiles = tile_grid(w, h, (width / 8).max(1), (height / 8).max(1));
