@@ -177,7 +177,11 @@ pub fn table(method: Method, n_in: usize, n_out: usize, offset: usize) -> AxisTa
 }
 
 /// Resamples `x` along `dim` for outputs `o0..o0+len` of `table`, where `x` holds the inputs
-/// from `lo` on. Taps are summed in a fixed order (hot path; see module docs).
+/// from `lo` on. Taps are summed in a fixed order, `((x0·w0 + x1·w1) + x2·w2) + …`, whatever
+/// the tile (see module docs).
+///
+/// Hot path (every resize, every video frame): one pass over the output, each value the sum
+/// of its taps read straight from the input, rows split across threads for large images.
 pub fn apply_axis(
     x: &Tensor,
     dim: usize,
@@ -186,30 +190,66 @@ pub fn apply_axis(
     len: usize,
     lo: usize,
 ) -> Result<Tensor> {
-    let x = &x.contiguous()?;
-    let rank = x.rank();
-    let mut wshape = vec![1usize; rank];
-    wshape[dim] = len;
-    let mut acc: Option<Tensor> = None;
-    for k in 0..table.taps {
-        let idx: Vec<u32> = (o0..o0 + len)
-            .map(|o| table.index[o * table.taps + k] - lo as u32)
-            .collect();
-        let w: Vec<f32> = (o0..o0 + len)
-            .map(|o| table.weight[o * table.taps + k])
-            .collect();
-        let idx = Tensor::from_vec(idx, len, x.device())?;
-        let w = Tensor::from_vec(w, wshape.as_slice(), x.device())?;
-        let term = x.index_select(&idx, dim)?.broadcast_mul(&w)?;
-        acc = Some(match acc {
-            None => term,
-            Some(a) => (a + term)?,
+    let dims = x.dims().to_vec();
+    let outer: usize = dims[..dim].iter().product();
+    let n_in = dims[dim];
+    let inner: usize = dims[dim + 1..].iter().product();
+    let mut out_dims = dims.clone();
+    out_dims[dim] = len;
+    if len == 0 || table.taps == 0 {
+        return x.narrow(dim, 0, 0);
+    }
+    let src = x.flatten_all()?.to_vec1::<f32>()?;
+    let taps = table.taps;
+    // Every tap's input index must lie in the slice given.
+    for o in o0..o0 + len {
+        for k in 0..taps {
+            let i = table.index[o * taps + k] as usize;
+            if i < lo || i - lo >= n_in {
+                candle_core::bail!(
+                    "resampling tap {i} lies outside the input rows {lo}..{}",
+                    lo + n_in
+                );
+            }
+        }
+    }
+    let mut dst = vec![0f32; outer * len * inner];
+    let fill = |rows: &mut [f32], first: usize| {
+        // `rows` holds output rows first.. of the (outer, len) grid, `inner` values each.
+        for (r, row) in rows.chunks_mut(inner).enumerate() {
+            let (b, j) = ((first + r) / len, (first + r) % len);
+            let o = o0 + j;
+            let base = b * n_in * inner;
+            for k in 0..taps {
+                let i = table.index[o * taps + k] as usize - lo;
+                let w = table.weight[o * taps + k];
+                let s = &src[base + i * inner..base + (i + 1) * inner];
+                if k == 0 {
+                    for (d, v) in row.iter_mut().zip(s) {
+                        *d = v * w;
+                    }
+                } else {
+                    for (d, v) in row.iter_mut().zip(s) {
+                        *d += v * w;
+                    }
+                }
+            }
+        }
+    };
+    let rows = outer * len;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if rows * inner * taps < (1 << 20) || threads == 1 || rows < 2 {
+        fill(&mut dst, 0);
+    } else {
+        let per = rows.div_ceil(threads);
+        std::thread::scope(|sc| {
+            for (t, part) in dst.chunks_mut(per * inner).enumerate() {
+                let fill = &fill;
+                sc.spawn(move || fill(part, t * per));
+            }
         });
     }
-    match acc {
-        Some(a) => Ok(a),
-        None => x.narrow(dim, 0, 0),
-    }
+    Tensor::from_vec(dst, out_dims, x.device())
 }
 
 /// Quantizes to 8-bit levels as ComfyUI's PIL round trip does on the way in (truncation).
