@@ -4,8 +4,16 @@
 set -euo pipefail
 
 # System packages the build needs: a C toolchain (crates with C parts) and pkg-config.
-# Later work adds ffmpeg's development packages here.
-PACKAGES=(build-essential pkg-config ca-certificates)
+# nova-media links FFmpeg through ffmpeg-next (features codec, format, software-scaling,
+# software-resampling only, so no libavfilter/libavdevice); its -sys crate runs bindgen,
+# which needs libclang. The ffmpeg and sox CLIs are independent peers for tests and benchmarks
+# (ffprobe checks what nova-media writes; sox is the resampling baseline).
+PACKAGES=(
+  build-essential pkg-config ca-certificates
+  libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev
+  clang libclang-dev
+  ffmpeg sox
+)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -10,27 +10,7 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::path::Path;
 
-/// Why an image could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum MediaError {
-    #[error("{path}: {reason}")]
-    Io { path: String, reason: String },
-    #[error("{path}: not a readable PNG or JPEG image: {reason}")]
-    Decode { path: String, reason: String },
-    #[error("{path}: could not encode PNG: {reason}")]
-    Encode { path: String, reason: String },
-}
-
-impl MediaError {
-    /// The problem without the file name (for callers that name the file themselves).
-    pub fn reason(&self) -> &str {
-        match self {
-            MediaError::Io { reason, .. }
-            | MediaError::Decode { reason, .. }
-            | MediaError::Encode { reason, .. } => reason,
-        }
-    }
-}
+pub use crate::error::MediaError;
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> MediaError {
     MediaError::Io {
