@@ -283,4 +283,7 @@ impl AudioSource for AudioReader {
     fn len_frames(&self) -> Option<u64> {
         None
     }
+    fn duration_s(&self) -> Option<f64> {
+        AudioReader::duration_s(self)
+    }
 }

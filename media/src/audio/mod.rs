@@ -48,6 +48,10 @@ pub trait AudioSource: Send {
     fn read(&mut self, max_frames: usize) -> Result<Vec<Vec<f32>>, MediaError>;
     /// Total length in frames, where the file states it exactly.
     fn len_frames(&self) -> Option<u64>;
+    /// The container's estimate of the duration in seconds, where it gives one.
+    fn duration_s(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// Opens any audio file: `.wav` through hound (fast path; WAV codecs hound lacks, such as

@@ -24,9 +24,15 @@ impl FileAudio {
     pub fn probe(path: &Path) -> Result<FileAudio, NodeError> {
         let source = nova_media::audio::open_any(path).map_err(media_error)?;
         let spec = source.spec();
-        let frames = match source.len_frames() {
+        // The exact length where the file states it (WAV); else the container's duration
+        // estimate (a stream that ends early is padded with silence, one that runs longer is
+        // cut at the stated length); else counted once, decoding in chunks.
+        let estimate = source
+            .duration_s()
+            .filter(|d| *d > 0.0)
+            .map(|d| (d * spec.sample_rate as f64).round() as u64);
+        let frames = match source.len_frames().or(estimate) {
             Some(n) => n,
-            // Containers that do not state their length are counted once, decoding in chunks.
             None => {
                 let mut s = source;
                 let mut n = 0u64;

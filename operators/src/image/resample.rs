@@ -190,6 +190,20 @@ pub fn apply_axis(
     len: usize,
     lo: usize,
 ) -> Result<Tensor> {
+    apply_axis_then(x, dim, table, o0, len, lo, false)
+}
+
+/// [`apply_axis`], each result rounded to 8-bit levels in the same pass when `round8` (what
+/// [`quantize_out`] does, without a second pass and buffer).
+pub fn apply_axis_then(
+    x: &Tensor,
+    dim: usize,
+    table: &AxisTable,
+    o0: usize,
+    len: usize,
+    lo: usize,
+    round8: bool,
+) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let outer: usize = dims[..dim].iter().product();
     let n_in = dims[dim];
@@ -234,6 +248,12 @@ pub fn apply_axis(
                     }
                 }
             }
+            if round8 {
+                // As quantize_out: ×255, round, clamp, ×(1/255).
+                for d in row.iter_mut() {
+                    *d = (*d * 255.0).round().clamp(0.0, 255.0) * (1.0 / 255.0);
+                }
+            }
         }
     };
     let rows = outer * len;
@@ -271,6 +291,16 @@ pub fn quantize_out(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fused_rounding_equals_rounding_after_the_pass() {
+        let x = Tensor::rand(0f32, 1.0, (1, 9, 13, 3), &candle_core::Device::Cpu).unwrap();
+        let t = table(Method::Lanczos, 13, 29, 0);
+        let fused = apply_axis_then(&x, 2, &t, 0, 29, 0, true).unwrap();
+        let apart = quantize_out(&apply_axis(&x, 2, &t, 0, 29, 0).unwrap()).unwrap();
+        let d = (&fused - &apart).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    }
 
     #[test]
     fn every_table_row_sums_to_one() {

@@ -3,7 +3,7 @@
 //! `ImageScaleBy` rounds `size * scale_by` (Python's round: half to even).
 //! Receptive field: the span of the resampling taps of a tile's rows and columns.
 
-use super::resample::{apply_axis, quantize_in, quantize_out, table, AxisTable, Method, METHODS};
+use super::resample::{apply_axis_then, quantize_in, table, AxisTable, Method, METHODS};
 use super::TileNode;
 use crate::spec::{combo, float, int, link, out, MAX_RESOLUTION};
 use candle_core::{Result, Tensor};
@@ -158,14 +158,8 @@ impl TileKernel for ScaleKernel {
         } else {
             source.clone()
         };
-        let rows = apply_axis(&src, 2, tx, out.x, out.w, window.x as usize)?;
-        let rows = if q { quantize_out(&rows)? } else { rows };
-        let res = apply_axis(&rows, 1, ty, out.y, out.h, window.y as usize)?;
-        if q {
-            quantize_out(&res)
-        } else {
-            Ok(res)
-        }
+        let rows = apply_axis_then(&src, 2, tx, out.x, out.w, window.x as usize, q)?;
+        apply_axis_then(&rows, 1, ty, out.y, out.h, window.y as usize, q)
     }
 
     fn workspace_factor(&self) -> f64 {
