@@ -226,21 +226,21 @@ impl VideoWindows {
         let input = Value::Video(stream.clone());
         let info = ValueInfo::Video(shape);
         let specs = self.plan(&info, ChunkSize::Frames { window, overlap: 0 })?;
-        for spec in specs.iter().take(1) {
-            // The first window's split records the stream the merger writes with.
+        let Some((first, rest)) = specs.split_first() else {
+            return Err(NodeError::Other(format!(
+                "{} has no frames",
+                stream.source().describe()
+            )));
+        };
+        // The first window's split records the stream the merger writes with.
+        let piece = self.split(&input, first)?;
+        let mut merger = self.merger(&info)?;
+        merger.add(first, self.process(&info, first, &piece)?)?;
+        for spec in rest {
             let piece = self.split(&input, spec)?;
-            let mut merger = self.merger(&info)?;
             merger.add(spec, self.process(&info, spec, &piece)?)?;
-            for spec in &specs[1..] {
-                let piece = self.split(&input, spec)?;
-                merger.add(spec, self.process(&info, spec, &piece)?)?;
-            }
-            return merger.finish_output();
         }
-        Err(NodeError::Other(format!(
-            "{} has no frames",
-            stream.source().describe()
-        )))
+        merger.finish_output()
     }
 
     fn lock_stream(&self) -> std::sync::MutexGuard<'_, Option<VideoStream>> {
@@ -484,13 +484,13 @@ impl Stitcher {
         // Shared with the previous window: the first `lead` frames.
         let lead = self.held.as_ref().map_or(0, |(_, p)| p.len()).min(n);
         if let Some((tail, tail_pts)) = self.held.take() {
-            for j in 0..lead {
+            for (j, &pts) in tail_pts.iter().enumerate().take(lead) {
                 let a = tail.narrow(0, j, 1)?;
                 let b = w.frames.narrow(0, j, 1)?;
                 let wgt = (j + 1) as f64 / (lead + 1) as f64;
                 // a + (b - a)·w: exactly `a` where both windows computed the same frame.
                 let faded = (&a + ((&b - &a)? * wgt)?)?;
-                self.sink.write(&faded, tail_pts[j])?;
+                self.sink.write(&faded, pts)?;
             }
         }
         // Frames from `out_next` on are shared with the next window.
