@@ -121,6 +121,22 @@ impl Node for SaveAudio {
         }
     }
 
+    /// Whole, the stream would be pulled into memory at once (the naive plan's figure).
+    fn memory(
+        &self,
+        _args: &Args,
+        query: &nova_dataflow::MemoryQuery,
+    ) -> nova_dataflow::MemoryEstimate {
+        let activations = match query.inputs.first() {
+            Some(ValueInfo::Audio(m)) => m.frames * m.channels as u64 * 4 * 2,
+            _ => 0,
+        };
+        nova_dataflow::MemoryEstimate {
+            activations,
+            ..Default::default()
+        }
+    }
+
     fn check(&self, args: &Args, _env: &nova_dataflow::JobEnv) -> Result<(), NodeError> {
         if !self.temp {
             crate::image::save::split_prefix(args.string("filename_prefix")?)?;

@@ -11,7 +11,8 @@ use crate::spec::{combo, int, link, string};
 use candle_core::Tensor;
 use nova_dataflow::{
     Args, AudioPull, AudioStream, Chunking, DataType, ExecContext, ExecMode, InputSpec, Inputs,
-    JobEnv, Node, NodeError, NodeMeta, NodeOutput, NodeSchema, Value, ValueInfo, VideoShape,
+    JobEnv, MemoryEstimate, MemoryQuery, Node, NodeError, NodeMeta, NodeOutput, NodeSchema, Value,
+    ValueInfo, VideoShape,
 };
 use nova_engines::video::{FrameSink, SinkFactory, VideoWindows};
 use nova_media::video::{EncodeOptions, Rational, VideoCodec, VideoWriter};
@@ -237,6 +238,22 @@ impl Node for SaveVideo {
         NodeMeta {
             modes: vec![ExecMode::Streamed, ExecMode::Atomic],
             ..NodeMeta::default()
+        }
+    }
+
+    /// Whole, the clip would be decoded and processed at once (the naive plan's figure; the
+    /// streamed plan holds only its windows).
+    fn memory(&self, _args: &Args, query: &MemoryQuery) -> MemoryEstimate {
+        let activations = match query.inputs.first() {
+            Some(ValueInfo::Video(s)) => {
+                let src = (s.source_width * s.source_height * 3 * 4) as u64;
+                s.source_frames * (src + s.workspace_per_frame) + s.out.frames * s.out.frame_bytes()
+            }
+            _ => 0,
+        };
+        MemoryEstimate {
+            activations,
+            ..MemoryEstimate::default()
         }
     }
 
