@@ -45,7 +45,6 @@ pub(crate) fn infer(
     n: &WorkflowNode,
     inputs: &Inputs<ValueInfo>,
     env: &JobEnv,
-    bytes_per_element: u64,
 ) -> Result<Vec<ValueInfo>, NodeError> {
     let name = n.lifted[0];
     let Some(ValueInfo::Video(shape)) = inputs.get(name).copied() else {
@@ -63,7 +62,6 @@ pub(crate) fn infer(
     one.insert(name, frame_info(&shape, 1));
     let frame_outs = n.node.infer(&n.args, &one, env)?;
     let workspace = frame_workspace(n.node.as_ref(), &n.args, frame_info(&shape, 1), &frame_outs);
-    let _ = bytes_per_element;
     frame_outs
         .iter()
         .map(|o| {

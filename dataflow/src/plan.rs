@@ -295,7 +295,7 @@ pub fn plan(
         let outputs = if n.lifted.is_empty() {
             guarded(|| n.node.infer(&n.args, &infos, env)).map_err(fail)?
         } else {
-            guarded(|| crate::lift::infer(n, &infos, env, opts.bytes_per_element)).map_err(fail)?
+            guarded(|| crate::lift::infer(n, &infos, env)).map_err(fail)?
         };
         for (i, o) in outputs.iter().enumerate() {
             if let Some(b) = o.bytes().filter(|b| *b > opts.max_value_bytes) {
