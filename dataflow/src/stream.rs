@@ -502,23 +502,16 @@ impl fmt::Debug for AudioStream {
 pub struct InMemoryAudio {
     sample_rate: u32,
     samples: Arc<Planar>,
-    signature: u64,
+    /// Hashed on first use: chunks on their way through the dataflow never need it.
+    signature: std::sync::OnceLock<u64>,
 }
 
 impl InMemoryAudio {
     pub fn new(sample_rate: u32, samples: Planar) -> InMemoryAudio {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        sample_rate.hash(&mut h);
-        for c in &samples {
-            c.len().hash(&mut h);
-            for s in c {
-                s.to_bits().hash(&mut h);
-            }
-        }
         InMemoryAudio {
             sample_rate,
             samples: Arc::new(samples),
-            signature: h.finish(),
+            signature: std::sync::OnceLock::new(),
         }
     }
 }
@@ -538,7 +531,17 @@ impl AudioGraph for InMemoryAudio {
         }))
     }
     fn signature(&self) -> u64 {
-        self.signature
+        *self.signature.get_or_init(|| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            self.sample_rate.hash(&mut h);
+            for c in self.samples.iter() {
+                c.len().hash(&mut h);
+                for s in c {
+                    s.to_bits().hash(&mut h);
+                }
+            }
+            h.finish()
+        })
     }
     fn describe(&self) -> String {
         "samples in memory".into()
