@@ -27,6 +27,23 @@ pub(crate) fn init() {
 }
 
 /// True for FFmpeg's "try again" (`AVERROR(EAGAIN)`): feed more input / drain more output.
+/// The next packet of stream `stream` from `input`, skipping the other streams' packets;
+/// `None` at the end of the file. Shared by the audio and video decoders' feeding.
+pub(crate) fn next_packet(
+    input: &mut Input,
+    stream: usize,
+) -> Result<Option<ffmpeg::Packet>, ffmpeg::Error> {
+    let mut packet = ffmpeg::Packet::empty();
+    loop {
+        match packet.read(input) {
+            Ok(()) if packet.stream() == stream => return Ok(Some(packet)),
+            Ok(()) => continue,
+            Err(ffmpeg::Error::Eof) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 pub(crate) fn is_again(e: &ffmpeg::Error) -> bool {
     matches!(e, ffmpeg::Error::Other { errno } if *errno == ffmpeg::util::error::EAGAIN)
 }

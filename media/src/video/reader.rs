@@ -18,7 +18,7 @@ use ffmpeg_next as ffmpeg;
 use ffmpeg_next::format::context::Input;
 use ffmpeg_next::format::Pixel;
 use ffmpeg_next::software::scaling;
-use ffmpeg_next::{codec, decoder, frame, media, Packet};
+use ffmpeg_next::{codec, decoder, frame, media};
 use std::path::Path;
 
 /// Streaming decoder for the best video stream of a file.
@@ -215,28 +215,24 @@ impl VideoReader {
 
     /// Sends the next packet of our stream to the decoder, or end-of-stream at end of file.
     fn feed(&mut self) -> Result<(), MediaError> {
-        let mut packet = Packet::empty();
-        loop {
-            match packet.read(&mut self.input) {
-                Ok(()) if packet.stream() == self.stream_index => break,
-                Ok(()) => continue,
-                Err(ffmpeg::Error::Eof) => {
-                    self.decoder
-                        .send_eof()
-                        .map_err(|e| codec_err(&self.path, "flushing the decoder", e))?;
-                    self.state = State::Draining;
-                    return Ok(());
-                }
-                Err(e) => {
-                    let at = self.here();
-                    return Err(MediaError::Truncated {
-                        path: self.path.clone(),
-                        at,
-                        reason: format!("reading the container failed: {e}"),
-                    });
-                }
+        let packet = match ff::next_packet(&mut self.input, self.stream_index) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                self.decoder
+                    .send_eof()
+                    .map_err(|e| codec_err(&self.path, "flushing the decoder", e))?;
+                self.state = State::Draining;
+                return Ok(());
             }
-        }
+            Err(e) => {
+                let at = self.here();
+                return Err(MediaError::Truncated {
+                    path: self.path.clone(),
+                    at,
+                    reason: format!("reading the container failed: {e}"),
+                });
+            }
+        };
         match self.decoder.send_packet(&packet) {
             Ok(()) => Ok(()),
             // The decoder's output queue is full; `advance` drains it before the next feed.
