@@ -316,6 +316,28 @@ impl Registry {
         a.pins.load(Ordering::SeqCst) > 0
     }
 
+    /// Unmaps every asset no running node holds and drops its host cache (the server's
+    /// cleanup). Pinned assets are left alone. Returns the state changes.
+    pub fn release_unpinned(&self) -> Vec<ResidencyDelta> {
+        let log: DeltaLog = Arc::new(Mutex::new(Vec::new()));
+        let mut assets = self.assets.lock().unwrap_or_else(|p| p.into_inner());
+        let victims: Vec<PathBuf> = assets
+            .iter()
+            .filter(|(_, a)| !Self::pinned(a))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in victims {
+            if let Some(a) = assets.remove(&path) {
+                a.hot.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                a.hot_bytes.store(0, Ordering::SeqCst);
+                a.set_state(AssetState::Unloaded, "released (cleanup)", Some(&log));
+            }
+        }
+        drop(assets);
+        let deltas = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        deltas
+    }
+
     /// Every asset's status, most recently used first.
     pub fn status(&self) -> Vec<AssetStatus> {
         let assets = self.assets.lock().unwrap_or_else(|p| p.into_inner());
@@ -721,6 +743,28 @@ mod tests {
             [AssetState::CpuMmap, AssetState::GpuFull, AssetState::CpuHot]
         );
         assert_eq!(reg.status()[0].bytes_hot, 4096);
+    }
+
+    #[test]
+    fn release_unpinned_unmaps_idle_assets_and_keeps_held_ones() {
+        let reg = Registry::new(RegistryLimits::default());
+        let log: DeltaLog = Default::default();
+        let acct = Accountant::unlimited();
+        let idle = open(&reg, "idle", 2, &log);
+        let held = open(&reg, "held", 2, &log);
+        {
+            // Warm the idle one's host cache, then let go of it.
+            DeviceWeights::new(idle.clone(), ctx(&reg, &acct, &log, WeightMode::Resident)).unwrap();
+        }
+        assert_eq!(idle.state(), AssetState::CpuHot);
+        let _w =
+            DeviceWeights::new(held.clone(), ctx(&reg, &acct, &log, WeightMode::Resident)).unwrap();
+        let deltas = reg.release_unpinned();
+        assert_eq!(deltas.len(), 1);
+        assert_eq!(deltas[0].asset, "idle");
+        assert_eq!(deltas[0].to, AssetState::Unloaded);
+        let left: Vec<String> = reg.status().into_iter().map(|s| s.name).collect();
+        assert_eq!(left, ["held"]);
     }
 
     #[test]

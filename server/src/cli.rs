@@ -17,15 +17,13 @@
 //! | 70 | internal error (a bug: please report it) |
 //! | 130 | interrupted |
 
+use crate::job::{self, memory_line, weight_bytes, weight_label, JobSpec, Prepared};
 use crate::progress::Progress;
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use nova_dataflow::event::MemoryForecast;
-use nova_dataflow::plan::{admit, Refusal};
 use nova_dataflow::profile::{detect, parse_margin, Admission};
 use nova_dataflow::{
-    plan, run, workflow, Bytes, Emitter, EventKind, EventSink, ExecutionPlan, JobEnv, Lifecycle,
-    MemoryConfig, MemoryOverrides, ModelPaths, NodePlan, PlanOptions, PreviewMethod, ProfileId,
-    RegistryLimits, RunError, RunOptions, ValidatedWorkflow, WeightMode, MIN_TILE,
+    run, workflow, Bytes, Emitter, EventKind, EventSink, JobEnv, Lifecycle, MemoryOverrides,
+    ModelPaths, PreviewMethod, ProfileId, RegistryLimits, RunError, RunOptions, MIN_TILE,
 };
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -73,6 +71,64 @@ enum Command {
     },
     /// Print the node catalogue as ComfyUI's /object_info JSON.
     Nodes,
+    /// Run the service: ComfyUI's HTTP/WebSocket API with NOVA's additions, a durable
+    /// priority queue, system stats and the studio.
+    Serve(ServeArgs),
+}
+
+/// `nova serve`'s settings (each flag also settable by the environment variable named).
+#[derive(ClapArgs, Debug)]
+struct ServeArgs {
+    /// Address to listen on (loopback unless a token is set).
+    #[arg(long, env = "NOVA_LISTEN", default_value = "127.0.0.1:8188")]
+    listen: std::net::SocketAddr,
+    /// The data folder: input/, output/, temp/, models/ and the queue database.
+    #[arg(long, env = "NOVA_DATA_DIR", default_value = "nova-data")]
+    data_dir: PathBuf,
+    /// API token clients must send (required when not listening on loopback).
+    #[arg(long, env = "NOVA_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Jobs run at once (each admitted against the budget still free).
+    #[arg(long, env = "NOVA_MAX_JOBS", default_value_t = 1)]
+    max_jobs: usize,
+    /// Worker threads per job (default: available cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Largest request body.
+    #[arg(long, value_name = "SIZE", value_parser = Bytes::parse, default_value = "16MiB")]
+    max_body: Bytes,
+    /// Largest upload.
+    #[arg(long, value_name = "SIZE", value_parser = Bytes::parse, default_value = "100MiB")]
+    max_upload: Bytes,
+    /// Another origin (scheme://host:port) browsers may call the API from; repeatable.
+    #[arg(long, value_name = "ORIGIN")]
+    allow_origin: Vec<String>,
+    /// Messages buffered per client before previews and progress are dropped for it.
+    #[arg(long, default_value_t = 256)]
+    client_buffer: usize,
+    /// Folder of the studio's built files (default: studio/dist when present).
+    #[arg(long, env = "NOVA_STUDIO_DIR")]
+    studio_dir: Option<PathBuf>,
+    /// What a restart does with jobs that were running: requeue or fail.
+    #[arg(long, value_parser = crate::serve::config::RestartPolicy::parse, default_value = "requeue")]
+    on_restart: crate::serve::RestartPolicy,
+    /// Starts a job may have before a restart marks it failed instead of requeueing it.
+    #[arg(long, default_value_t = 2)]
+    max_attempts: u32,
+    /// URL every finished job is POSTed to (http:// only).
+    #[arg(long, env = "NOVA_WEBHOOK")]
+    webhook: Option<String>,
+    /// How samplers preview their steps (see `nova run --help`).
+    #[arg(long, default_value = "auto")]
+    preview_method: PreviewMethod,
+    /// ComfyUI's extra_model_paths.yaml.
+    #[arg(long, value_name = "FILE")]
+    extra_model_paths_config: Option<PathBuf>,
+    /// Print the resolved settings as JSON and exit.
+    #[arg(long)]
+    print_config: bool,
+    #[command(flatten)]
+    memory: MemoryArgs,
 }
 
 /// What a job reads and where it writes.
@@ -213,6 +269,7 @@ fn dispatch(cli: Cli) -> ExitCode {
         Command::Profiles { json } => profiles_command(json),
         Command::Plan(args) => plan_command(args),
         Command::Run(args) => run_command(args),
+        Command::Serve(args) => serve_command(args),
     }
 }
 
@@ -267,16 +324,6 @@ fn profiles_command(json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// A validated, planned job and the settings it was planned under.
-struct Prepared {
-    wf: ValidatedWorkflow,
-    plan: ExecutionPlan,
-    config: MemoryConfig,
-    env: JobEnv,
-    /// Admission's verdict when the plan does not fit.
-    refusal: Option<Box<Refusal>>,
-}
-
 /// Reads, validates and plans a job; resolves its memory settings.
 fn prepare(job: &JobArgs, memory: &MemoryArgs) -> Result<Prepared, (u8, String)> {
     let text = std::fs::read_to_string(&job.workflow).map_err(|e| {
@@ -303,90 +350,25 @@ fn prepare(job: &JobArgs, memory: &MemoryArgs) -> Result<Prepared, (u8, String)>
         .map_err(|e| (EXIT_USAGE, format!("bad setting: {e}")))?;
     let from_env = MemoryOverrides::from_env(|k| std::env::var(k).ok())
         .map_err(|e| (EXIT_USAGE, format!("bad setting: {e}")))?;
+    let prompt = workflow::parse(&text).map_err(|e| (EXIT_INVALID, e.to_string()))?;
     // `{"prompt": ..., "extra_data": {"nova": {...}}}` carries per-workflow settings.
-    let from_workflow = match serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v.get("extra_data")?.get("nova").cloned())
-    {
-        Some(v) => MemoryOverrides::from_json(&v).map_err(|e| (EXIT_INVALID, e))?,
-        None => MemoryOverrides::default(),
-    };
-    let overrides = memory.overrides().or(from_workflow).or(from_env);
-    let config = MemoryConfig::resolve(&overrides, &detect());
-    let registry = nova_operators::registry();
-    let wf = workflow::load(&text, &registry, &env).map_err(|e| (EXIT_INVALID, e.to_string()))?;
-    let workers = job
-        .workers
-        .unwrap_or_else(nova_dataflow::exec::default_workers);
-    let tile = (config.tile > 0).then_some(config.tile);
-    let opts = PlanOptions {
-        tile,
-        min_tile: config.profile.min_tile.min(config.tile.max(MIN_TILE)),
-        limit: config.usable(),
-        safety_margin: config.safety_margin,
-        workers: workers.max(1),
-        prefetch: config.profile.prefetch_depth,
-        bytes_per_element: config.profile.precision.bytes(),
-        ..PlanOptions::default()
-    };
-    let plan =
-        plan(&wf, &env, &opts).map_err(|e| (EXIT_INVALID, format!("invalid workflow: {e}")))?;
-    let refusal = match config.budget {
-        Some(budget) if !plan.fits => {
-            let profiles: Vec<(String, Bytes)> = ProfileId::ALL
-                .iter()
-                .map(|p| p.spec())
-                .filter_map(|p| {
-                    p.device_memory
-                        .map(|m| (p.id.name().to_string(), m.saturating_sub(p.headroom)))
-                })
-                .filter(|(_, usable)| Some(*usable) > config.usable())
-                .collect();
-            admit(&plan, budget, config.headroom, &profiles).err()
-        }
-        _ => None,
-    };
-    Ok(Prepared {
-        wf,
-        plan,
-        config,
+    let from_workflow =
+        job::workflow_overrides(prompt.get("extra_data")).map_err(|e| (EXIT_INVALID, e))?;
+    let detection = detect();
+    job::prepare(JobSpec {
+        prompt,
         env,
-        refusal,
+        overrides: memory.overrides(),
+        workflow: from_workflow,
+        from_env,
+        detection: &detection,
+        registry: &nova_operators::registry(),
+        workers: job
+            .workers
+            .unwrap_or_else(nova_dataflow::exec::default_workers),
+        free_limit: None,
     })
-}
-
-/// Device bytes of a node's weights in its plan.
-fn weight_bytes(plan: &ExecutionPlan, n: &NodePlan) -> u64 {
-    let users = (plan.workers as u64).min(n.chunk_count() as u64);
-    n.weights.device_bytes(users)
-}
-
-/// A node's weights for the plan table: bytes on the device and how they are held.
-fn weight_label(plan: &ExecutionPlan, n: &NodePlan) -> String {
-    match n.weights.mode {
-        None => "0 B".into(),
-        Some(WeightMode::Resident) => format!("{} resident", Bytes(weight_bytes(plan, n))),
-        Some(WeightMode::Streamed { .. }) => {
-            format!("{} streamed", Bytes(weight_bytes(plan, n)))
-        }
-    }
-}
-
-/// One line on the memory settings, for the log.
-fn memory_line(c: &MemoryConfig) -> String {
-    match c.budget {
-        Some(b) => format!(
-            "profile {} ({}); budget {b} ({}), {} headroom",
-            c.profile.id,
-            c.reason,
-            c.budget_source.describe(),
-            c.headroom
-        ),
-        None => format!(
-            "profile {} ({}); memory could not be read: admitting without a limit",
-            c.profile.id, c.reason
-        ),
-    }
+    .map_err(|e| (EXIT_INVALID, e.to_string()))
 }
 
 fn plan_command(args: PlanArgs) -> ExitCode {
@@ -396,38 +378,7 @@ fn plan_command(args: PlanArgs) -> ExitCode {
     };
     let c = &p.config;
     if args.json {
-        let mut forecast = MemoryForecast::of(&p.plan, c.budget.map(|b| b.0));
-        forecast.profile = Some(c.profile.id.name().to_string());
-        let v = serde_json::json!({
-            "profile": c.profile.id.name(),
-            "profile_reason": c.reason,
-            "budget_bytes": c.budget.map(|b| b.0),
-            "headroom_bytes": c.headroom.0,
-            "limit_bytes": p.plan.limit_bytes,
-            "safety_margin": c.safety_margin,
-            "forecast_peak_bytes": p.plan.forecast_peak_bytes,
-            "naive_peak_bytes": p.plan.naive_peak_bytes,
-            "fits": p.plan.fits,
-            "admission": c.admission,
-            "refusal": p.refusal,
-            "workers": p.plan.workers,
-            "nodes": p.plan.nodes.iter().map(|n| serde_json::json!({
-                "node": n.node,
-                "class_type": n.class_type,
-                "mode": n.mode,
-                "tile": n.tile,
-                "chunks": n.chunk_count(),
-                "inflight": n.inflight,
-                "outputs": n.outputs,
-                "weights": n.weights,
-                "weights_bytes": weight_bytes(&p.plan, n),
-                "activations_bytes": n.forecast.working_bytes.saturating_sub(weight_bytes(&p.plan, n)),
-                "live_bytes": n.forecast.live_bytes,
-                "forecast_bytes": n.forecast.peak_bytes,
-                "fits": n.forecast.fits,
-                "estimated_ms": serde_json::Value::Null,
-            })).collect::<Vec<_>>(),
-        });
+        let v = job::plan_json(&p);
         println!(
             "{}",
             serde_json::to_string_pretty(&v).unwrap_or_else(|_| "{}".into())
@@ -638,4 +589,54 @@ fn peak_rss() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+fn serve_command(args: ServeArgs) -> ExitCode {
+    let from_env = match MemoryOverrides::from_env(|k| std::env::var(k).ok()) {
+        Ok(o) => o,
+        Err(e) => return fail(EXIT_USAGE, format!("bad setting: {e}")),
+    };
+    if let Err(e) = RegistryLimits::from_env(|k| std::env::var(k).ok()) {
+        return fail(EXIT_USAGE, format!("bad setting: {e}"));
+    }
+    let extra = match &args.extra_model_paths_config {
+        Some(file) => match ModelPaths::load(file) {
+            Ok(p) => p,
+            Err(e) => return fail(EXIT_USAGE, e),
+        },
+        None => ModelPaths::none(),
+    };
+    let mut c = crate::serve::ServeConfig::new(&args.data_dir);
+    c.listen = args.listen;
+    c.token = args.token.filter(|t| !t.is_empty());
+    c.token_set = c.token.is_some();
+    c.max_jobs = args.max_jobs;
+    if let Some(w) = args.workers {
+        c.workers = w.max(1);
+    }
+    c.max_body = args.max_body;
+    c.max_upload = args.max_upload;
+    c.allow_origins = args.allow_origin;
+    c.client_buffer = args.client_buffer;
+    c.client_hard_limit = c.client_hard_limit.max(args.client_buffer * 4);
+    c.studio_dir = args
+        .studio_dir
+        .or_else(|| Some(PathBuf::from("studio/dist")).filter(|d| d.is_dir()));
+    c.on_restart = args.on_restart;
+    c.max_attempts = args.max_attempts.max(1);
+    c.webhook = args.webhook.filter(|w| !w.is_empty());
+    c.memory = args.memory.overrides().or(from_env);
+    c.preview_method = args.preview_method;
+    c.extra_models = Arc::new(extra);
+    if args.print_config {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&c).unwrap_or_else(|_| "{}".into())
+        );
+        return match c.check() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(m) => fail(EXIT_USAGE, m),
+        };
+    }
+    crate::serve::serve(c)
 }
