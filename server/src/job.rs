@@ -63,9 +63,21 @@ impl std::fmt::Display for PrepareError {
     }
 }
 
+/// Keys of `extra_data.nova` that `nova serve` reads itself.
+pub(crate) const SERVICE_KEYS: [&str; 2] = ["priority", "webhook"];
+
 /// Reads `extra_data.nova` of a `/prompt`-style body (absent: no settings).
 pub(crate) fn workflow_overrides(extra_data: Option<&Json>) -> Result<MemoryOverrides, String> {
     match extra_data.and_then(|e| e.get("nova")) {
+        Some(serde_json::Value::Object(m)) => {
+            // The service's own keys (queue priority, completion webhook) are not memory
+            // settings.
+            let mut m = m.clone();
+            for k in SERVICE_KEYS {
+                m.remove(k);
+            }
+            MemoryOverrides::from_json(&serde_json::Value::Object(m))
+        }
         Some(v) => MemoryOverrides::from_json(v),
         None => Ok(MemoryOverrides::default()),
     }

@@ -283,23 +283,25 @@ struct ClearOrDelete {
     delete: Vec<String>,
 }
 
-fn clear_or_delete(body: &Bytes) -> Result<ClearOrDelete, Response> {
+fn clear_or_delete(body: &Bytes) -> Result<ClearOrDelete, Box<Response>> {
     if body.is_empty() {
         return Ok(ClearOrDelete::default());
     }
     serde_json::from_slice(body).map_err(|e| {
-        (
-            StatusCode::BAD_REQUEST,
-            format!("expected {{\"clear\": bool, \"delete\": [prompt ids]}}: {e}"),
+        Box::new(
+            (
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"clear\": bool, \"delete\": [prompt ids]}}: {e}"),
+            )
+                .into_response(),
         )
-            .into_response()
     })
 }
 
 async fn post_queue(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let req = match clear_or_delete(&body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let mut changed = 0;
     if req.clear {
@@ -357,24 +359,18 @@ async fn get_history(
     State(app): State<Arc<App>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let parse = |k: &str| -> Result<Option<usize>, Response> {
+    let parse = |k: &str| -> Result<Option<usize>, String> {
         match q.get(k) {
             None => Ok(None),
             Some(v) => v
                 .parse::<i64>()
                 .map(|n| (n >= 0).then_some(n as usize))
-                .map_err(|_| {
-                    (StatusCode::BAD_REQUEST, format!("{k} must be an integer")).into_response()
-                }),
+                .map_err(|_| format!("{k} must be an integer")),
         }
     };
-    let max = match parse("max_items") {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
-    let offset = match parse("offset") {
-        Ok(o) => o.unwrap_or(0),
-        Err(r) => return r,
+    let (max, offset) = match (parse("max_items"), parse("offset")) {
+        (Ok(m), Ok(o)) => (m, o.unwrap_or(0)),
+        (Err(m), _) | (_, Err(m)) => return (StatusCode::BAD_REQUEST, m).into_response(),
     };
     match app.store.history(max, offset) {
         Ok(recs) => Json(history_map(&recs)).into_response(),
@@ -395,7 +391,7 @@ async fn get_history_one(State(app): State<Arc<App>>, Path(id): Path<String>) ->
 async fn post_history(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let req = match clear_or_delete(&body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if req.clear {
         if let Err(e) = app.store.delete_history(None).await {

@@ -310,9 +310,9 @@ mod tests {
             t("first_stage_model.decoder.conv_in.weight"),
             t("cond_stage_model.transformer.text_model.x"),
         ];
-        let tags = tags("checkpoints", &sd);
+        let got = tags("checkpoints", &sd);
         for want in ["sd1-unet", "vae", "clip-text", "checkpoint", "f16"] {
-            assert!(tags.iter().any(|x| x == want), "{want} in {tags:?}");
+            assert!(got.iter().any(|x| x == want), "{want} in {got:?}");
         }
         let esr = tags("upscale_models", &[t("body.0.weight")]);
         assert!(

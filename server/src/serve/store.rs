@@ -165,7 +165,8 @@ pub struct StoreError {
     pub reason: String,
 }
 
-type Reply = tokio::sync::oneshot::Sender<Result<Box<dyn Any + Send>, StoreError>>;
+type Answer = Result<Box<dyn Any + Send>, StoreError>;
+type Reply = tokio::sync::oneshot::Sender<Answer>;
 type WriteFn = Box<dyn FnOnce(&WriteTransaction) -> Result<Box<dyn Any + Send>, String> + Send>;
 
 /// The queue database. Cheap to clone.
@@ -342,8 +343,7 @@ impl Store {
     fn submit<R: Send + 'static>(
         &self,
         f: impl FnOnce(&WriteTransaction) -> Result<R, String> + Send + 'static,
-    ) -> Result<tokio::sync::oneshot::Receiver<Result<Box<dyn Any + Send>, StoreError>>, StoreError>
-    {
+    ) -> Result<tokio::sync::oneshot::Receiver<Answer>, StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let f: WriteFn = Box::new(move |txn| f(txn).map(|r| Box::new(r) as Box<dyn Any + Send>));
         self.writer
@@ -354,7 +354,7 @@ impl Store {
 
     fn unpack<R: 'static>(
         &self,
-        r: Result<Result<Box<dyn Any + Send>, StoreError>, tokio::sync::oneshot::error::RecvError>,
+        r: Result<Answer, tokio::sync::oneshot::error::RecvError>,
     ) -> Result<R, StoreError> {
         let b = r.map_err(|_| self.err("the writer thread stopped"))??;
         b.downcast::<R>()
