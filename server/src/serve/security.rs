@@ -8,6 +8,8 @@
 //!   service's own host (the `Host` header) or an origin in `--allow-origin`; otherwise 403.
 //!   This covers the WebSocket handshake, so a page on another site cannot drive a local
 //!   service (ComfyUI checks the same on loopback).
+//! - **Sizes**: a body declared larger than its route takes (`--max-body`, `--max-upload` for
+//!   uploads) gets 413 before any of it is read.
 //! - **Paths**: a file name from a request is resolved inside its base folder or refused:
 //!   no absolute paths, no `..`, no link that leads out ([`nova_dataflow::JobEnv::resolve_in`],
 //!   the same rule workflow file inputs follow).
@@ -70,6 +72,25 @@ pub(crate) async fn guard(State(app): State<Arc<App>>, req: Request, next: Next)
             )
                 .into_response();
         }
+    }
+    // A body declared larger than the route takes is refused before any of it is read (bodies
+    // without a length are cut off at the same limit while they are read).
+    let limit = if path.ends_with("/upload/image") {
+        app.config.max_upload.0
+    } else {
+        app.config.max_body.0
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request bodies here are limited to {limit} bytes"),
+        )
+            .into_response();
     }
     if let (Some(token), false) = (&app.config.token, open) {
         let bearer = req

@@ -1,0 +1,205 @@
+//! `nova serve` benchmarks, each against a baseline measured in the same run:
+//!
+//! 1. **Start-up**: from spawning `nova serve` to its first answer of `GET /system_stats`
+//!    (goal: under 100 ms), against spawning `nova --version` to its exit (the cost of
+//!    starting the process at all).
+//! 2. **`/prompt` acceptance under load**: 100 concurrent clients, each on its own connection,
+//!    each submitting prompts back to back; latency per submission (validation, planning and
+//!    the durable commit; goal: p99 under 10 ms), against the same clients calling
+//!    `GET /prompt` (routing and JSON only).
+//!
+//! Run: `cargo bench -p nova-server --bench serve` (a release build). `NOVA_BENCH_ROUNDS`
+//! sets the submissions per client (default 20).
+
+use serde_json::json;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CLIENTS: usize = 100;
+
+fn nova() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_nova"))
+}
+
+/// Spawns `nova serve` and waits for its address.
+fn start(data: &std::path::Path) -> (std::process::Child, String, Instant) {
+    let t = Instant::now();
+    let mut child = nova()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawning nova serve");
+    let stderr = child.stderr.take().expect("piped");
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("nova serve printed its address")
+            .expect("readable stderr");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap_or("").to_string();
+        }
+    };
+    // Keep draining stderr so the server never blocks on it.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr, t)
+}
+
+/// One blocking HTTP/1.1 GET on a fresh connection; returns the status code.
+fn get_once(addr: &str, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn startup() {
+    let rounds = 15;
+    let mut serve_ms = vec![];
+    let mut proc_ms = vec![];
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let st = nova()
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .expect("nova --version");
+        assert!(st.success());
+        proc_ms.push(t.elapsed().as_secs_f64() * 1e3);
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut child, addr, t) = start(dir.path());
+        let code = get_once(&addr, "/system_stats");
+        serve_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(code, 200);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let (s, p) = (median(serve_ms), median(proc_ms));
+    println!("start-up: spawn to first /system_stats answer, median of {rounds}");
+    println!(
+        "  nova serve first answer   {s:8.1} ms   (goal < 100 ms: {})",
+        if s < 100.0 { "met" } else { "NOT met" }
+    );
+    println!("  baseline nova --version   {p:8.1} ms");
+    println!("  ratio                     {:8.2}x", s / p);
+}
+
+fn load(rt: &tokio::runtime::Runtime, addr: &str, rounds: usize, submit: bool) -> Vec<f64> {
+    let wf = json!({"prompt": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}
+    }});
+    let url = format!("http://{addr}/prompt");
+    rt.block_on(async {
+        let mut tasks = vec![];
+        for _ in 0..CLIENTS {
+            let url = url.clone();
+            let wf = wf.clone();
+            tasks.push(tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                // One warm-up request opens the connection.
+                let _ = http.get(&url).send().await;
+                let mut lat = Vec::with_capacity(rounds);
+                for _ in 0..rounds {
+                    let t = Instant::now();
+                    let r = if submit {
+                        http.post(&url).json(&wf).send().await
+                    } else {
+                        http.get(&url).send().await
+                    };
+                    let ok = match r {
+                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    assert!(ok, "request failed");
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                lat
+            }));
+        }
+        let mut all = vec![];
+        for t in tasks {
+            all.extend(t.await.expect("client task"));
+        }
+        all.sort_by(|a, b| a.total_cmp(b));
+        all
+    })
+}
+
+fn prompt_latency() {
+    let rounds: usize = std::env::var("NOVA_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, addr, _) = start(dir.path());
+    std::thread::sleep(Duration::from_millis(300));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let base = load(&rt, &addr, rounds, false);
+    let sub = load(&rt, &addr, rounds, true);
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "/prompt acceptance: {CLIENTS} concurrent clients x {rounds} requests ({} each)",
+        sub.len()
+    );
+    println!(
+        "  {:<28} {:>9} {:>9} {:>9}",
+        "", "p50 ms", "p99 ms", "max ms"
+    );
+    for (name, v) in [
+        ("POST /prompt (submit)", &sub),
+        ("GET /prompt (baseline)", &base),
+    ] {
+        println!(
+            "  {name:<28} {:>9.2} {:>9.2} {:>9.2}",
+            percentile(v, 0.5),
+            percentile(v, 0.99),
+            v[v.len() - 1]
+        );
+    }
+    let p99 = percentile(&sub, 0.99);
+    println!(
+        "  p99 ratio submit/baseline  {:8.2}x   (goal p99 < 10 ms: {})",
+        p99 / percentile(&base, 0.99),
+        if p99 < 10.0 { "met" } else { "NOT met" }
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument selects one part.
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let want = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
+    if want("startup") {
+        startup();
+    }
+    if want("prompt") {
+        prompt_latency();
+    }
+}
