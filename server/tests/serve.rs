@@ -364,7 +364,7 @@ async fn a_comfyui_client_runs_the_core_example_and_gets_nova_run_s_output() {
 async fn a_slow_websocket_client_does_not_slow_the_engine_or_other_clients() {
     let data = data_dir("slow");
     // A noisy image, so that tile previews are big and fill the slow client's socket.
-    let (w, h) = (1024u32, 1024u32);
+    let (w, h) = (1536u32, 1536u32);
     let mut seed = 0x2545F491u32;
     let noise: Vec<u8> = (0..w * h * 3)
         .map(|_| {
@@ -958,4 +958,53 @@ async fn webhooks_retry_until_delivered_and_metrics_and_openapi_describe_the_ser
     assert_eq!(code, 200);
     assert_eq!(plan["fits"], true);
     assert_eq!(plan["nodes"].as_array().unwrap().len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_jobs_together_stay_within_the_budget() {
+    let data = data_dir("budget");
+    let s = Server::start(
+        data.path(),
+        &[
+            "--max-jobs",
+            "2",
+            "--vram-budget",
+            "96MiB",
+            "--headroom",
+            "0",
+        ],
+    );
+    let http = reqwest::Client::new();
+    let a = submit(&http, &s, json!({"prompt": slow_workflow()})).await;
+    let b = submit(&http, &s, json!({"prompt": slow_workflow()})).await;
+    let usable = 96u64 << 20;
+    let (mut max_reserved, mut max_running) = (0u64, 0usize);
+    let t = Instant::now();
+    loop {
+        let (_, st) = get(&http, &s.url("/api/system/stats")).await;
+        assert_eq!(st["device"]["usable_bytes"], usable);
+        max_reserved = max_reserved.max(st["device"]["reserved_bytes"].as_u64().unwrap());
+        max_running = max_running.max(st["queue"]["running"].as_u64().unwrap() as usize);
+        let (_, ha) = get(&http, &s.url(&format!("/history/{a}"))).await;
+        let (_, hb) = get(&http, &s.url(&format!("/history/{b}"))).await;
+        if ha.get(&a).is_some() && hb.get(&b).is_some() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(180));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        max_reserved > 0 && max_reserved <= usable,
+        "reserved {max_reserved} of {usable}"
+    );
+    assert!(max_running >= 1);
+    for id in [&a, &b] {
+        let (_, j) = get(&http, &s.url(&format!("/api/jobs/{id}"))).await;
+        assert_eq!(j["state"], "success", "{j}");
+        let peak = j["tracked_peak_bytes"].as_u64().unwrap();
+        let forecast = j["forecast_peak_bytes"].as_u64().unwrap();
+        assert!(peak <= usable && forecast <= usable, "{j}");
+    }
+    let (_, st) = get(&http, &s.url("/api/system/stats")).await;
+    assert_eq!(st["device"]["reserved_bytes"], 0);
 }
