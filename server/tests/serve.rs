@@ -1008,3 +1008,24 @@ async fn concurrent_jobs_together_stay_within_the_budget() {
     let (_, st) = get(&http, &s.url("/api/system/stats")).await;
     assert_eq!(st["device"]["reserved_bytes"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_queue_accepts_jobs_and_starts_none_until_released() {
+    let data = data_dir("pause");
+    let s = Server::start(data.path(), &[]);
+    let http = reqwest::Client::new();
+    let (code, _) = post(&http, &s.url("/api/queue/pause"), &json!({})).await;
+    assert_eq!(code, 200);
+    let id = submit(&http, &s, json!({"prompt": quick_workflow("held")})).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (_, job) = get(&http, &s.url(&format!("/api/jobs/{id}"))).await;
+    assert_eq!(job["state"], "queued");
+    assert_eq!(job["queue_position"], 0);
+    let (_, st) = get(&http, &s.url("/api/system/stats")).await;
+    assert_eq!(st["queue"]["paused"], true);
+    post(&http, &s.url("/api/queue/resume"), &json!({})).await;
+    assert_eq!(
+        wait_history(&http, &s, &id).await["status"]["status_str"],
+        "success"
+    );
+}

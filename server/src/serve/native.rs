@@ -1,7 +1,8 @@
 //! NOVA's own routes (described in `server/openapi.json`, served at `/openapi.json`):
 //! `GET /api/system/stats`, `POST /api/system/cleanup`, `GET /health/vram`,
 //! `GET /api/events` (Server-Sent Events), `GET /api/jobs/{id}`, `POST /api/plan`,
-//! `GET /api/model_index`, `POST /api/model_index/refresh`, `GET /metrics`; and the studio's
+//! `GET /api/model_index`, `POST /api/model_index/refresh`, `POST /api/queue/pause`,
+//! `POST /api/queue/resume`, `GET /metrics`; and the studio's
 //! static files at `/`.
 //!
 //! Device memory state, as `/api/system/stats` and `/health/vram` report it: the share of the
@@ -35,6 +36,19 @@ pub(crate) fn api_routes() -> Router<Arc<App>> {
         .route("/plan", post(plan))
         .route("/model_index", get(model_index))
         .route("/model_index/refresh", post(model_index_refresh))
+        .route("/queue/pause", post(pause))
+        .route("/queue/resume", post(resume))
+}
+
+/// Holds the queue: jobs are accepted and queued but none starts until `resume`.
+async fn pause(State(app): State<Arc<App>>) -> Json<Value> {
+    app.sched.set_paused(true);
+    Json(json!({ "paused": true }))
+}
+
+async fn resume(State(app): State<Arc<App>>) -> Json<Value> {
+    app.sched.set_paused(false);
+    Json(json!({ "paused": false }))
 }
 
 /// Routes outside `/api/`.
@@ -178,6 +192,7 @@ async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         "queue": {
             "pending": queued, "running": running, "finished": finished,
             "pending_by_priority": by_priority, "max_jobs": app.config.max_jobs,
+            "paused": app.sched.paused(),
         },
         "optimizations": optimizations,
         "clients": { "websocket": ws, "sse": sse, "dropped_messages": app.hub.dropped() },
@@ -486,6 +501,8 @@ mod tests {
             "/api/plan",
             "/api/model_index",
             "/api/model_index/refresh",
+            "/api/queue/pause",
+            "/api/queue/resume",
             "/metrics",
         ] {
             assert!(paths.contains_key(p), "{p} missing from openapi.json");

@@ -40,6 +40,8 @@ pub(crate) struct Running {
 pub(crate) struct Scheduler {
     wake: tokio::sync::Notify,
     running: Mutex<HashMap<String, Running>>,
+    /// Held: queued jobs stay queued (running ones go on); submissions are still accepted.
+    paused: std::sync::atomic::AtomicBool,
 }
 
 enum Decision {
@@ -52,6 +54,17 @@ impl Scheduler {
     /// Something changed (a job was queued or ended): look at the queue again.
     pub(crate) fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// Holds or releases the queue.
+    pub(crate) fn set_paused(&self, paused: bool) {
+        self.paused
+            .store(paused, std::sync::atomic::Ordering::SeqCst);
+        self.wake();
+    }
+
+    pub(crate) fn paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Bytes reserved by running jobs.
@@ -108,7 +121,7 @@ pub(crate) async fn schedule(app: Arc<App>) {
 }
 
 async fn admit_what_fits(app: &Arc<App>) {
-    while app.sched.running_count() < app.config.max_jobs {
+    while !app.sched.paused() && app.sched.running_count() < app.config.max_jobs {
         let rec = match app.store.next_queued(&[]) {
             Ok(Some(r)) => r,
             Ok(None) => return,
