@@ -1029,3 +1029,75 @@ async fn a_held_queue_accepts_jobs_and_starts_none_until_released() {
         "success"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_fails_ends_with_comfyui_s_error_and_the_next_job_runs() {
+    let data = data_dir("fail");
+    let s = Server::start(data.path(), &[]);
+    let http = reqwest::Client::new();
+    let mut w = ws(&s, "c").await;
+    next(&mut w).await;
+    post(&http, &s.url("/api/queue/pause"), &json!({})).await;
+    std::fs::copy(
+        data.path().join("input/card.png"),
+        data.path().join("input/gone.png"),
+    )
+    .unwrap();
+    let wf = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "gone.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "gone"}}
+    });
+    let bad = submit(&http, &s, json!({"prompt": wf, "client_id": "c"})).await;
+    // A truncated file passes validation (its header is whole) and fails while running.
+    let png = std::fs::read(data.path().join("input/card.png")).unwrap();
+    std::fs::write(data.path().join("input/cut.png"), &png[..png.len() - 40]).unwrap();
+    let wf = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "cut.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "cut"}}
+    });
+    let cut = submit(&http, &s, json!({"prompt": wf, "client_id": "c"})).await;
+    let good = submit(
+        &http,
+        &s,
+        json!({"prompt": quick_workflow("after"), "client_id": "c"}),
+    )
+    .await;
+    // The file goes away while the job waits: it fails when its turn comes.
+    std::fs::remove_file(data.path().join("input/gone.png")).unwrap();
+    post(&http, &s.url("/api/queue/resume"), &json!({})).await;
+    let msgs = until_done(&mut w, &bad).await;
+    let err = msgs
+        .iter()
+        .find(|m| m["type"] == "execution_error")
+        .expect("execution_error");
+    for k in [
+        "prompt_id",
+        "node_id",
+        "node_type",
+        "executed",
+        "exception_message",
+        "exception_type",
+        "traceback",
+        "current_inputs",
+        "current_outputs",
+        "timestamp",
+    ] {
+        assert!(
+            err["data"].get(k).is_some(),
+            "execution_error lacks {k}: {err}"
+        );
+    }
+    assert!(
+        err["data"]["exception_message"]
+            .as_str()
+            .unwrap()
+            .contains("gone.png"),
+        "{err}"
+    );
+    let e = wait_history(&http, &s, &bad).await;
+    assert_eq!(e["status"]["status_str"], "error");
+    assert_eq!(
+        wait_history(&http, &s, &good).await["status"]["status_str"],
+        "success"
+    );
+}
