@@ -1096,6 +1096,13 @@ async fn a_job_that_fails_ends_with_comfyui_s_error_and_the_next_job_runs() {
     );
     let e = wait_history(&http, &s, &bad).await;
     assert_eq!(e["status"]["status_str"], "error");
+    let msgs = until_done(&mut w, &cut).await;
+    let err = msgs
+        .iter()
+        .find(|m| m["type"] == "execution_error")
+        .expect("execution_error");
+    assert_eq!(err["data"]["node_id"], "1", "{err}");
+    assert_eq!(err["data"]["node_type"], "LoadImage", "{err}");
     assert_eq!(
         wait_history(&http, &s, &good).await["status"]["status_str"],
         "success"
