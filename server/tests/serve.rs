@@ -201,6 +201,19 @@ async fn wait_history(http: &reqwest::Client, s: &Server, id: &str) -> Value {
     }
 }
 
+/// Waits until some job runs.
+async fn wait_running(http: &reqwest::Client, s: &Server) {
+    let t = Instant::now();
+    loop {
+        let (_, q) = get(http, &s.url("/queue")).await;
+        if q["queue_running"].as_array().is_some_and(|r| !r.is_empty()) {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no job started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn index_of(msgs: &[Value], pred: impl Fn(&Value) -> bool) -> usize {
     msgs.iter()
         .position(pred)
@@ -454,15 +467,7 @@ async fn kill_9_during_a_run_loses_no_accepted_job_and_keeps_history() {
     ]
     .into();
     // Kill once the slow job runs.
-    let t = Instant::now();
-    loop {
-        let (_, q) = get(&http, &s.url("/queue")).await;
-        if q["queue_running"].as_array().is_some_and(|r| !r.is_empty()) {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_running(&http, &s).await;
     s.kill9();
 
     let s = Server::start(data.path(), &[]);
@@ -708,15 +713,7 @@ async fn priorities_order_the_queue_and_cancel_and_interrupt_release_memory() {
     let http = reqwest::Client::new();
     let slow = submit(&http, &s, json!({"prompt": slow_workflow()})).await;
     // Wait until it runs, so the rest queue behind it.
-    let t = Instant::now();
-    loop {
-        let (_, q) = get(&http, &s.url("/queue")).await;
-        if q["queue_running"].as_array().is_some_and(|r| !r.is_empty()) {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_running(&http, &s).await;
     let (_, running_stats) = get(&http, &s.url("/api/system/stats")).await;
     assert!(running_stats["device"]["reserved_bytes"].as_u64().unwrap() > 0);
     let low = submit(

@@ -11,7 +11,7 @@ use super::native;
 use super::security;
 use super::store::{timestamp_ms, JobRecord, JobState, Priority};
 use super::{ws, App};
-use crate::job::{self, PrepareError};
+use crate::job::{self, PrepareError, Prepared};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Multipart, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -96,30 +96,65 @@ fn valid_prompt_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-async fn post_prompt(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let t = Instant::now();
-    let v: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            return bad(comfy::prompt_error(
-                "invalid_prompt",
-                &format!(
-                    "malformed JSON at line {}, column {}: {e}",
-                    e.line(),
-                    e.column()
-                ),
-                "",
-                json!({}),
-            ))
-        }
-    };
+/// A `/prompt`-style body and its workflow, or ComfyUI's 400 body (`invalid_prompt` for
+/// malformed JSON, with line and column; `no_prompt`).
+pub(crate) fn parse_prompt_body(body: &[u8]) -> Result<(Value, Value), Box<Response>> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        Box::new(bad(comfy::prompt_error(
+            "invalid_prompt",
+            &format!(
+                "malformed JSON at line {}, column {}: {e}",
+                e.line(),
+                e.column()
+            ),
+            "",
+            json!({}),
+        )))
+    })?;
     let Some(prompt) = v.get("prompt").filter(|p| p.is_object()).cloned() else {
-        return bad(comfy::prompt_error(
+        return Err(Box::new(bad(comfy::prompt_error(
             "no_prompt",
             "No prompt provided",
             "No prompt provided",
             json!({}),
-        ));
+        ))));
+    };
+    Ok((v, prompt))
+}
+
+/// A workflow validated and planned against the whole budget, or ComfyUI's 400 body
+/// (`invalid_settings`, `node_errors`, `invalid_prompt`).
+pub(crate) async fn prepare_prompt(
+    app: &App,
+    prompt: &Value,
+    extra_data: Option<&Value>,
+) -> Result<Prepared, Box<Response>> {
+    let warm = app.warmed().await;
+    let spec = app
+        .job_spec(&warm, prompt.clone(), extra_data, None)
+        .map_err(|m| {
+            Box::new(bad(comfy::prompt_error(
+                "invalid_settings",
+                &m,
+                "",
+                json!({}),
+            )))
+        })?;
+    job::prepare(spec).map_err(|e| {
+        Box::new(bad(match e {
+            PrepareError::Invalid(e) => comfy::validation_error_body(&e, prompt, &warm.registry),
+            e @ PrepareError::Plan(_) => {
+                comfy::prompt_error("invalid_prompt", &e.to_string(), "", json!({}))
+            }
+        }))
+    })
+}
+
+async fn post_prompt(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let t = Instant::now();
+    let (v, prompt) = match parse_prompt_body(&body) {
+        Ok(p) => p,
+        Err(r) => return *r,
     };
     let client_id = v
         .get("client_id")
@@ -189,24 +224,9 @@ async fn post_prompt(State(app): State<Arc<App>>, body: Bytes) -> Response {
         }
         Err(e) => return internal(e),
     }
-    let warm = app.warmed().await;
-    let spec = match app.job_spec(&warm, prompt.clone(), Some(&extra_data), None) {
-        Ok(s) => s,
-        Err(m) => return bad(comfy::prompt_error("invalid_settings", &m, "", json!({}))),
-    };
-    let prepared = match job::prepare(spec) {
+    let prepared = match prepare_prompt(&app, &prompt, Some(&extra_data)).await {
         Ok(p) => p,
-        Err(PrepareError::Invalid(e)) => {
-            return bad(comfy::validation_error_body(&e, &prompt, &warm.registry))
-        }
-        Err(e @ PrepareError::Plan(_)) => {
-            return bad(comfy::prompt_error(
-                "invalid_prompt",
-                &e.to_string(),
-                "",
-                json!({}),
-            ))
-        }
+        Err(r) => return *r,
     };
     if let (Some(r), Admission::Enforce) = (&prepared.refusal, prepared.config.admission) {
         let mut body = comfy::prompt_error(

@@ -13,7 +13,7 @@
 use super::api::{ram, MODEL_KINDS};
 use super::hub::{Channel, Client, Out};
 use super::App;
-use crate::job::{self, PrepareError};
+use crate::job;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -294,70 +294,13 @@ async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
 
 /// `nova plan --json` over HTTP: body `{"prompt": ..., "extra_data": ...}`.
 async fn plan(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    let v: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(super::comfy::prompt_error(
-                    "invalid_prompt",
-                    &e.to_string(),
-                    "",
-                    json!({}),
-                )),
-            )
-                .into_response()
-        }
+    let (v, prompt) = match super::api::parse_prompt_body(&body) {
+        Ok(p) => p,
+        Err(r) => return *r,
     };
-    let Some(prompt) = v.get("prompt").filter(|p| p.is_object()).cloned() else {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(super::comfy::prompt_error(
-                "no_prompt",
-                "No prompt provided",
-                "",
-                json!({}),
-            )),
-        )
-            .into_response();
-    };
-    let warm = app.warmed().await;
-    let spec = match app.job_spec(&warm, prompt.clone(), v.get("extra_data"), None) {
-        Ok(s) => s,
-        Err(m) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(super::comfy::prompt_error(
-                    "invalid_settings",
-                    &m,
-                    "",
-                    json!({}),
-                )),
-            )
-                .into_response()
-        }
-    };
-    match job::prepare(spec) {
+    match super::api::prepare_prompt(&app, &prompt, v.get("extra_data")).await {
         Ok(p) => Json(job::plan_json(&p)).into_response(),
-        Err(PrepareError::Invalid(e)) => (
-            StatusCode::BAD_REQUEST,
-            Json(super::comfy::validation_error_body(
-                &e,
-                &prompt,
-                &warm.registry,
-            )),
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::BAD_REQUEST,
-            Json(super::comfy::prompt_error(
-                "invalid_prompt",
-                &e.to_string(),
-                "",
-                json!({}),
-            )),
-        )
-            .into_response(),
+        Err(r) => *r,
     }
 }
 
