@@ -367,6 +367,7 @@ fn prepare(job: &JobArgs, memory: &MemoryArgs) -> Result<Prepared, (u8, String)>
             .workers
             .unwrap_or_else(nova_dataflow::exec::default_workers),
         free_limit: None,
+        budget_cap: None,
     })
     .map_err(|e| (EXIT_INVALID, e.to_string()))
 }

@@ -33,6 +33,8 @@ pub(crate) struct JobSpec<'a> {
     pub workers: usize,
     /// The most the plan may fill, when less than the budget minus headroom is free.
     pub free_limit: Option<Bytes>,
+    /// The most budget the job may have, whatever its settings say (the service's own).
+    pub budget_cap: Option<Bytes>,
 }
 
 /// A validated, planned job and the settings it was planned under.
@@ -86,7 +88,10 @@ pub(crate) fn workflow_overrides(extra_data: Option<&Json>) -> Result<MemoryOver
 /// Validates and plans a job.
 pub(crate) fn prepare(spec: JobSpec<'_>) -> Result<Prepared, PrepareError> {
     let overrides = spec.overrides.or(spec.workflow).or(spec.from_env);
-    let config = MemoryConfig::resolve(&overrides, spec.detection);
+    let mut config = MemoryConfig::resolve(&overrides, spec.detection);
+    if let (Some(b), Some(cap)) = (config.budget, spec.budget_cap) {
+        config.budget = Some(b.min(cap));
+    }
     let wf =
         workflow::validate(spec.prompt, spec.registry, &spec.env).map_err(PrepareError::Invalid)?;
     let tile = (config.tile > 0).then_some(config.tile);

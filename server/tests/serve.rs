@@ -1004,6 +1004,23 @@ async fn concurrent_jobs_together_stay_within_the_budget() {
     }
     let (_, st) = get(&http, &s.url("/api/system/stats")).await;
     assert_eq!(st["device"]["reserved_bytes"], 0);
+    // A job cannot widen the service's budget, by a budget or by a bigger profile.
+    for nova in [
+        json!({"vram_budget": "8GiB"}),
+        json!({"profile": "RTX_MODERN"}),
+    ] {
+        let (code, plan) = post(
+            &http,
+            &s.url("/api/plan"),
+            &json!({"prompt": quick_workflow("p"), "extra_data": {"nova": nova}}),
+        )
+        .await;
+        assert_eq!(code, 200, "{plan}");
+        assert!(
+            plan["budget_bytes"].as_u64().unwrap() <= 96 << 20,
+            "{nova}: {plan}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,8 +152,8 @@ impl App {
         .with_preview(self.config.preview_method)
     }
 
-    /// What to prepare a job from. A job's `extra_data.nova` may narrow the service's budget,
-    /// never widen it, and cannot change admission.
+    /// What to prepare a job from. A job's `extra_data.nova` may narrow the service's budget
+    /// (by a budget or a smaller profile), never widen it, and cannot change admission.
     pub(crate) fn job_spec<'a>(
         &self,
         warm: &'a Warmed,
@@ -162,9 +162,6 @@ impl App {
         free: Option<Bytes>,
     ) -> Result<JobSpec<'a>, String> {
         let mut workflow = crate::job::workflow_overrides(extra_data)?;
-        if let (Some(b), Some(server)) = (workflow.budget, warm.memory.budget) {
-            workflow.budget = Some(b.min(server));
-        }
         workflow.admission = None;
         Ok(JobSpec {
             prompt,
@@ -176,6 +173,7 @@ impl App {
             registry: &warm.registry,
             workers: self.config.workers,
             free_limit: free,
+            budget_cap: warm.memory.budget,
         })
     }
 
