@@ -8,12 +8,16 @@ set -euo pipefail
 # software-resampling only, so no libavfilter/libavdevice); its -sys crate runs bindgen,
 # which needs libclang. The ffmpeg and sox CLIs are independent peers for tests and benchmarks
 # (ffprobe checks what nova-media writes; sox is the resampling baseline).
+# The studio (studio/) builds with Node.js and npm; its browser tests drive Debian's chromium
+# (no browser is downloaded).
 PACKAGES=(
   build-essential pkg-config ca-certificates
   libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev
   clang libclang-dev
   ffmpeg sox
+  chromium
 )
+command -v npm >/dev/null || PACKAGES+=(nodejs npm)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -35,4 +39,9 @@ if command -v rustup >/dev/null; then
   rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 fi
-echo "setup: ready ($(cargo --version))"
+# The studio: its packages exactly as package-lock.json pins them, then its static files
+# (studio/dist), which `nova serve` serves at /.
+here="$(cd "$(dirname "$0")/.." && pwd)"
+npm ci --prefix "$here/studio" --no-audit --no-fund --loglevel=error
+npm --prefix "$here/studio" run build --silent
+echo "setup: ready ($(cargo --version), node $(node --version))"

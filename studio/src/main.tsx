@@ -155,6 +155,7 @@ function BudgetRail(props: { plan: Plan | null; error: string | null }) {
 function App() {
   const [info, setInfo] = useState<Record<string, NodeInfo>>({});
   const [template, setTemplate] = useState<Template>(TEMPLATES[0]);
+  const [tile, setTile] = useState<number>(TEMPLATES[0].tile);
   const [wf, setWf] = useState<ApiWorkflow>(TEMPLATES[0].workflow);
   const [plan, setPlan] = useState<Plan | null>(null);
   const [planError, setPlanError] = useState<string | null>(null);
@@ -215,7 +216,7 @@ function App() {
   };
   const doPlan = async () => {
     try {
-      setPlan(await api.plan(wf, extraData(template)));
+      setPlan(await api.plan(wf, extraData(template, tile)));
       setPlanError(null);
     } catch (e) {
       setPlan(null);
@@ -224,7 +225,7 @@ function App() {
   };
   const queue = async () => {
     try {
-      const r = await api.submit(wf, clientId, extraData(template));
+      const r = await api.submit(wf, clientId, extraData(template, tile));
       setCurrent(r.prompt_id);
       setPlanError(null);
     } catch (e) {
@@ -264,6 +265,7 @@ function App() {
             onChange={(e) => {
               const t = TEMPLATES.find((x) => x.id === (e.target as HTMLSelectElement).value)!;
               setTemplate(t);
+              setTile(t.tile);
               setWf(t.workflow);
               setPlan(null);
             }}
@@ -274,6 +276,21 @@ function App() {
               </option>
             ))}
           </select>
+        </label>
+        <label for="tile-size">
+          Tile{" "}
+          <input
+            id="tile-size"
+            type="number"
+            min={16}
+            step={16}
+            value={tile}
+            style={{ width: "5em" }}
+            onChange={(e) => {
+              setTile(Number((e.target as HTMLInputElement).value));
+              setPlan(null);
+            }}
+          />
         </label>
         <button onClick={doPlan}>Plan</button>
         <button onClick={queue}>Queue</button>

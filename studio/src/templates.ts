@@ -32,7 +32,7 @@ export const TEMPLATES: Template[] = [
   { id: "rtx", label: "RTX (modern)", profile: "RTX_MODERN", tile: 1024, width: 1536, height: 1152, workflow: imageChain(1536, 1152, "rtx") },
 ];
 
-/** `extra_data` for a template's run. */
-export function extraData(t: Template): Record<string, unknown> {
-  return { nova: { profile: t.profile, tile_size: t.tile } };
+/** `extra_data` for a template's run, with the tile side the user chose. */
+export function extraData(t: Template, tile = t.tile): Record<string, unknown> {
+  return { nova: { profile: t.profile, tile_size: tile } };
 }
