@@ -240,9 +240,16 @@ pub fn serve(config: ServeConfig) -> ExitCode {
         };
         let addr = listener.local_addr().unwrap_or(config.listen);
         let hub = Arc::new(Hub::new(config.client_buffer, config.client_hard_limit));
+        let relay = match Relay::start(hub.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("nova serve: cannot start the relay thread: {e}");
+                return ExitCode::from(crate::cli::EXIT_INTERNAL);
+            }
+        };
         let models = ModelIndex::load(&store);
         let app = Arc::new(App {
-            relay: Relay::start(hub.clone()),
+            relay,
             hub,
             store,
             sched: Scheduler::default(),

@@ -48,13 +48,12 @@ pub(crate) struct Relay {
 
 impl Relay {
     /// Starts the relay thread.
-    pub(crate) fn start(hub: Arc<Hub>) -> Relay {
+    pub(crate) fn start(hub: Arc<Hub>) -> std::io::Result<Relay> {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("nova-relay".into())
-            .spawn(move || relay(hub, rx))
-            .expect("spawning the relay thread");
-        Relay { tx: Mutex::new(tx) }
+            .spawn(move || relay(hub, rx))?;
+        Ok(Relay { tx: Mutex::new(tx) })
     }
 
     fn send(&self, m: Msg) {
