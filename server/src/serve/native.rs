@@ -135,14 +135,11 @@ async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
     let (usable, reserved) = memory_now(&app);
     let (state, fraction) = memory_state(usable, reserved);
     let (queued, running, finished) = app.store.counts().unwrap_or((0, 0, 0));
+    let pending = app.store.pending().unwrap_or_default();
     let by_priority: serde_json::Map<String, Value> = super::store::Priority::ALL
         .iter()
         .map(|p| {
-            let n = app
-                .store
-                .pending()
-                .map(|v| v.iter().filter(|r| r.priority == *p).count())
-                .unwrap_or(0);
+            let n = pending.iter().filter(|r| r.priority == *p).count();
             (p.name().to_string(), json!(n))
         })
         .collect();

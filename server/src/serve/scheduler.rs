@@ -122,7 +122,7 @@ pub(crate) async fn schedule(app: Arc<App>) {
 
 async fn admit_what_fits(app: &Arc<App>) {
     while !app.sched.paused() && app.sched.running_count() < app.config.max_jobs {
-        let rec = match app.store.next_queued(&[]) {
+        let rec = match app.store.next_queued() {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => {
