@@ -28,7 +28,8 @@ fn events_follow_progress_order_and_partials_cover_the_output() {
         assert!(matches!(
             ev[0].kind,
             EventKind::Lifecycle {
-                state: Lifecycle::Planning
+                state: Lifecycle::Planning,
+                node: None
             }
         ));
         assert!(
@@ -41,6 +42,25 @@ fn events_follow_progress_order_and_partials_cover_the_output() {
                 .count(),
             1
         );
+        // Each node's tracked peak is within the run's, and the busiest node's is positive.
+        let run_peak = match ev.last().unwrap().kind {
+            EventKind::Success { memory, .. } => memory.tracked_peak_bytes,
+            _ => unreachable!(),
+        };
+        let node_peaks: Vec<u64> = ev
+            .iter()
+            .filter_map(|e| match e.kind {
+                EventKind::NodeEnd {
+                    tracked_peak_bytes, ..
+                } => Some(tracked_peak_bytes),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            node_peaks.iter().all(|&p| p <= run_peak),
+            "{node_peaks:?} vs {run_peak}"
+        );
+        assert!(node_peaks.iter().any(|&p| p > 0), "{node_peaks:?}");
 
         // Per node: start < chunks < end, with the planned number of chunks in order.
         for (ix, np) in out.plan.nodes.iter().enumerate() {
@@ -144,7 +164,7 @@ fn events_follow_progress_order_and_partials_cover_the_output() {
         let states: Vec<Lifecycle> = ev
             .iter()
             .filter_map(|e| match e.kind {
-                EventKind::Lifecycle { state } => Some(state),
+                EventKind::Lifecycle { state, node: None } => Some(state),
                 _ => None,
             })
             .collect();

@@ -140,7 +140,7 @@ pub fn run_with_limit(json: &str, env: &JobEnv, opts: &PlanOptions, limit: u64) 
 }
 
 /// Runs a planned workflow, collecting its events.
-fn run_plan(
+pub fn run_plan(
     wf: nova_dataflow::ValidatedWorkflow,
     plan: nova_dataflow::ExecutionPlan,
     env: &JobEnv,
@@ -160,6 +160,7 @@ fn run_plan(
     let emitter = Arc::new(Emitter::new("test", sink));
     emitter.emit(EventKind::Lifecycle {
         state: Lifecycle::Planning,
+        node: None,
     });
     let result = run(
         Arc::new(wf),

@@ -5,7 +5,9 @@
 
 use candle_core::DType;
 use candle_core::{Device, Tensor};
-use nova_dataflow::{AssetState, Bytes, EventKind, PlanOptions, WeightMode};
+use nova_dataflow::{
+    AssetState, Bytes, Event, EventKind, Lifecycle, PlanOptions, Registry, WeightMode,
+};
 use nova_operators::model::safetensors::SafetensorsFile;
 use nova_operators::model::upscale::{load_model, upscale_raw};
 use nova_tests::{options, run_planned, shared_models, Job};
@@ -171,6 +173,113 @@ fn a_tiled_run_under_a_budget_equals_the_whole_run() {
     assert!(
         d <= 1.0 / 255.0 + 1e-6 && differing <= samples * 1e-4,
         "tiled differs from whole: max {d}, {differing} of {samples} samples"
+    );
+}
+
+/// Node `node`'s phases, each checked to lie between its `node_start` and `node_end`.
+fn phases(events: &[Event], node: &str) -> Vec<Lifecycle> {
+    let at = |f: &dyn Fn(&EventKind) -> bool| events.iter().position(|e| f(&e.kind)).unwrap();
+    let start = at(&|k| matches!(k, EventKind::NodeStart { node: n, .. } if n == node));
+    let end = at(&|k| matches!(k, EventKind::NodeEnd { node: n, .. } if n == node));
+    events
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match &e.kind {
+            EventKind::Lifecycle {
+                state,
+                node: Some(n),
+            } if n == node => {
+                assert!(
+                    start < i && i < end,
+                    "{state:?} of node {node} outside its run"
+                );
+                Some(*state)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_model_nodes_phases_and_time_split_are_announced_cold_and_warm() {
+    let _turn = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    let job = job(32, 32);
+    let run = |prefix: &str| {
+        let out = run_planned(
+            &workflow(prefix),
+            &job.env,
+            &options(Some(16), 2),
+            None,
+            |_| false,
+        );
+        out.result.as_ref().expect("run succeeds");
+        out
+    };
+    // Validation maps and indexes the file. Evicted before the run (as the registry's LRU may
+    // do while a job waits in a queue), the loader maps and indexes it again; the upscaler
+    // reads the tensors, moves them to the device, then computes.
+    let cold = {
+        let registry = nova_operators::registry();
+        let wf = nova_dataflow::workflow::load(&workflow("cold"), &registry, &job.env).unwrap();
+        let plan = nova_dataflow::plan(&wf, &job.env, &options(Some(16), 2)).unwrap();
+        Registry::global().release_unpinned();
+        let out = nova_tests::run_plan(wf, plan, &job.env, None, |_| false);
+        out.result.as_ref().expect("run succeeds");
+        out
+    };
+    assert_eq!(phases(&cold.events, "2"), [Lifecycle::Indexing]);
+    assert_eq!(
+        phases(&cold.events, "3"),
+        [
+            Lifecycle::Prefetching,
+            Lifecycle::Warming,
+            Lifecycle::Running
+        ]
+    );
+    let timing = |out: &nova_tests::Outcome| {
+        let n = out.events.len();
+        match &out.events[n - 2].kind {
+            EventKind::Timing(t) => t.clone(),
+            k => panic!("the event before the last is {k:?}"),
+        }
+    };
+    let t = timing(&cold);
+    let node = |id: &str| t.nodes.iter().find(|n| n.node == id).unwrap().split;
+    assert!(node("2").load_ms > 0.0, "{t:?}");
+    assert!(
+        node("3").load_ms > 0.0 && node("3").compute_ms > 0.0,
+        "{t:?}"
+    );
+    assert_eq!(node("1").load_ms, 0.0, "an image loader reads no weights");
+    let sum: f64 = t.nodes.iter().map(|n| n.split.compute_ms).sum();
+    assert!((t.total.compute_ms - sum).abs() < 1e-6);
+    assert!(t.startup_ms >= 0.0 && t.wall_ms > 0.0);
+    // node_end carries the node's split as it stood when the node finished.
+    let end3 = cold
+        .events
+        .iter()
+        .find_map(|e| match &e.kind {
+            EventKind::NodeEnd { node, timing, .. } if node == "3" => Some(*timing),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(end3.load_ms, node("3").load_ms);
+    assert!(end3.compute_ms <= node("3").compute_ms);
+
+    // Warm: the file stays mapped (validation found it so) and its tensors in the host cache.
+    let warm = run("warm");
+    assert!(phases(&warm.events, "2").is_empty());
+    assert_eq!(
+        phases(&warm.events, "3"),
+        [Lifecycle::Warming, Lifecycle::Running]
+    );
+    let w = timing(&warm);
+    let load = |t: &nova_dataflow::RunTiming| t.total.load_ms;
+    assert!(
+        load(&w) < load(&t),
+        "warm load {} ms, cold {} ms",
+        load(&w),
+        load(&t)
     );
 }
 

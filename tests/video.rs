@@ -5,7 +5,7 @@
 //! refused naming the file.
 
 use candle_core::{Device, Tensor};
-use nova_dataflow::{Event, EventKind};
+use nova_dataflow::{Event, EventKind, Lifecycle};
 use nova_media::audio::AudioSpec;
 use nova_media::video::{EncodeOptions, Rational, VideoCodec, VideoReader, VideoWriter};
 use nova_tests::{run_workflow, Job};
@@ -233,6 +233,31 @@ fn unchanged_windows_replay_from_the_temporal_cache() {
     };
     assert_eq!(cached(&first), vec![false, false]);
     assert_eq!(cached(&second), vec![true, true]);
+    // The replay is a phase of the save node and a share of its time.
+    let replay = |o: &nova_tests::Outcome| -> (bool, f64, f64) {
+        let phase = o.events.iter().any(|e| {
+            matches!(
+                &e.kind,
+                EventKind::Lifecycle {
+                    state: Lifecycle::CachedReplay,
+                    node: Some(_)
+                }
+            )
+        });
+        let t = o
+            .events
+            .iter()
+            .find_map(|e| match &e.kind {
+                EventKind::Timing(t) => Some(t.clone()),
+                _ => None,
+            })
+            .expect("a timing event");
+        (phase, t.total.replay_ms, t.total.compute_ms)
+    };
+    let (phase, ms, _) = replay(&first);
+    assert!(!phase && ms == 0.0, "first run replays nothing ({ms} ms)");
+    let (phase, ms, _) = replay(&second);
+    assert!(phase && ms > 0.0, "second run replays ({phase}, {ms} ms)");
     for (a, b) in partial_videos(&first.events)
         .iter()
         .zip(partial_videos(&second.events))

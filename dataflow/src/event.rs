@@ -10,18 +10,20 @@
 //! | type | data | when |
 //! |---|---|---|
 //! | `lifecycle` | `state`: `planning`, `running`, `streaming_partial`, `finalizing` | the job enters that state |
+//! | `lifecycle` | `state`: `indexing`, `prefetching`, `warming`, `running`, `cached_replay`; `node` | a node entered that phase: opening and indexing a weights file, reading its tensors, moving them to the device, computing, replaying a window from the temporal cache |
 //! | `telemetry.memory_forecast` | `profile` (when known), `budget_bytes`, `limit_bytes` (budget minus headroom), `forecast_peak_bytes`, `naive_peak_bytes` (every node whole), `fits`, `nodes`: `[{node, mode, tile, chunks, forecast_bytes}]` | the plan is fixed, before any node runs |
 //! | `telemetry.retry` | `node`, `chunk`, `tile_from`, `tile_to`, `reason` | a chunk ran short of memory and is re-run as smaller tiles |
 //! | `telemetry.residency_delta` | `asset`, `from`, `to` (`UNLOADED`, `CPU_MMAP`, `CPU_HOT`, `GPU_FULL`, `GPU_PARTIAL`), `bytes_on_device`, `reason` | a model asset changed state |
 //! | `telemetry.node_start` | `node`, `class_type`, `mode`, `chunks`, and `steps` for an iterative node | the frontier of every input of the node passed the time of its input: the node may run |
-//! | `telemetry.chunk` | `node`, `chunk`, `chunks`, `rect` (tiles), `progress` `{value, max}` over all chunks of the job | the frontier after the node's kernel passed the chunk's timestamp |
+//! | `telemetry.chunk` | `node`, `chunk`, `chunks`, `rect` (tiles), `progress` `{value, max}` over all chunks of the job, `tracked_bytes` (held now) | the frontier after the node's kernel passed the chunk's timestamp |
 //! | `telemetry.step` | `node`, `step` (1-based), `steps`, `progress` `{value, max}` over all units of the job | an iterative node (a sampler): the frontier after it passed the step's time |
 //! | `output.preview` | `node` (the iterative node), `step`, `steps`, `method` (`taesd` or `latent2rgb`), `width`, `height` | right after that step's `telemetry.step`, when the node made a preview |
-//! | `telemetry.node_end` | `node`, `class_type`, `wall_ms`, `chunks` | the frontier of the node's output passed its output time |
+//! | `telemetry.node_end` | `node`, `class_type`, `wall_ms`, `chunks`, `timing` `{load_ms, transfer_ms, compute_ms, replay_ms}`, `tracked_peak_bytes` (the most the run held from the node's start to its end, as the driver saw them) | the frontier of the node's output passed its output time |
 //! | `output.partial.image` | `node` (the output node), `source_node`, `tile` `{x,y,w,h}`, `tile_index`, `tiles`, `width`, `height` | a tile of an image that an output node consumes is final |
 //! | `output.partial.video` | `node` (the output node), `window`, `windows`, `frame_start`, `frame_count` (output frames that are now final, the window's overlap with the next one excluded), `pts_start`, `pts_end` (seconds), `width`, `height`, `fps`, `windows_decoded` (windows of the source cut so far), `cached` (replayed from the temporal cache) | a window of a video that an output node consumes is final; the frames travel with the event to library and server consumers |
 //! | `output.partial.audio` | `node`, `chunk`, `chunks`, `sample_start`, `sample_count`, `sample_rate`, `channels`, `chunks_decoded` | a chunk of audio that an output node consumes is final; its PCM travels with the event |
 //! | `executed` | `node`, `output` (ComfyUI's UI record, e.g. `{"images": [...]}`) | an output node finished |
+//! | `telemetry.timing` | `startup_ms` (the job's start to the dataflow's first step: parsing, validation, planning, building), `wall_ms`, `load_ms`, `transfer_ms`, `compute_ms`, `replay_ms` (sums over nodes), `nodes`: `[{node, class_type, wall_ms, load_ms, transfer_ms, compute_ms, replay_ms}]` | once, right before the final event of a run that started |
 //! | `execution_success` | `wall_ms`, `budget_bytes`, `tracked_peak_bytes` | the job finished; always the last event |
 //! | `execution_error` | `node_id`, `node_type`, `message`, and once it ran `budget_bytes`, `tracked_peak_bytes` | the job failed; always the last event |
 //! | `execution_interrupted` | `node_id` (if known), `budget_bytes`, `tracked_peak_bytes` | the job was interrupted; always the last event |
@@ -29,6 +31,8 @@
 //! `budget_bytes` is `null` when the device memory could not be read (the job was admitted
 //! without a limit); `tracked_peak_bytes` is the most device memory the accountant counted
 //! the job holding at once. `profile` in the forecast is filled in by the caller that chose it.
+//! Time splits are summed over worker threads (see [`crate::timing`]); a node's phases come
+//! after its `node_start` and before its `node_end`.
 //!
 //! Invariant: every event except `lifecycle: planning`, the forecast and the final one is
 //! derived by the driver from probes on the dataflow's frontiers and from what operators
@@ -40,6 +44,7 @@
 use crate::chunk::Rect;
 use crate::plan::ExecutionPlan;
 use crate::schema::ExecMode;
+use crate::timing::TimeSplit;
 use crate::value::Value;
 use serde::Serialize;
 use serde_json::Value as Json;
@@ -55,9 +60,13 @@ pub const EVENT_SCHEMA_VERSION: u32 = 1;
 #[serde(rename_all = "snake_case")]
 pub enum Lifecycle {
     Planning,
+    Indexing,
+    Prefetching,
+    Warming,
     Running,
     StreamingPartial,
     Finalizing,
+    CachedReplay,
 }
 
 /// Overall progress of a job in chunks.
@@ -122,12 +131,39 @@ impl MemoryForecast {
     }
 }
 
+/// One node of a run's time split.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NodeTimingEvent {
+    pub node: String,
+    pub class_type: String,
+    pub wall_ms: f64,
+    #[serde(flatten)]
+    pub split: TimeSplit,
+}
+
+/// The `telemetry.timing` payload: where a run's time went.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunTiming {
+    /// From the job's start to the dataflow's first step.
+    pub startup_ms: f64,
+    pub wall_ms: f64,
+    /// Sums over the nodes.
+    #[serde(flatten)]
+    pub total: TimeSplit,
+    pub nodes: Vec<NodeTimingEvent>,
+}
+
 /// The payload of an event; see the module docs for the schema.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", content = "data")]
 pub enum EventKind {
     #[serde(rename = "lifecycle")]
-    Lifecycle { state: Lifecycle },
+    Lifecycle {
+        state: Lifecycle,
+        /// The node that entered the phase; absent for the job's own states.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
+    },
     #[serde(rename = "telemetry.memory_forecast")]
     MemoryForecast(MemoryForecast),
     /// A model asset changed state (loaded, streamed, released, evicted).
@@ -159,6 +195,8 @@ pub enum EventKind {
         #[serde(skip_serializing_if = "Option::is_none")]
         rect: Option<Rect>,
         progress: Progress,
+        /// Device memory the run holds now, as its accountant counts it.
+        tracked_bytes: u64,
     },
     #[serde(rename = "telemetry.step")]
     Step {
@@ -182,7 +220,12 @@ pub enum EventKind {
         class_type: String,
         wall_ms: f64,
         chunks: u32,
+        timing: TimeSplit,
+        /// The most device memory the run held while the node ran.
+        tracked_peak_bytes: u64,
     },
+    #[serde(rename = "telemetry.timing")]
+    Timing(RunTiming),
     #[serde(rename = "output.partial.image")]
     PartialImage {
         node: String,
@@ -278,6 +321,7 @@ impl Event {
             EventKind::Step { .. } => "telemetry.step",
             EventKind::Preview { .. } => "output.preview",
             EventKind::NodeEnd { .. } => "telemetry.node_end",
+            EventKind::Timing(_) => "telemetry.timing",
             EventKind::PartialImage { .. } => "output.partial.image",
             EventKind::PartialVideo { .. } => "output.partial.video",
             EventKind::PartialAudio { .. } => "output.partial.audio",

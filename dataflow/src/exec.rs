@@ -23,7 +23,9 @@
 //! drains quickly and fails alone.
 
 use crate::chunk::{ChunkSize, ChunkSpec, ChunkedOp, Merger};
-use crate::event::{Emitter, EventKind, Lifecycle, MemoryForecast, MemoryUse, Progress};
+use crate::event::{
+    Emitter, EventKind, Lifecycle, MemoryForecast, MemoryUse, NodeTimingEvent, Progress, RunTiming,
+};
 use crate::memory::{Accountant, Bytes, Lease};
 use crate::node::{
     guarded, Chunking, ExecContext, Inputs, JobEnv, NodeError, NodeId, NodeOutput, StepPreview,
@@ -32,6 +34,7 @@ use crate::node::{
 use crate::plan::ExecutionPlan;
 use crate::residency::{DeltaLog, Registry, WeightContext, WeightMode};
 use crate::schema::ExecMode;
+use crate::timing::{NodeTiming, TimeSplit};
 use crate::value::{Value, ValueInfo};
 use crate::workflow::ValidatedWorkflow;
 use candle_core::Device;
@@ -120,6 +123,8 @@ pub struct NodeStats {
     pub mode: ExecMode,
     pub chunks: u32,
     pub wall_ms: f64,
+    /// Where the node's time went (summed over workers).
+    pub timing: TimeSplit,
 }
 
 /// What a successful run produced.
@@ -180,6 +185,10 @@ struct Shared {
     residency: DeltaLog,
     /// Previews iterative nodes made, by (node, step), until the driver announces them.
     previews: Mutex<HashMap<(usize, u32), StepPreview>>,
+    /// Per node: where its time goes, and the phases it entered.
+    timing: Vec<Arc<NodeTiming>>,
+    /// Milliseconds from the job's start to the dataflow's first step, once it took one.
+    startup_ms: Mutex<Option<f64>>,
 }
 
 /// A chunk that ran short of memory and was re-run as smaller tiles.
@@ -261,6 +270,8 @@ pub fn run(
         bound: Mutex::new(HashMap::new()),
         residency: DeltaLog::default(),
         previews: Mutex::new(HashMap::new()),
+        timing: wf.nodes.iter().map(|_| Arc::default()).collect(),
+        startup_ms: Mutex::new(None),
     });
     let stats: Arc<Mutex<Vec<NodeStats>>> = Arc::new(Mutex::new(Vec::new()));
     let workers = plan.workers.max(1);
@@ -303,6 +314,7 @@ pub fn run(
         })
     };
     let wall_ms = started.elapsed().as_secs_f64() * 1e3;
+    let timing = run_timing(&wf, &shared, &stats, emitter.elapsed_ms());
     let failure = shared
         .failure
         .lock()
@@ -341,6 +353,9 @@ pub fn run(
         }
     };
     emit_residency(&shared, &emitter);
+    if let Some(t) = timing {
+        emitter.emit(EventKind::Timing(t));
+    }
     let memory = MemoryUse {
         budget_bytes: opts.budget.map(|b| b.0),
         tracked_peak_bytes: shared.acct.peak().0,
@@ -369,6 +384,37 @@ pub fn run(
         }),
     }
     outcome
+}
+
+/// The run's time split, once its dataflow took a first step.
+fn run_timing(
+    wf: &ValidatedWorkflow,
+    shared: &Shared,
+    stats: &Mutex<Vec<NodeStats>>,
+    now_ms: f64,
+) -> Option<RunTiming> {
+    let startup_ms = (*shared.startup_ms.lock().unwrap_or_else(|p| p.into_inner()))?;
+    let stats = stats.lock().unwrap_or_else(|p| p.into_inner());
+    let nodes: Vec<NodeTimingEvent> = wf
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(ix, n)| NodeTimingEvent {
+            node: n.id.0.clone(),
+            class_type: n.class_type.to_string(),
+            wall_ms: stats.get(ix).map_or(0.0, |s| s.wall_ms),
+            split: shared.timing[ix].split(),
+        })
+        .collect();
+    let total = nodes
+        .iter()
+        .fold(TimeSplit::default(), |acc, n| acc.plus(n.split));
+    Some(RunTiming {
+        startup_ms,
+        wall_ms: now_ms - startup_ms,
+        total,
+        nodes,
+    })
 }
 
 /// Announces the residency changes recorded since the last call.
@@ -432,7 +478,7 @@ fn build(
             weights: WeightContext {
                 registry: Registry::global(),
                 acct: shared.acct.clone(),
-                log: shared.residency.clone(),
+                log: shared.residency.for_node(shared.timing[ix].clone()),
                 device: Device::Cpu,
                 mode: p.weights.mode.unwrap_or(WeightMode::Resident),
             },
@@ -577,6 +623,7 @@ fn whole<'s>(
 ) -> Recs<'s> {
     let (wf, plan, shared) = (wf.clone(), plan.clone(), shared.clone());
     let (in_time, steps) = (plan.nodes[ix].in_time, plan.nodes[ix].steps);
+    let timing = shared.timing[ix].clone();
     let owner_ix = (ix % input.scope().peers()) as u64;
     let name = format!("{}:{}", wf.nodes[ix].id, wf.nodes[ix].class_type);
     input.unary_frontier::<Cb, _, _, _>(
@@ -612,12 +659,14 @@ fn whole<'s>(
                     };
                     if steps == 0 {
                         // Atomic: the kernel once, the outputs at the output time.
-                        let result = guarded(|| {
-                            if n.lifted.is_empty() {
-                                n.node.execute(&n.args, inputs, &ctx)
-                            } else {
-                                crate::lift::execute(n, inputs, &ctx)
-                            }
+                        let result = timing.busy(|| {
+                            guarded(|| {
+                                if n.lifted.is_empty() {
+                                    n.node.execute(&n.args, inputs, &ctx)
+                                } else {
+                                    crate::lift::execute(n, inputs, &ctx)
+                                }
+                            })
                         });
                         drop(lease);
                         if let Some(c) = cap.take() {
@@ -626,7 +675,7 @@ fn whole<'s>(
                         }
                         return;
                     }
-                    match guarded(|| n.node.start(&n.args, inputs, &ctx)) {
+                    match timing.busy(|| guarded(|| n.node.start(&n.args, inputs, &ctx))) {
                         Ok(s) => running = Some((s, lease)),
                         Err(e) => {
                             cap = None;
@@ -637,7 +686,7 @@ fn whole<'s>(
                 let Some((stepper, _)) = running.as_mut() else {
                     return;
                 };
-                match guarded(|| stepper.step()) {
+                match timing.busy(|| guarded(|| stepper.step())) {
                     Ok(preview) => {
                         if let Some(p) = preview {
                             shared
@@ -663,7 +712,7 @@ fn whole<'s>(
                     return;
                 }
                 if let (Some(c), Some((stepper, lease))) = (cap.take(), running.take()) {
-                    let result = guarded(|| stepper.finish());
+                    let result = timing.busy(|| guarded(|| stepper.finish()));
                     drop(lease);
                     let recs = finished(&shared, ix, result);
                     output.session(&c).give_iterator(recs.into_iter());
@@ -734,7 +783,7 @@ fn split<'s>(
                         cap = None;
                         return shared.fail(ix, NodeError::input(which, "no value arrived"));
                     };
-                    match guarded(|| op.bind(&inputs, &weights)) {
+                    match shared.timing[ix].busy(|| guarded(|| op.bind(&inputs, &weights))) {
                         Ok(Some(bound)) => {
                             shared
                                 .bound
@@ -807,7 +856,7 @@ fn split<'s>(
                         Err(_) if next > finished => break,
                         Err(_) => None,
                     };
-                    match guarded(|| op.split(source, chunk)) {
+                    match shared.timing[ix].busy(|| guarded(|| op.split(source, chunk))) {
                         Ok(piece) => {
                             let at = c.delayed(&(in_time + chunk.index as u64));
                             output.session(&at).give(Record {
@@ -878,7 +927,9 @@ fn process<'s>(
                     if !shared.stopped() {
                         let reserve = r.reserve.take();
                         let op = shared.op_for(ix, &op);
+                        let started = Instant::now();
                         let done = process_chunk(&plan, &shared, op.as_ref(), ix, &r, reserve);
+                        account_chunk(&shared.timing[ix], &done, started.elapsed());
                         // The piece is no longer needed once its chunk is computed.
                         let chunk = r.chunk;
                         drop(r);
@@ -899,6 +950,20 @@ fn process<'s>(
             }
         },
     )
+}
+
+/// Counts a processed chunk's time: a window replayed from the temporal cache is replay,
+/// anything else the operator's own time.
+fn account_chunk(timing: &NodeTiming, done: &Result<Value, NodeError>, took: Duration) {
+    let replayed = matches!(done, Ok(Value::Video(v))
+        if v.source().as_memory().is_some_and(|w| w.cached));
+    if replayed {
+        timing.add_replay(took);
+        timing.enter(Lifecycle::CachedReplay);
+    } else {
+        timing.add_busy(took);
+        timing.leave_replay();
+    }
 }
 
 /// Runs one chunk under a memory lease, subdividing it while the lease is refused.
@@ -1028,7 +1093,11 @@ fn merge<'s>(
                                     .try_lease(bytes, &what)
                                     .map_err(|oom| NodeError::OutOfMemory(oom.to_string())),
                             }
-                            .and_then(|l| guarded(|| op.merger(&info)).map(|m| (m, l)));
+                            .and_then(|l| {
+                                shared.timing[ix]
+                                    .busy(|| guarded(|| op.merger(&info)))
+                                    .map(|m| (m, l))
+                            });
                             match made {
                                 Ok(m) => merger = Some(m),
                                 Err(e) => {
@@ -1041,7 +1110,9 @@ fn merge<'s>(
                         let (m, _) = merger.as_mut().expect("made above");
                         let spec = np.chunks.get(r.chunk as usize).copied();
                         let added = match spec {
-                            Some(spec) => guarded(|| m.add(&spec, r.value)),
+                            Some(spec) => {
+                                shared.timing[ix].busy(|| guarded(|| m.add(&spec, r.value)))
+                            }
                             None => Err(NodeError::Other(format!(
                                 "chunk {} is not in the plan",
                                 r.chunk
@@ -1069,7 +1140,7 @@ fn merge<'s>(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&ix);
-                match guarded(|| m.finish_output()) {
+                match shared.timing[ix].busy(|| guarded(|| m.finish_output())) {
                     Ok(out) => {
                         if let Some(ui) = out.ui {
                             shared
@@ -1186,8 +1257,14 @@ impl Driver {
         }
         if !self.running {
             self.running = true;
+            *self
+                .shared
+                .startup_ms
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(self.emitter.elapsed_ms());
             self.emitter.emit(EventKind::Lifecycle {
                 state: Lifecycle::Running,
+                node: None,
             });
         }
         emit_residency(&self.shared, &self.emitter);
@@ -1212,6 +1289,7 @@ impl Driver {
                     continue;
                 }
                 self.seen[ix].started = Some(Instant::now());
+                self.shared.acct.take_window_peak();
                 self.emitter.emit(EventKind::NodeStart {
                     node: n.id.0.clone(),
                     class_type: n.class_type.to_string(),
@@ -1220,6 +1298,7 @@ impl Driver {
                     steps: (p.steps > 0).then_some(p.steps),
                 });
             }
+            self.announce_phases(ix);
             // Retries of this node's chunks, before the chunk events they delayed.
             let retries: Vec<Retry> = {
                 let mut all = self
@@ -1263,6 +1342,7 @@ impl Driver {
                         value: self.done_chunks,
                         max: self.total_chunks,
                     },
+                    tracked_bytes: self.shared.acct.current().0,
                 });
                 self.announce_partial(ix, chunk);
             }
@@ -1272,11 +1352,14 @@ impl Driver {
                     .map(|s| s.elapsed().as_secs_f64() * 1e3)
                     .unwrap_or(0.0);
                 self.seen[ix].ended = Some(wall);
+                self.announce_phases(ix);
                 self.emitter.emit(EventKind::NodeEnd {
                     node: n.id.0.clone(),
                     class_type: n.class_type.to_string(),
                     wall_ms: wall,
                     chunks: count,
+                    timing: self.shared.timing[ix].split(),
+                    tracked_peak_bytes: self.shared.acct.take_window_peak().0,
                 });
                 if n.node.schema().output_node {
                     let ui = self
@@ -1304,6 +1387,17 @@ impl Driver {
             self.finalizing = true;
             self.emitter.emit(EventKind::Lifecycle {
                 state: Lifecycle::Finalizing,
+                node: None,
+            });
+        }
+    }
+
+    /// Announces the phases node `ix` entered since the last poll.
+    fn announce_phases(&mut self, ix: usize) {
+        for state in self.shared.timing[ix].take_phases() {
+            self.emitter.emit(EventKind::Lifecycle {
+                state,
+                node: Some(self.wf.nodes[ix].id.0.clone()),
             });
         }
     }
@@ -1365,6 +1459,7 @@ impl Driver {
             self.streaming = true;
             self.emitter.emit(EventKind::Lifecycle {
                 state: Lifecycle::StreamingPartial,
+                node: None,
             });
         }
         let node = self.wf.nodes[ix].id.0.clone();
@@ -1472,6 +1567,7 @@ impl Driver {
             self.streaming = true;
             self.emitter.emit(EventKind::Lifecycle {
                 state: Lifecycle::StreamingPartial,
+                node: None,
             });
         }
         for &c in &self.output_consumers[ix] {
@@ -1496,12 +1592,14 @@ impl Driver {
             .iter()
             .zip(self.plan.nodes.iter())
             .zip(self.seen.iter())
-            .map(|((n, p), s)| NodeStats {
+            .enumerate()
+            .map(|(ix, ((n, p), s))| NodeStats {
                 node: n.id.0.clone(),
                 class_type: n.class_type.to_string(),
                 mode: p.mode,
                 chunks: p.chunk_count(),
                 wall_ms: s.ended.unwrap_or(0.0),
+                timing: self.shared.timing[ix].split(),
             })
             .collect()
     }

@@ -33,12 +33,16 @@ pub mod profile;
 pub mod residency;
 pub mod schema;
 pub mod stream;
+pub mod timing;
 pub mod value;
 pub mod workflow;
 
 pub use chunk::{ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, Merger, Rect};
 pub use error::{ValidationErrors, WorkflowError};
-pub use event::{Emitter, Event, EventKind, EventSink, Lifecycle, EVENT_SCHEMA_VERSION};
+pub use event::{
+    Emitter, Event, EventKind, EventSink, Lifecycle, NodeTimingEvent, RunTiming,
+    EVENT_SCHEMA_VERSION,
+};
 pub use exec::{run, CancelToken, RunError, RunOptions, RunReport};
 pub use memory::{Accountant, Bytes, Lease, OutOfMemory};
 pub use model_paths::{ModelPaths, ModelPathsError};
@@ -62,5 +66,6 @@ pub use stream::{
     AudioGraph, AudioMeta, AudioPull, AudioStream, Frame, FrameCursor, FrameOp, FrameSource,
     MemoryFrames, Planar, Temporal, VideoMeta, VideoShape, VideoStream,
 };
+pub use timing::{NodeTiming, TimeSplit};
 pub use value::{DataType, ImageInfo, ModelInfo, ModelRef, TensorBox, Value, ValueInfo};
 pub use workflow::{ValidatedWorkflow, WorkflowNode};

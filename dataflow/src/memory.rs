@@ -113,6 +113,8 @@ pub struct Accountant {
     limit: Bytes,
     current: AtomicU64,
     peak: AtomicU64,
+    /// The peak since the last [`Accountant::take_window_peak`].
+    window_peak: AtomicU64,
 }
 
 impl Accountant {
@@ -122,6 +124,7 @@ impl Accountant {
             limit,
             current: AtomicU64::new(0),
             peak: AtomicU64::new(0),
+            window_peak: AtomicU64::new(0),
         })
     }
 
@@ -149,6 +152,7 @@ impl Accountant {
             {
                 Ok(_) => {
                     self.peak.fetch_max(next, Ordering::SeqCst);
+                    self.window_peak.fetch_max(next, Ordering::SeqCst);
                     return Ok(Lease {
                         acct: self.clone(),
                         bytes,
@@ -164,6 +168,7 @@ impl Accountant {
     pub fn lease(self: &Arc<Self>, bytes: u64) -> Lease {
         let next = self.current.fetch_add(bytes, Ordering::SeqCst) + bytes;
         self.peak.fetch_max(next, Ordering::SeqCst);
+        self.window_peak.fetch_max(next, Ordering::SeqCst);
         Lease {
             acct: self.clone(),
             bytes,
@@ -183,6 +188,14 @@ impl Accountant {
     /// The most bytes held at once so far.
     pub fn peak(&self) -> Bytes {
         Bytes(self.peak.load(Ordering::SeqCst))
+    }
+
+    /// The most bytes held at once since the last call (or the start), and a new window
+    /// starting from what is held now: the tracked peak of one node while nodes run one
+    /// after another.
+    pub fn take_window_peak(&self) -> Bytes {
+        let now = self.current.load(Ordering::SeqCst);
+        Bytes(self.window_peak.swap(now, Ordering::SeqCst).max(now))
     }
 }
 
@@ -241,6 +254,9 @@ mod tests {
         // Counting what already exists may pass the limit, and the peak says so.
         let over = a.lease(150);
         assert_eq!(a.peak(), Bytes(150));
+        // A window's peak starts again from what is held.
+        assert_eq!(a.take_window_peak(), Bytes(150));
+        assert_eq!(a.take_window_peak(), a.current());
         drop(over);
     }
 }

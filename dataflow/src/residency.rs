@@ -16,15 +16,17 @@
 //! - Every state change is recorded as a [`ResidencyDelta`], which the run announces as a
 //!   `telemetry.residency_delta` event.
 
+use crate::event::Lifecycle;
 use crate::memory::{Accountant, Bytes, Lease};
 use crate::node::NodeError;
+use crate::timing::NodeTiming;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Where an asset's weights are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -62,8 +64,50 @@ pub struct ResidencyDelta {
     pub reason: String,
 }
 
-/// Where a run collects the residency changes it caused, for its events.
-pub type DeltaLog = Arc<Mutex<Vec<ResidencyDelta>>>;
+/// Where a run collects the residency changes it caused, for its events; for a node of a
+/// run, also where the registry adds the time it spends loading and moving that node's
+/// weights, and the phases it enters ([`NodeTiming`]).
+#[derive(Clone, Debug, Default)]
+pub struct DeltaLog {
+    deltas: Arc<Mutex<Vec<ResidencyDelta>>>,
+    timing: Option<Arc<NodeTiming>>,
+}
+
+impl DeltaLog {
+    /// The changes recorded so far.
+    pub fn lock(&self) -> std::sync::LockResult<std::sync::MutexGuard<'_, Vec<ResidencyDelta>>> {
+        self.deltas.lock()
+    }
+
+    /// The same log, with one node's time ledger.
+    pub fn for_node(&self, timing: Arc<NodeTiming>) -> DeltaLog {
+        DeltaLog {
+            deltas: self.deltas.clone(),
+            timing: Some(timing),
+        }
+    }
+
+    /// The node's time ledger, if the log belongs to a node of a run.
+    pub fn timing(&self) -> Option<&NodeTiming> {
+        self.timing.as_deref()
+    }
+
+    fn enter(&self, phase: Lifecycle) {
+        if let Some(t) = &self.timing {
+            t.enter(phase);
+        }
+    }
+    fn load(&self, d: Duration) {
+        if let Some(t) = &self.timing {
+            t.add_load(d);
+        }
+    }
+    fn transfer(&self, d: Duration) {
+        if let Some(t) = &self.timing {
+            t.add_transfer(d);
+        }
+    }
+}
 
 /// What the registry tells about one asset.
 #[derive(Clone, Debug, Serialize)]
@@ -271,7 +315,15 @@ impl Registry {
             a.last_use.store(self.tick(), Ordering::SeqCst);
             return Ok(a.clone());
         }
-        let source = open()?;
+        if let Some(l) = log {
+            l.enter(Lifecycle::Indexing);
+        }
+        let opened = Instant::now();
+        let source = open();
+        if let Some(l) = log {
+            l.load(opened.elapsed());
+        }
+        let source = source?;
         let bytes_total = source
             .names()
             .iter()
@@ -319,7 +371,7 @@ impl Registry {
     /// Unmaps every asset no running node holds and drops its host cache (the server's
     /// cleanup). Pinned assets are left alone. Returns the state changes.
     pub fn release_unpinned(&self) -> Vec<ResidencyDelta> {
-        let log: DeltaLog = Arc::new(Mutex::new(Vec::new()));
+        let log = DeltaLog::default();
         let mut assets = self.assets.lock().unwrap_or_else(|p| p.into_inner());
         let victims: Vec<PathBuf> = assets
             .iter()
@@ -434,7 +486,7 @@ impl WeightContext {
         WeightContext {
             registry: Registry::global(),
             acct,
-            log: Arc::new(Mutex::new(Vec::new())),
+            log: DeltaLog::default(),
             device: Device::Cpu,
             mode: WeightMode::Resident,
         }
@@ -499,6 +551,9 @@ impl DeviceWeights {
                 let whole = bytes == w.asset.bytes_total;
                 let lease = w.ctx.acct.lease(bytes);
                 let was_hot = w.asset.hot_bytes.load(Ordering::SeqCst) > 0;
+                if !was_hot {
+                    w.ctx.log.enter(Lifecycle::Prefetching);
+                }
                 let started = Instant::now();
                 let mut host = HashMap::new();
                 for name in names {
@@ -506,11 +561,15 @@ impl DeviceWeights {
                     host.insert(name, t);
                 }
                 let read = started.elapsed();
+                w.ctx.log.load(read);
+                w.ctx.log.enter(Lifecycle::Warming);
                 let started = Instant::now();
                 for (name, t) in &host {
                     w.resident.insert(name.clone(), t.to_device(&w.ctx.device)?);
                 }
                 let moved = started.elapsed();
+                w.ctx.log.transfer(moved);
+                w.ctx.log.enter(Lifecycle::Running);
                 if !was_hot && whole {
                     *w.asset.load_ms.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(read.as_secs_f64() * 1e3);
@@ -576,10 +635,15 @@ impl DeviceWeights {
             .map(|n| self.asset.source.f32_bytes(n).unwrap_or(0))
             .sum();
         let lease = self.ctx.acct.lease(bytes);
-        let tensors = names
-            .iter()
-            .map(|n| Ok(self.asset.host_tensor(n)?.to_device(&self.ctx.device)?))
-            .collect::<Result<Vec<_>, NodeError>>()?;
+        let mut tensors = Vec::with_capacity(names.len());
+        for n in names {
+            let started = Instant::now();
+            let host = self.asset.host_tensor(n)?;
+            self.ctx.log.load(started.elapsed());
+            let started = Instant::now();
+            tensors.push(host.to_device(&self.ctx.device)?);
+            self.ctx.log.transfer(started.elapsed());
+        }
         self.asset.on_device.fetch_add(bytes, Ordering::SeqCst);
         Ok((tensors, lease))
     }

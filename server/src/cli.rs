@@ -485,6 +485,7 @@ fn run_command(args: RunArgs) -> ExitCode {
 
     emitter.emit(EventKind::Lifecycle {
         state: Lifecycle::Planning,
+        node: None,
     });
     let mut env_out: Option<JobEnv> = None;
     let outcome = (|| {

@@ -7,5 +7,6 @@
 
 pub mod cli;
 mod job;
+mod optimize;
 mod progress;
 pub mod serve;

@@ -43,8 +43,17 @@ impl Progress {
     }
 }
 
+/// The run's time split as one line.
+fn timing_line(t: &nova_dataflow::RunTiming) -> String {
+    format!(
+        "nova: time: start-up {:.1} ms, model load {:.1} ms, transfer {:.1} ms, compute {:.1} ms, cache replay {:.1} ms (summed over workers)",
+        t.startup_ms, t.total.load_ms, t.total.transfer_ms, t.total.compute_ms, t.total.replay_ms
+    )
+}
+
 fn plain(ev: &Event) {
     match &ev.kind {
+        EventKind::Timing(t) => eprintln!("{}", timing_line(t)),
         EventKind::NodeStart {
             node,
             class_type,
@@ -118,6 +127,9 @@ impl Bars {
                 if let Some(bar) = self.nodes.get(node) {
                     bar.finish_with_message(format!("{wall_ms:.0} ms"));
                 }
+            }
+            EventKind::Timing(t) => {
+                let _ = self.multi.println(timing_line(t));
             }
             _ => {}
         }

@@ -958,6 +958,80 @@ async fn webhooks_retry_until_delivered_and_metrics_and_openapi_describe_the_ser
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_optimize_writes_the_planners_choices_into_the_workflow_and_lists_them() {
+    let data = data_dir("optimize");
+    std::fs::create_dir_all(data.path().join("models/checkpoints")).unwrap();
+    std::fs::copy(
+        repo().join("../shared/models/tiny-sd1/tiny_sd1.safetensors"),
+        data.path().join("models/checkpoints/tiny_sd1.safetensors"),
+    )
+    .unwrap();
+    let s = Server::start(data.path(), &[]);
+    let http = reqwest::Client::new();
+    // ComfyUI's default txt2img at 1024x1024 under 512 MiB: the sampler fits, the whole-image
+    // VAE decode does not.
+    let mut wf: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("examples/workflows/txt2img_tiny.json")).unwrap(),
+    )
+    .unwrap();
+    wf["5"]["inputs"]["width"] = json!(1024);
+    wf["5"]["inputs"]["height"] = json!(1024);
+    let extra = json!({"nova": {"vram_budget": "512MiB", "headroom": "0"}});
+    let (code, o) = post(
+        &http,
+        &s.url("/api/optimize"),
+        &json!({"prompt": wf, "extra_data": extra}),
+    )
+    .await;
+    assert_eq!(code, 200, "{o}");
+    assert_eq!(o["before"]["fits"], false, "{o}");
+    assert_eq!(o["after"]["fits"], true, "{o}");
+    let changes = o["changes"].as_array().unwrap();
+    let field = |f: &str| changes.iter().find(|c| c["field"] == f).cloned();
+    let swap = field("class_type").expect("the VAE decode is swapped");
+    assert_eq!(
+        (&swap["node"], &swap["from"], &swap["to"]),
+        (&json!("8"), &json!("VAEDecode"), &json!("VAEDecodeTiled"))
+    );
+    assert!(
+        swap["reason"]
+            .as_str()
+            .unwrap()
+            .contains("512.0 MiB usable"),
+        "{swap}"
+    );
+    assert_eq!(o["prompt"]["8"]["class_type"], "VAEDecodeTiled");
+    assert_eq!(o["prompt"]["8"]["inputs"]["samples"], json!(["3", 0]));
+    assert_eq!(o["prompt"]["8"]["inputs"]["overlap"], 64);
+    let profile = field("extra_data.nova.profile").unwrap();
+    assert_eq!(o["extra_data"]["nova"]["profile"], profile["to"]);
+    assert_eq!(
+        o["extra_data"]["nova"]["vram_budget"], "512MiB",
+        "the user's settings stay"
+    );
+    assert!(o["extra_data"]["nova"]["tile_size"].is_u64());
+    // Nothing else of the workflow changed.
+    for id in ["3", "4", "5", "6", "7", "9"] {
+        assert_eq!(o["prompt"][id], wf[id], "node {id}");
+    }
+    // What it answers is what the planner admits, and optimizing it again changes nothing.
+    let again = json!({"prompt": o["prompt"], "extra_data": o["extra_data"]});
+    let (code, plan) = post(&http, &s.url("/api/plan"), &again).await;
+    assert_eq!((code, &plan["fits"]), (200, &json!(true)), "{plan}");
+    let (_, o2) = post(&http, &s.url("/api/optimize"), &again).await;
+    assert_eq!(o2["changes"], json!([]), "{o2}");
+    // A workflow that is not valid is ComfyUI's 400 body, naming the node.
+    let mut bad = wf.clone();
+    bad["8"]["inputs"]["vae"] = json!(["99", 0]);
+    let (code, err) = post(&http, &s.url("/api/optimize"), &json!({"prompt": bad})).await;
+    assert_eq!(code, 400, "{err}");
+    assert!(
+        err["node_errors"]["8"].is_object() || err["error"].is_object(),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_jobs_together_stay_within_the_budget() {
     let data = data_dir("budget");
     let s = Server::start(
@@ -998,6 +1072,11 @@ async fn concurrent_jobs_together_stay_within_the_budget() {
     for id in [&a, &b] {
         let (_, j) = get(&http, &s.url(&format!("/api/jobs/{id}"))).await;
         assert_eq!(j["state"], "success", "{j}");
+        // The run's time split is kept with the job, per node too.
+        let t = &j["timing"];
+        assert!(t["compute_ms"].as_f64().unwrap() > 0.0, "{t}");
+        assert!(t["startup_ms"].as_f64().unwrap() >= 0.0, "{t}");
+        assert_eq!(t["nodes"].as_array().unwrap().len(), 4, "{t}");
         let peak = j["tracked_peak_bytes"].as_u64().unwrap();
         let forecast = j["forecast_peak_bytes"].as_u64().unwrap();
         assert!(peak <= usable && forecast <= usable, "{j}");

@@ -15,6 +15,9 @@ const bin = process.env.NOVA_BIN ?? resolve(root, "../target/debug/nova");
 const shots = resolve(root, "test-results");
 const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 
+// An image side at which PASCAL_2G's budget makes the planner cut tiles smaller than 4096.
+const OPT_SIDE = 4096;
+
 let server: ChildProcess;
 let base: string;
 let browser: Browser;
@@ -49,6 +52,8 @@ beforeAll(async () => {
       "--disable-background-networking",
       "--disable-component-update",
       "--disable-sync",
+      // Audio chunks play through Web Audio without a prior click on the page.
+      "--autoplay-policy=no-user-gesture-required",
     ],
   });
 });
@@ -61,7 +66,7 @@ afterAll(async () => {
 
 async function open(): Promise<Page> {
   const page = await browser.newPage({ viewport: { width: 1280, height: 720 } });
-  // Long tasks on the main thread, for the event-rate check.
+  // Long tasks on the main thread, for the event-rate check (reset before the run).
   await page.addInitScript(() => {
     const w = window as unknown as { __longTasks: number[] };
     w.__longTasks = [];
@@ -77,7 +82,7 @@ async function open(): Promise<Page> {
 describe("NOVA Studio", () => {
   it("runs a template, shows partial tiles as they arrive and the final output", async () => {
     const page = await open();
-    await page.getByLabel("hardware template").selectOption("gtx1050");
+    await page.getByLabel("hardware template").selectOption("gtx1050-image");
     await page.screenshot({ path: join(shots, "01-template-loaded.png") });
     await page.getByRole("button", { name: "Plan" }).click();
     await expect.poll(() => page.getByLabel("VRAM budget rail").textContent()).toContain("fits");
@@ -90,6 +95,10 @@ describe("NOVA Studio", () => {
     await page.locator("#tile-size").dispatchEvent("change");
     await page.locator("#in-1-width").dispatchEvent("change");
     await page.locator("#in-1-height").dispatchEvent("change");
+    // Long tasks count from here: the run, not the page's start-up.
+    await page.evaluate(() => {
+      (window as unknown as { __longTasks: number[] }).__longTasks = [];
+    });
     await page.getByRole("button", { name: "Queue" }).click();
 
     const status = page.getByTestId("job-status");
@@ -120,24 +129,131 @@ describe("NOVA Studio", () => {
     await expect
       .poll(() => out.evaluate((img) => (img as HTMLImageElement).naturalWidth))
       .toBe(1536);
-    // The partial canvas holds the picture the tiles made.
-    const painted = await page.locator(".preview canvas").evaluate((c) => {
-      const cv = c as HTMLCanvasElement;
-      const px = cv.getContext("2d")!.getImageData(cv.width / 2, cv.height / 2, 1, 1).data;
-      return { w: cv.width, alpha: px[3] };
-    });
-    expect(painted).toEqual({ w: 1536, alpha: 255 });
+    // The partial canvas holds the whole picture once the run is done (tiles, then the final
+    // image over any tile a busy page missed).
+    const painted = () =>
+      page.getByLabel("partial output").evaluate((c) => {
+        const cv = c as HTMLCanvasElement;
+        const px = cv.getContext("2d")!.getImageData(cv.width / 2, cv.height / 2, 1, 1).data;
+        return { w: cv.width, alpha: px[3] };
+      });
+    await expect.poll(painted).toEqual({ w: 1536, alpha: 255 });
     const longest = await page.evaluate(() =>
       Math.max(0, ...(window as unknown as { __longTasks: number[] }).__longTasks),
     );
     expect(longest, "longest main-thread task (ms)").toBeLessThan(100);
+    // Every node went through its phases and the inspector splits the run's time.
+    await expect.poll(() => page.getByTestId("phase-5").textContent()).toBe("done");
+    const runRow = page.getByTestId("timing-run");
+    await runRow.waitFor();
+    expect(await runRow.textContent()).toMatch(/whole run[\d.]+ m?s/);
+    expect(await page.locator(".inspector .seg.compute").count()).toBeGreaterThan(0);
+    // Forecast against tracked on the rail.
+    await expect.poll(() => page.getByTestId("tracked-peak").textContent()).toMatch(/tracked [\d.]+ MiB/);
     await page.screenshot({ path: join(shots, "04-finished.png") });
+    // The same state on a wide screen.
+    await page.setViewportSize({ width: 1920, height: 1080 });
+    await page.screenshot({ path: join(shots, "04b-finished-wide.png") });
+    await page.close();
+  });
+
+  it("Auto-Optimize applies the planner's tile and shows what changed", async () => {
+    const page = await open();
+    await page.getByLabel("hardware template").selectOption("gtx1050-image");
+    await page.fill("#in-1-width", String(OPT_SIDE));
+    await page.locator("#in-1-width").dispatchEvent("change");
+    await page.fill("#in-1-height", String(OPT_SIDE));
+    await page.locator("#in-1-height").dispatchEvent("change");
+    await page.fill("#tile-size", "4096");
+    await page.locator("#tile-size").dispatchEvent("change");
+    await page.getByRole("button", { name: "Auto-Optimize" }).click();
+    const changes = page.getByTestId("optimize-changes");
+    await changes.waitFor();
+    const text = (await changes.textContent()) ?? "";
+    expect(text).toContain("extra_data.nova.tile_size");
+    const tile = Number(await page.locator("#tile-size").inputValue());
+    expect(tile).toBeLessThan(4096);
+    expect(text).toContain(`4096${tile}`);
+    // The rail shows the optimized plan, which fits.
+    await expect.poll(() => page.getByLabel("VRAM budget rail").textContent()).toContain("fits");
+    await page.screenshot({ path: join(shots, "06-auto-optimized.png") });
+    // Optimizing again changes nothing.
+    await page.getByRole("button", { name: "Auto-Optimize" }).click();
+    await expect.poll(() => changes.textContent()).toContain("nothing changed");
+    await page.close();
+  });
+
+  it("plays video windows while later ones still run, and the saved clip", async () => {
+    const page = await open();
+    await page.getByLabel("hardware template").selectOption("gtx1050-video");
+    // 96 frames at 24 fps in windows of 4: four seconds, 24 windows.
+    await page.fill("#in-1-batch_size", "96");
+    await page.locator("#in-1-batch_size").dispatchEvent("change");
+    await page.getByRole("button", { name: "Queue" }).click();
+    const status = page.getByTestId("job-status");
+    let playedWhileRunning = false;
+    const t = Date.now();
+    for (;;) {
+      const text = (await status.textContent().catch(() => "")) ?? "";
+      const played = Number(
+        (await page.getByTestId("video-preview").getAttribute("data-played").catch(() => "0")) ?? 0,
+      );
+      if (text.startsWith("running") && played > 0 && !playedWhileRunning) {
+        playedWhileRunning = true;
+        await page.screenshot({ path: join(shots, "07-video-playing.png") });
+      }
+      if (text.startsWith("success")) break;
+      expect(text.startsWith("error"), text).toBe(false);
+      expect(Date.now() - t).toBeLessThan(200_000);
+      await page.waitForTimeout(25);
+    }
+    expect(playedWhileRunning).toBe(true);
+    // Every final frame arrives and plays.
+    await expect.poll(() => page.getByTestId("video-status").textContent(), { timeout: 20_000 }).toBe(
+      "video: 96 of 96 frame(s) played",
+    );
+    const clip = page.locator("video[data-testid=output]");
+    await clip.waitFor();
+    await expect
+      .poll(() => clip.evaluate((v) => (v as HTMLVideoElement).duration), { timeout: 20_000 })
+      .toBeCloseTo(4, 0);
+    await page.screenshot({ path: join(shots, "08-video-done.png") });
+    await page.close();
+  });
+
+  it("queues audio chunks for playback as they arrive", async () => {
+    const page = await open();
+    await page.getByLabel("hardware template").selectOption("gtx1050-audio");
+    await page.getByRole("button", { name: "Queue" }).click();
+    const status = page.getByTestId("job-status");
+    await expect.poll(() => status.textContent(), { timeout: 120_000 }).toMatch(/^success/);
+    const chunks = Number(/(\d+) chunk/.exec((await status.textContent()) ?? "")?.[1] ?? 0);
+    expect(chunks).toBeGreaterThan(1);
+    // Three seconds of audio (the oscillator's duration), in as many chunks as the run made.
+    await expect
+      .poll(() => page.getByTestId("audio-status").textContent())
+      .toBe(`audio: ${chunks} chunk(s), 3.00 s queued`);
+    await page.locator("audio[data-testid=output]").waitFor();
+    await page.screenshot({ path: join(shots, "09-audio.png") });
+    await page.close();
+  });
+
+  it("every control is reachable from the keyboard", async () => {
+    const page = await open();
+    await page.getByLabel("hardware template").focus();
+    const seen = new Set<string>();
+    for (let i = 0; i < 12; i++) {
+      await page.keyboard.press("Tab");
+      seen.add(await page.evaluate(() => document.activeElement?.textContent?.trim() || document.activeElement?.id || ""));
+    }
+    for (const name of ["Plan", "Auto-Optimize", "Queue", "Save"]) expect(seen).toContain(name);
+    expect(seen).toContain("tile-size");
     await page.close();
   });
 
   it("the budget rail refuses a workflow that cannot fit, with the planner's numbers", async () => {
     const page = await open();
-    await page.getByLabel("hardware template").selectOption("gtx1050");
+    await page.getByLabel("hardware template").selectOption("gtx1050-image");
     await page.fill("#in-1-width", "16384");
     await page.locator("#in-1-width").dispatchEvent("change");
     await page.fill("#in-1-height", "16384");

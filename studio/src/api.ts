@@ -83,11 +83,39 @@ export interface Plan {
   nodes: PlanNode[];
 }
 
+/** One change Auto-Optimize made. */
+export interface Change {
+  node: string | null;
+  field: string;
+  from: unknown;
+  to: unknown;
+  reason: string;
+}
+export interface Optimized {
+  prompt: ApiWorkflow;
+  extra_data: { nova?: Record<string, unknown> } & Record<string, unknown>;
+  changes: Change[];
+  before: Plan;
+  after: Plan;
+  settings: Record<string, unknown>;
+}
+
+/** ComfyUI's history entry, as far as the studio reads it. */
+export interface HistoryEntry {
+  prompt: unknown[];
+  outputs: Record<string, unknown>;
+  status: { status_str: string; completed: boolean };
+}
+
 export const api = {
   objectInfo: () => call<Record<string, NodeInfo>>("GET", "/object_info"),
   stats: () => call<Record<string, unknown>>("GET", "/api/system/stats"),
   plan: (prompt: ApiWorkflow, extra: Record<string, unknown> = {}) =>
     call<Plan>("POST", "/api/plan", { prompt, extra_data: extra }),
+  optimize: (prompt: ApiWorkflow, extra: Record<string, unknown> = {}) =>
+    call<Optimized>("POST", "/api/optimize", { prompt, extra_data: extra }),
+  history: (max = 10) => call<Record<string, HistoryEntry>>("GET", `/history?max_items=${max}`),
+  job: (id: string) => call<Record<string, unknown>>("GET", `/api/jobs/${encodeURIComponent(id)}`),
   submit: (prompt: ApiWorkflow, clientId: string, extra: Record<string, unknown> = {}) =>
     call<{ prompt_id: string; number: number }>("POST", "/prompt", {
       prompt,

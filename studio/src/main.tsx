@@ -1,12 +1,17 @@
-// NOVA Studio: the graph editor, queue, live previews and the VRAM budget rail.
+// NOVA Studio: the graph editor, queue and history, live previews (tiles, sampler steps,
+// video frames, audio chunks), the VRAM budget rail, Auto-Optimize and the bottleneck
+// inspector.
 
 import { render } from "preact";
 import { useEffect, useMemo, useRef, useState } from "preact/hooks";
-import { api, ApiError, type NodeInfo, type Plan } from "./api";
+import { api, ApiError, type Change, type HistoryEntry, type NodeInfo, type Plan } from "./api";
+import { inspectorRows, PART_LABEL } from "./inspector";
 import { edges, layout, type ApiWorkflow, COL_WIDTH, ROW_HEIGHT } from "./layout";
+import { AudioPlayer, VideoPlayer } from "./media";
 import type { Preview } from "./protocol";
+import { rail } from "./rail";
 import { connect } from "./socket";
-import { apply, emptyState, Scheduler, type JobState } from "./store";
+import { apply, emptyState, Scheduler, type JobState, type RunTiming } from "./store";
 import { extraData, TEMPLATES, type Template } from "./templates";
 
 const store = emptyState();
@@ -14,6 +19,7 @@ const clientId = `studio-${Math.random().toString(36).slice(2, 10)}`;
 
 const mib = (b: number | null | undefined) =>
   b === null || b === undefined ? "—" : `${(b / 2 ** 20).toFixed(1)} MiB`;
+const ms = (v: number) => (v >= 1000 ? `${(v / 1000).toFixed(2)} s` : `${v.toFixed(1)} ms`);
 
 /** Draws a job's tiles as they arrive: each tile decoded off the main thread. */
 class TileCanvas {
@@ -21,7 +27,7 @@ class TileCanvas {
   job: string | null = null;
   async draw(p: Preview) {
     const t = p.meta.nova;
-    if (!t || !this.canvas) return;
+    if (t?.kind !== "tile" || !this.canvas) return;
     if (this.job !== p.meta.prompt_id) {
       this.job = p.meta.prompt_id ?? null;
       this.canvas.width = t.width;
@@ -31,8 +37,25 @@ class TileCanvas {
     this.canvas.getContext("2d")?.drawImage(bmp, t.tile.x, t.tile.y, t.tile.w, t.tile.h);
     bmp.close();
   }
+  /** Paints the final image over the tiles: a slow page may have missed some (previews are
+   * droppable), never the result. */
+  finish(job: string, url: string) {
+    if (this.job !== job || !this.canvas) return;
+    // Decoded off the main thread, like the tiles.
+    void fetch(url)
+      .then((r) => r.blob())
+      .then((b) => createImageBitmap(b))
+      .then((bmp) => {
+        const c = this.canvas;
+        if (c && this.job === job) c.getContext("2d")?.drawImage(bmp, 0, 0, c.width, c.height);
+        bmp.close();
+      })
+      .catch(() => {});
+  }
 }
 const tiles = new TileCanvas();
+const video = new VideoPlayer();
+const audio = new AudioPlayer();
 let stepPreview: (url: string) => void = () => {};
 
 function defaults(info: NodeInfo): Record<string, unknown> {
@@ -52,6 +75,8 @@ function NodeBox(props: {
   job?: JobState;
   x: number;
   y: number;
+  selected: boolean;
+  onSelect: (id: string) => void;
   onChange: (id: string, input: string, value: unknown) => void;
   onRemove: (id: string) => void;
 }) {
@@ -60,7 +85,7 @@ function NodeBox(props: {
   const spec = { ...(props.info?.input.required ?? {}), ...(props.info?.input.optional ?? {}) };
   return (
     <div
-      class="node"
+      class={`node${props.selected ? " selected" : ""}`}
       style={{ left: props.x + 10, top: props.y + 10 }}
       data-status={state?.status ?? "idle"}
       data-node={props.id}
@@ -68,9 +93,15 @@ function NodeBox(props: {
       aria-label={`node ${props.id} ${n.class_type}`}
     >
       <h3>
-        <span>
+        <label class="pick">
+          <input
+            type="checkbox"
+            checked={props.selected}
+            aria-label={`select node ${props.id} for the rail`}
+            onChange={() => props.onSelect(props.id)}
+          />
           #{props.id} {props.info?.display_name ?? n.class_type}
-        </span>
+        </label>
         <button aria-label={`remove node ${props.id}`} onClick={() => props.onRemove(props.id)}>
           ×
         </button>
@@ -114,42 +145,158 @@ function NodeBox(props: {
         );
       })}
       {state && (
-        <div class="lifecycle" data-testid={`state-${props.id}`}>
-          {state.lifecycle ?? state.status}
+        <div class="lifecycle" data-testid={`state-${props.id}`} title={state.phases.join(" → ")}>
+          <span data-testid={`phase-${props.id}`}>{state.lifecycle ?? state.status}</span>
           {state.progress && state.progress.max > 0 && ` ${state.progress.value}/${state.progress.max}`}
           {state.wallMs !== undefined && ` · ${state.wallMs.toFixed(0)} ms`}
+          {state.phases.length > 1 && <div class="phases">{state.phases.join(" → ")}</div>}
         </div>
       )}
     </div>
   );
 }
 
-function BudgetRail(props: { plan: Plan | null; error: string | null }) {
+function BudgetRail(props: {
+  plan: Plan | null;
+  error: string | null;
+  job?: JobState;
+  selected: ReadonlySet<string>;
+}) {
   const p = props.plan;
   if (props.error) return <div class="rail refused" role="alert">{props.error}</div>;
   if (!p) return <div class="rail">Plan the workflow to see its memory forecast.</div>;
-  const limit = p.limit_bytes ?? Math.max(...p.nodes.map((n) => n.forecast_bytes), 1);
-  const top = Math.max(limit, ...p.nodes.map((n) => n.forecast_bytes), 1);
+  const r = rail(p, props.job, props.selected);
   return (
     <div class="rail" aria-label="VRAM budget rail">
       <div>
         {p.profile}: forecast peak {mib(p.forecast_peak_bytes)} of {mib(p.limit_bytes)} usable
         {p.fits ? " — fits" : ""}
+        {r.limit !== null && r.limitPct === null && <span> (the limit is above the scale)</span>}
+        {r.run.trackedPeak !== null && (
+          <span data-testid="tracked-peak"> · tracked {mib(r.run.trackedPeak)}</span>
+        )}
         {p.refusal && <span class="refused" role="alert"> — refused: {p.refusal.message}</span>}
+        {r.selection && (
+          <span data-testid="selection">
+            {" "}
+            · selected {r.selection.nodes} node(s): peak {mib(r.selection.peak)}, weights {mib(r.selection.weights)}
+            {r.selection.fits ? " — fits" : " — over"}
+          </span>
+        )}
       </div>
-      <div class="bars">
-        {p.nodes.map((n) => (
+      <div class="bars" role="list">
+        {r.limitPct !== null && <div class="limit" style={{ bottom: `${r.limitPct}%` }} title={`usable ${mib(r.limit)}`} />}
+        {r.bars.map((b) => (
           <div
-            key={n.node}
-            class={`bar${n.fits ? "" : " over"}`}
-            style={{ height: `${(100 * n.forecast_bytes) / top}%` }}
-            title={`#${n.node} ${n.class_type}: ${mib(n.forecast_bytes)} (${n.mode}${n.tile ? `, tile ${n.tile}` : ""})`}
-            aria-label={`node ${n.node} forecast ${mib(n.forecast_bytes)}`}
-          />
+            key={b.node}
+            role="listitem"
+            class={`bar${b.over ? " over" : ""}${b.selected ? " selected" : ""}`}
+            title={`#${b.node} ${b.classType}: forecast ${mib(b.forecast)} (weights ${mib(b.weights)}, activations ${mib(b.activations)})${b.tracked !== null ? `, tracked ${mib(b.tracked)}` : ""}`}
+            aria-label={`node ${b.node} forecast ${mib(b.forecast)}${b.tracked !== null ? ` tracked ${mib(b.tracked)}` : ""}`}
+          >
+            <div class="forecast" style={{ height: `${b.forecastPct}%` }} />
+            {b.trackedPct !== null && <div class="tracked" style={{ height: `${b.trackedPct}%` }} />}
+            <span class="tag">#{b.node}</span>
+          </div>
         ))}
       </div>
     </div>
   );
+}
+
+function Inspector(props: { timing?: RunTiming }) {
+  if (!props.timing) return <div>Run a workflow to see where its time goes.</div>;
+  const rows = inspectorRows(props.timing);
+  return (
+    <div aria-label="bottleneck inspector">
+      <div class="legend">
+        {Object.entries(PART_LABEL).map(([k, v]) => (
+          <span key={k} class={`swatch ${k}`}>
+            {v}
+          </span>
+        ))}
+      </div>
+      <table class="inspector">
+        <tbody>
+          {rows.map((r) => (
+            <tr key={r.id} data-testid={`timing-${r.id}`}>
+              <th scope="row">{r.label}</th>
+              <td class="bar">
+                <div class="stack">
+                  {r.segments.map((s) => (
+                    <span
+                      key={s.part}
+                      class={`seg ${s.part}`}
+                      style={{ width: `${s.pct}%` }}
+                      title={`${PART_LABEL[s.part]}: ${ms(s.ms)}`}
+                    />
+                  ))}
+                </div>
+              </td>
+              <td>
+                {ms(r.totalMs)}
+                {r.bottleneck && <span class="bottleneck"> · {PART_LABEL[r.bottleneck]}</span>}
+              </td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+      <div class="note">Times are summed over worker threads; the run's wall time was {ms(props.timing.wall_ms)}.</div>
+    </div>
+  );
+}
+
+function ChangeList(props: { changes: Change[] | null }) {
+  if (props.changes === null) return null;
+  if (props.changes.length === 0)
+    return (
+      <div data-testid="optimize-changes" role="status">
+        Already optimal for this profile: nothing changed.
+      </div>
+    );
+  const show = (v: unknown) => (v === null || v === undefined ? "—" : String(v));
+  return (
+    <table data-testid="optimize-changes" role="status" class="changes">
+      <thead>
+        <tr>
+          <th>what</th>
+          <th>was</th>
+          <th>now</th>
+        </tr>
+      </thead>
+      <tbody>
+        {props.changes.flatMap((c, i) => [
+          <tr key={`${i}-c`}>
+            <td>{c.node ? `#${c.node} ${c.field}` : c.field}</td>
+            <td>{show(c.from)}</td>
+            <td>{show(c.to)}</td>
+          </tr>,
+          <tr key={`${i}-r`} class="reason">
+            <td colSpan={3}>{c.reason}</td>
+          </tr>,
+        ])}
+      </tbody>
+    </table>
+  );
+}
+
+type OutputFile = { filename: string; subfolder: string; type: string };
+
+function outputsOf(records: Record<string, unknown>): OutputFile[] {
+  return Object.values(records).flatMap((o) => {
+    const r = o as { images?: OutputFile[]; audio?: OutputFile[] };
+    return [...(r.images ?? []), ...(r.audio ?? [])];
+  });
+}
+
+function OutputView(props: { file: OutputFile }) {
+  const url = api.viewUrl(props.file);
+  const name = props.file.filename;
+  if (/\.(webm|mp4|mkv|mov)$/i.test(name))
+    return <video src={url} controls data-testid="output" aria-label={`output ${name}`} />;
+  if (/\.(wav|flac|mp3|ogg|opus)$/i.test(name))
+    return <audio src={url} controls data-testid="output" aria-label={`output ${name}`} />;
+  return <img src={url} alt={`output ${name}`} data-testid="output" />;
 }
 
 function App() {
@@ -159,13 +306,19 @@ function App() {
   const [wf, setWf] = useState<ApiWorkflow>(TEMPLATES[0].workflow);
   const [plan, setPlan] = useState<Plan | null>(null);
   const [planError, setPlanError] = useState<string | null>(null);
+  const [changes, setChanges] = useState<Change[] | null>(null);
   const [connected, setConnected] = useState(false);
   const [, setVersion] = useState(0);
   const [filter, setFilter] = useState("");
   const [stats, setStats] = useState<Record<string, unknown> | null>(null);
+  const [queue, setQueue] = useState<{ running: unknown[][]; pending: unknown[][] }>({ running: [], pending: [] });
+  const [history, setHistory] = useState<Record<string, HistoryEntry>>({});
   const [current, setCurrent] = useState<string | null>(null);
+  const [viewing, setViewing] = useState<{ id: string; outputs: Record<string, unknown> } | null>(null);
   const [step, setStep] = useState<string | null>(null);
+  const [selected, setSelected] = useState<Set<string>>(new Set());
   const canvasRef = useRef<HTMLCanvasElement>(null);
+  const videoRef = useRef<HTMLCanvasElement>(null);
 
   useEffect(() => {
     api.objectInfo().then(setInfo).catch(() => {});
@@ -173,6 +326,7 @@ function App() {
       () => setVersion(store.version),
       (cb) => requestAnimationFrame(cb),
     );
+    video.onChange = () => sch.schedule();
     stepPreview = (url) => setStep((old) => (old && URL.revokeObjectURL(old), url));
     const close = connect(api.socketUrl(clientId), {
       onMessage: (m) => {
@@ -180,19 +334,35 @@ function App() {
         sch.schedule();
       },
       onPreview: (p) => {
-        if (p.meta.nova) void tiles.draw(p);
-        else stepPreview(URL.createObjectURL(new Blob([p.image as BlobPart], { type: p.mime })));
+        const k = p.meta.nova?.kind;
+        if (k === "tile") void tiles.draw(p);
+        else if (k === "video_frame" && p.meta.nova?.kind === "video_frame")
+          void video.push(p.meta.prompt_id ?? "", p.meta.nova, p.image, p.mime);
+        else if (k === "audio_chunk" && p.meta.nova?.kind === "audio_chunk") {
+          audio.push(p.meta.prompt_id ?? "", p.meta.nova, p.image);
+          sch.schedule();
+        } else stepPreview(URL.createObjectURL(new Blob([p.image as BlobPart], { type: p.mime })));
       },
       onState: setConnected,
     });
-    const poll = setInterval(() => api.stats().then(setStats).catch(() => {}), 2000);
+    const poll = () => {
+      api.stats().then(setStats).catch(() => {});
+      api
+        .queue()
+        .then((q) => setQueue({ running: q.queue_running, pending: q.queue_pending }))
+        .catch(() => {});
+      api.history(10).then(setHistory).catch(() => {});
+    };
+    poll();
+    const timer = setInterval(poll, 2000);
     return () => {
       close();
-      clearInterval(poll);
+      clearInterval(timer);
     };
   }, []);
   useEffect(() => {
     tiles.canvas = canvasRef.current;
+    video.canvas = videoRef.current;
   });
 
   const placed = useMemo(() => layout(wf), [wf]);
@@ -200,36 +370,62 @@ function App() {
   const job = current ? store.jobs.get(current) : undefined;
   const pos = new Map(placed.map((p) => [p.id, p]));
 
-  const change = (id: string, input: string, value: unknown) => {
-    setWf({ ...wf, [id]: { ...wf[id], inputs: { ...wf[id].inputs, [input]: value } } });
+  const edited = (next: ApiWorkflow) => {
+    setWf(next);
     setPlan(null);
+    setChanges(null);
   };
+  const change = (id: string, input: string, value: unknown) =>
+    edited({ ...wf, [id]: { ...wf[id], inputs: { ...wf[id].inputs, [input]: value } } });
   const remove = (id: string) => {
     const next = { ...wf };
     delete next[id];
-    setWf(next);
+    edited(next);
   };
   const add = (cls: string) => {
     const ids = Object.keys(wf).map(Number).filter(Number.isFinite);
     const id = String((ids.length ? Math.max(...ids) : 0) + 1);
-    setWf({ ...wf, [id]: { class_type: cls, inputs: defaults(info[cls]) } });
+    edited({ ...wf, [id]: { class_type: cls, inputs: defaults(info[cls]) } });
   };
+  const toggle = (id: string) => {
+    const next = new Set(selected);
+    if (next.has(id)) next.delete(id);
+    else next.add(id);
+    setSelected(next);
+  };
+  const fail = (e: unknown) => setPlanError(e instanceof ApiError ? e.message : String(e));
   const doPlan = async () => {
     try {
       setPlan(await api.plan(wf, extraData(template, tile)));
       setPlanError(null);
     } catch (e) {
       setPlan(null);
-      setPlanError(e instanceof ApiError ? e.message : String(e));
+      fail(e);
     }
   };
-  const queue = async () => {
+  const optimize = async () => {
+    try {
+      const o = await api.optimize(wf, extraData(template, tile));
+      setWf(o.prompt);
+      const t = Number(o.extra_data.nova?.tile_size);
+      if (Number.isFinite(t) && t > 0) setTile(t);
+      setPlan(o.after);
+      setChanges(o.changes);
+      setPlanError(null);
+    } catch (e) {
+      fail(e);
+    }
+  };
+  const submit = async () => {
+    audio.unlock();
     try {
       const r = await api.submit(wf, clientId, extraData(template, tile));
       setCurrent(r.prompt_id);
+      setViewing(null);
       setPlanError(null);
+      if (!plan) void doPlan();
     } catch (e) {
-      setPlanError(e instanceof ApiError ? e.message : String(e));
+      fail(e);
     }
   };
   const save = () => {
@@ -240,18 +436,22 @@ function App() {
   };
   const load = async (f: File | undefined) => {
     if (!f) return;
-    const v = JSON.parse(await f.text());
-    setWf(v.prompt && typeof v.prompt === "object" ? v.prompt : v);
-    setPlan(null);
+    try {
+      const v = JSON.parse(await f.text());
+      edited(v.prompt && typeof v.prompt === "object" ? v.prompt : v);
+    } catch (e) {
+      setPlanError(`${f.name}: not a workflow (${String(e)})`);
+    }
   };
-  const outputs = job
-    ? Object.values(job.outputs).flatMap(
-        (o) => ((o as { images?: Array<{ filename: string; subfolder: string; type: string }> }).images ?? []),
-      )
-    : [];
+  const outputs = viewing ? outputsOf(viewing.outputs) : job ? outputsOf(job.outputs) : [];
+  const finalImage = job?.status === "success" ? outputsOf(job.outputs).find((f) => /\.(png|jpe?g|webp)$/i.test(f.filename)) : undefined;
+  useEffect(() => {
+    if (job && finalImage) tiles.finish(job.promptId, api.viewUrl(finalImage));
+  }, [job?.promptId, finalImage?.filename]);
   const device = (stats?.device ?? {}) as Record<string, unknown>;
   const width = Math.max(...placed.map((p) => p.x), 0) + COL_WIDTH + 40;
   const height = Math.max(...placed.map((p) => p.y), 0) + ROW_HEIGHT * 2;
+  const idOf = (entry: unknown[]) => String(entry[1]);
 
   return (
     <div class="app">
@@ -266,8 +466,8 @@ function App() {
               const t = TEMPLATES.find((x) => x.id === (e.target as HTMLSelectElement).value)!;
               setTemplate(t);
               setTile(t.tile);
-              setWf(t.workflow);
-              setPlan(null);
+              setSelected(new Set());
+              edited(t.workflow);
             }}
           >
             {TEMPLATES.map((t) => (
@@ -289,11 +489,15 @@ function App() {
             onChange={(e) => {
               setTile(Number((e.target as HTMLInputElement).value));
               setPlan(null);
+              setChanges(null);
             }}
           />
         </label>
         <button onClick={doPlan}>Plan</button>
-        <button onClick={queue}>Queue</button>
+        <button onClick={optimize} title="Apply the planner's settings for this profile and show what changed">
+          Auto-Optimize
+        </button>
+        <button onClick={submit}>Queue</button>
         <button onClick={save}>Save</button>
         <label>
           Load <input type="file" accept="application/json" onChange={(e) => load((e.target as HTMLInputElement).files?.[0])} />
@@ -345,6 +549,8 @@ function App() {
             job={job}
             x={p.x}
             y={p.y}
+            selected={selected.has(p.id)}
+            onSelect={toggle}
             onChange={change}
             onRemove={remove}
           />
@@ -357,6 +563,8 @@ function App() {
             <div data-testid="job-status">
               {job.status}
               {job.lifecycle && ` (${job.lifecycle})`} — {job.tiles.length} tile(s)
+              {job.videoWindows > 0 && `, ${job.videoWindows} window(s)`}
+              {job.audioChunks > 0 && `, ${job.audioChunks} chunk(s)`}
               {job.error && <div class="refused">{job.error.message}</div>}
               {(job.status === "running" || job.status === "queued") && (
                 <button onClick={() => api.interrupt(job.promptId)}>Interrupt</button>
@@ -368,33 +576,72 @@ function App() {
           <div class="preview">
             <canvas ref={canvasRef} aria-label="partial output" />
           </div>
-          {step && <img src={step} alt="sampler step preview" />}
+          {step && <img src={step} alt="sampler step preview" data-testid="step-preview" />}
+          <div class="preview" hidden={video.received === 0 || video.job !== current}>
+            <canvas ref={videoRef} aria-label="video preview" data-testid="video-preview" data-played={video.played} />
+          </div>
+          {video.received > 0 && video.job === current && (
+            <div data-testid="video-status">
+              video: {video.played} of {video.received} frame(s) played
+            </div>
+          )}
+          {audio.chunks > 0 && audio.job === current && (
+            <div data-testid="audio-status">
+              audio: {audio.chunks} chunk(s), {audio.queuedSeconds.toFixed(2)} s queued
+            </div>
+          )}
         </section>
         <section>
-          <h2>Outputs</h2>
-          {outputs.map((img) => (
-            <img key={img.filename} src={api.viewUrl(img)} alt={`output ${img.filename}`} data-testid="output" />
+          <h2>Outputs{viewing && ` of ${viewing.id.slice(0, 8)}`}</h2>
+          {outputs.map((f) => (
+            <OutputView key={f.filename} file={f} />
           ))}
         </section>
         <section>
-          <h2>Jobs</h2>
-          <ul class="jobs">
-            {store.order
-              .slice(-10)
+          <h2>Auto-Optimize</h2>
+          <ChangeList changes={changes} />
+        </section>
+        <section>
+          <h2>Bottleneck inspector</h2>
+          <Inspector timing={job?.timing} />
+        </section>
+        <section>
+          <h2>Queue</h2>
+          <ul class="jobs" aria-label="queue">
+            {queue.running.map((e) => (
+              <li key={idOf(e)}>
+                <button onClick={() => setCurrent(idOf(e))}>{idOf(e).slice(0, 8)}</button> running{" "}
+                <button onClick={() => api.interrupt(idOf(e))}>Interrupt</button>
+              </li>
+            ))}
+            {queue.pending.map((e) => (
+              <li key={idOf(e)}>
+                {idOf(e).slice(0, 8)} queued <button onClick={() => api.cancel([idOf(e)])}>Cancel</button>
+              </li>
+            ))}
+            {queue.running.length + queue.pending.length === 0 && <li>empty</li>}
+          </ul>
+          <h2>History</h2>
+          <ul class="jobs" aria-label="history">
+            {Object.entries(history)
               .reverse()
-              .map((id) => {
-                const j = store.jobs.get(id)!;
-                return (
-                  <li key={id}>
-                    <button onClick={() => setCurrent(id)}>{id.slice(0, 8)}</button> {j.status}
-                    {j.status === "queued" && <button onClick={() => api.cancel([id])}>Cancel</button>}
-                  </li>
-                );
-              })}
+              .map(([id, h]) => (
+                <li key={id}>
+                  <button
+                    onClick={() => {
+                      setViewing({ id, outputs: h.outputs });
+                      if (store.jobs.has(id)) setCurrent(id);
+                    }}
+                  >
+                    {id.slice(0, 8)}
+                  </button>{" "}
+                  {h.status.status_str}
+                </li>
+              ))}
           </ul>
         </section>
       </aside>
-      <BudgetRail plan={plan} error={planError} />
+      <BudgetRail plan={plan} error={planError} job={job} selected={selected} />
     </div>
   );
 }

@@ -32,7 +32,9 @@ describe("binary frames", () => {
     const text = new TextEncoder().encode(JSON.stringify(meta));
     const head = new Uint8Array([...u32(text.length), ...text]);
     const p = parseBinary(frame(4, head, new Uint8Array([1, 2])))!;
-    expect(p.meta.nova?.tile).toEqual({ x: 0, y: 0, w: 8, h: 8 });
+    const t = p.meta.nova;
+    expect(t?.kind).toBe("tile");
+    if (t?.kind === "tile") expect(t.tile).toEqual({ x: 0, y: 0, w: 8, h: 8 });
     expect([...p.image]).toEqual([1, 2]);
   });
 

@@ -2,7 +2,8 @@
 // (`{"type", "data"}`), NOVA's events (schema v1: `{"v", "seq", "job", "t_ms", "type",
 // "data"}`, negotiated with `nova_events`), and binary preview frames
 // (`[u32 BE type][payload]`: type 1 `[u32 image type: 1 JPEG, 2 PNG][bytes]`, type 4
-// `[u32 length][metadata JSON][bytes]`, whose metadata carries NOVA's tile fields under `nova`).
+// `[u32 length][metadata JSON][bytes]`, whose metadata carries NOVA's tile, video-frame or
+// audio-chunk fields under `nova`).
 
 /** A text message from the socket. */
 export interface Message {
@@ -28,15 +29,42 @@ export interface PreviewMeta {
   prompt_id?: string;
   display_node_id?: string;
   image_type?: string;
-  nova?: {
-    kind: "tile";
-    source_node: string;
-    tile: Rect;
-    tile_index: number;
-    tiles: number;
-    width: number;
-    height: number;
-  };
+  nova?: TileMeta | VideoFrameMeta | AudioChunkMeta;
+}
+
+/** An image tile of a partial output. */
+export interface TileMeta {
+  kind: "tile";
+  source_node: string;
+  tile: Rect;
+  tile_index: number;
+  tiles: number;
+  width: number;
+  height: number;
+}
+
+/** A final frame of a video window (JPEG). */
+export interface VideoFrameMeta {
+  kind: "video_frame";
+  window: number;
+  windows: number;
+  /** Output frame index. */
+  frame: number;
+  frames_in_window: number;
+  /** Seconds. */
+  pts: number;
+  fps: number;
+}
+
+/** A final audio chunk: interleaved little-endian 16-bit PCM (`image_type` audio/pcm-s16le). */
+export interface AudioChunkMeta {
+  kind: "audio_chunk";
+  chunk: number;
+  chunks: number;
+  sample_start: number;
+  sample_count: number;
+  sample_rate: number;
+  channels: number;
 }
 
 /** A decoded binary frame. */

@@ -95,3 +95,52 @@ describe("the render scheduler", () => {
     expect(frames.length).toBe(1);
   });
 });
+
+describe("NOVA's node phases and time split", () => {
+  const run = (msgs: Array<[string, Record<string, unknown>]>) => {
+    const s = emptyState();
+    for (const [type, data] of msgs) apply(s, { v: 1, job: "m", type, data });
+    return s.jobs.get("m")!;
+  };
+
+  it("keeps each node's phases in order and the job's current state", () => {
+    const j = run([
+      ["lifecycle", { state: "planning" }],
+      ["lifecycle", { state: "running" }],
+      ["telemetry.node_start", { node: "2", class_type: "UpscaleModelLoader" }],
+      ["lifecycle", { state: "indexing", node: "2" }],
+      ["telemetry.node_end", { node: "2", wall_ms: 1 }],
+      ["telemetry.node_start", { node: "3", class_type: "ImageUpscaleWithModel" }],
+      ["lifecycle", { state: "prefetching", node: "3" }],
+      ["lifecycle", { state: "warming", node: "3" }],
+      ["lifecycle", { state: "running", node: "3" }],
+    ]);
+    expect(j.nodes.get("2")!.phases).toEqual(["running", "indexing"]);
+    expect(j.nodes.get("2")!.lifecycle).toBeUndefined();
+    expect(j.nodes.get("3")!.phases).toEqual(["running", "prefetching", "warming", "running"]);
+    expect(j.nodes.get("3")!.lifecycle).toBe("running");
+    expect(j.phases).toEqual(["planning", "running", "indexing", "prefetching", "warming", "running"]);
+  });
+
+  it("marks cached nodes and replayed windows as cached_replay", () => {
+    const j = run([
+      ["execution_cached", { nodes: ["1"], prompt_id: "m" }],
+      ["telemetry.node_start", { node: "4", class_type: "SaveVideo" }],
+      ["lifecycle", { state: "cached_replay", node: "4" }],
+    ]);
+    expect(j.nodes.get("1")!.lifecycle).toBe("cached_replay");
+    expect(j.nodes.get("4")!.lifecycle).toBe("cached_replay");
+  });
+
+  it("takes the run's split from telemetry.timing and each node's from node_end", () => {
+    const split = { load_ms: 4, transfer_ms: 1, compute_ms: 9, replay_ms: 0 };
+    const j = run([
+      ["telemetry.node_end", { node: "3", wall_ms: 14, timing: split, tracked_peak_bytes: 100 }],
+      ["telemetry.timing", { startup_ms: 2, wall_ms: 20, ...split, nodes: [{ node: "3", class_type: "X", wall_ms: 14, ...split }] }],
+    ]);
+    expect(j.nodes.get("3")!.timing).toEqual(split);
+    expect(j.timing?.startup_ms).toBe(2);
+    expect(j.timing?.nodes[0].compute_ms).toBe(9);
+    expect(j.trackedPeakBytes).toBe(100);
+  });
+});

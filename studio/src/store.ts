@@ -19,6 +19,21 @@ export const LIFECYCLE = [
 ] as const;
 export type Lifecycle = (typeof LIFECYCLE)[number];
 
+/** Where a node's or a run's time went (`telemetry.node_end`'s `timing`), milliseconds. */
+export interface TimeSplit {
+  load_ms: number;
+  transfer_ms: number;
+  compute_ms: number;
+  replay_ms: number;
+}
+
+/** `telemetry.timing`: the run's split, with start-up and per node. */
+export interface RunTiming extends TimeSplit {
+  startup_ms: number;
+  wall_ms: number;
+  nodes: Array<TimeSplit & { node: string; class_type: string; wall_ms: number }>;
+}
+
 export type NodeStatus = "pending" | "running" | "done" | "error";
 export type JobStatus = "queued" | "running" | "success" | "error" | "interrupted";
 
@@ -34,6 +49,11 @@ export interface NodeState {
   chunks?: number;
   forecastBytes?: number;
   wallMs?: number;
+  /** Every phase the node went through, in order. */
+  phases: Lifecycle[];
+  timing?: TimeSplit;
+  /** The most device memory the run held while the node ran (at its end), or now (while it runs). */
+  trackedBytes?: number;
 }
 
 export interface TileState {
@@ -62,6 +82,11 @@ export interface JobState {
   limitBytes?: number | null;
   budgetBytes?: number | null;
   trackedPeakBytes?: number;
+  /** Device memory the run holds now (the last chunk's figure). */
+  trackedBytes?: number;
+  timing?: RunTiming;
+  /** Phases the job went through, in order. */
+  phases: Lifecycle[];
   error?: { nodeId: string | null; nodeType: string | null; message: string };
   /** Messages applied to this job (all of them: nothing is dropped here). */
   messages: number;
@@ -95,6 +120,7 @@ function job(state: StudioState, id: string): JobState {
       videoWindows: 0,
       audioChunks: 0,
       messages: 0,
+      phases: [],
     };
     state.jobs.set(id, j);
     state.order.push(id);
@@ -102,10 +128,14 @@ function job(state: StudioState, id: string): JobState {
   return j;
 }
 
+function enter(phases: Lifecycle[], s: Lifecycle): void {
+  if (phases[phases.length - 1] !== s) phases.push(s);
+}
+
 function node(j: JobState, id: string): NodeState {
   let n = j.nodes.get(id);
   if (!n) {
-    n = { id, status: "pending", progress: null };
+    n = { id, status: "pending", progress: null, phases: [] };
     j.nodes.set(id, n);
   }
   return n;
@@ -139,6 +169,7 @@ export function apply(state: StudioState, m: Message): void {
         const s = node(j, n);
         s.status = "done";
         s.lifecycle = "cached_replay";
+        enter(s.phases, "cached_replay");
       }
       break;
     case "executing": {
@@ -184,9 +215,15 @@ export function apply(state: StudioState, m: Message): void {
       break;
     case "lifecycle": {
       const s = str(d.state) as Lifecycle | null;
-      if (s) j.lifecycle = s;
+      if (!s) break;
+      j.lifecycle = s;
+      enter(j.phases, s);
       const n = str(d.node);
-      if (n && s) node(j, n).lifecycle = s;
+      if (n) {
+        const ns = node(j, n);
+        ns.lifecycle = s;
+        enter(ns.phases, s);
+      }
       break;
     }
     case "telemetry.memory_forecast": {
@@ -207,6 +244,7 @@ export function apply(state: StudioState, m: Message): void {
       n.classType = str(d.class_type) ?? n.classType;
       n.status = "running";
       n.lifecycle = "running";
+      enter(n.phases, "running");
       n.chunks = num(d.steps) ?? num(d.chunks) ?? n.chunks;
       break;
     }
@@ -215,6 +253,11 @@ export function apply(state: StudioState, m: Message): void {
       const n = node(j, String(d.node));
       const done = m.type === "telemetry.step" ? num(d.step) : (n.progress?.value ?? 0) + 1;
       n.progress = { value: done ?? 0, max: num(d.chunks) ?? num(d.steps) ?? 0 };
+      const held = num(d.tracked_bytes);
+      if (held !== undefined) {
+        j.trackedBytes = held;
+        n.trackedBytes = Math.max(n.trackedBytes ?? 0, held);
+      }
       break;
     }
     case "telemetry.node_end": {
@@ -222,8 +265,17 @@ export function apply(state: StudioState, m: Message): void {
       n.status = "done";
       n.lifecycle = undefined;
       n.wallMs = num(d.wall_ms);
+      n.timing = d.timing as TimeSplit | undefined;
+      const peak = num(d.tracked_peak_bytes);
+      if (peak !== undefined) {
+        n.trackedBytes = peak;
+        j.trackedPeakBytes = Math.max(j.trackedPeakBytes ?? 0, peak);
+      }
       break;
     }
+    case "telemetry.timing":
+      j.timing = d as unknown as RunTiming;
+      break;
     case "output.partial.image":
       j.tiles.push({
         node: String(d.node),
@@ -234,7 +286,11 @@ export function apply(state: StudioState, m: Message): void {
         width: num(d.width) ?? 0,
         height: num(d.height) ?? 0,
       });
-      node(j, String(d.node)).lifecycle = "streaming_partial";
+      {
+        const n = node(j, String(d.node));
+        n.lifecycle = "streaming_partial";
+        enter(n.phases, "streaming_partial");
+      }
       break;
     case "output.partial.video":
       j.videoWindows++;
@@ -247,7 +303,7 @@ export function apply(state: StudioState, m: Message): void {
   }
   // The end of a job in NOVA's schema (SSE) carries the tracked peak.
   const peak = num(d.tracked_peak_bytes);
-  if (peak !== undefined) j.trackedPeakBytes = peak;
+  if (peak !== undefined) j.trackedPeakBytes = Math.max(j.trackedPeakBytes ?? 0, peak);
 }
 
 /**

@@ -269,6 +269,7 @@ async fn post_prompt(State(app): State<Arc<App>>, body: Bytes) -> Response {
         forecast_peak_bytes: Some(prepared.plan.forecast_peak_bytes),
         tracked_peak_bytes: None,
         webhooks: vec![],
+        timing: None,
     };
     if let Err(e) = app.store.enqueue(rec).await {
         return internal(e);

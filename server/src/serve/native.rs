@@ -1,6 +1,7 @@
 //! NOVA's own routes (described in `server/openapi.json`, served at `/openapi.json`):
 //! `GET /api/system/stats`, `POST /api/system/cleanup`, `GET /health/vram`,
 //! `GET /api/events` (Server-Sent Events), `GET /api/jobs/{id}`, `POST /api/plan`,
+//! `POST /api/optimize` (Auto-Optimize, see [`crate::optimize`]),
 //! `GET /api/model_index`, `POST /api/model_index/refresh`, `POST /api/queue/pause`,
 //! `POST /api/queue/resume`, `GET /metrics`; and the studio's
 //! static files at `/`.
@@ -13,7 +14,7 @@
 use super::api::{ram, MODEL_KINDS};
 use super::hub::{Channel, Client, Out};
 use super::App;
-use crate::job;
+use crate::job::{self, PrepareError};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -34,6 +35,7 @@ pub(crate) fn api_routes() -> Router<Arc<App>> {
         .route("/events", get(events))
         .route("/jobs/{id}", get(job))
         .route("/plan", post(plan))
+        .route("/optimize", post(optimize))
         .route("/model_index", get(model_index))
         .route("/model_index/refresh", post(model_index_refresh))
         .route("/queue/pause", post(pause))
@@ -280,7 +282,7 @@ async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
                 "queue_position": position, "attempts": r.attempts,
                 "created_ms": r.created_ms, "started_ms": r.started_ms, "finished_ms": r.finished_ms,
                 "forecast_peak_bytes": r.forecast_peak_bytes, "tracked_peak_bytes": r.tracked_peak_bytes,
-                "error": r.error, "outputs": r.outputs, "webhooks": r.webhooks,
+                "error": r.error, "outputs": r.outputs, "webhooks": r.webhooks, "timing": r.timing,
             }))
             .into_response()
         }
@@ -298,6 +300,45 @@ async fn plan(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response 
     match super::api::prepare_prompt(&app, &prompt, v.get("extra_data")).await {
         Ok(p) => Json(job::plan_json(&p)).into_response(),
         Err(r) => *r,
+    }
+}
+
+/// Auto-Optimize: body `{"prompt": ..., "extra_data": ...}`; answers the workflow with the
+/// planner's choices applied and the list of changes.
+async fn optimize(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
+    let (v, prompt) = match super::api::parse_prompt_body(&body) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
+    let extra = v.get("extra_data").cloned().unwrap_or(Value::Null);
+    let warm = app.warmed().await;
+    let out = crate::optimize::optimize(&prompt, &extra, |p, e| {
+        let spec = app
+            .job_spec(&warm, p.clone(), Some(e), None)
+            .map_err(PrepareError::Plan)?;
+        job::prepare(spec)
+    });
+    match out {
+        Ok(o) => Json(o).into_response(),
+        Err(PrepareError::Invalid(e)) => (
+            StatusCode::BAD_REQUEST,
+            Json(super::comfy::validation_error_body(
+                &e,
+                &prompt,
+                &warm.registry,
+            )),
+        )
+            .into_response(),
+        Err(e @ PrepareError::Plan(_)) => (
+            StatusCode::BAD_REQUEST,
+            Json(super::comfy::prompt_error(
+                "invalid_prompt",
+                &e.to_string(),
+                "",
+                json!({}),
+            )),
+        )
+            .into_response(),
     }
 }
 
@@ -439,6 +480,7 @@ mod tests {
             "/api/events",
             "/api/jobs/{id}",
             "/api/plan",
+            "/api/optimize",
             "/api/model_index",
             "/api/model_index/refresh",
             "/api/queue/pause",

@@ -250,10 +250,7 @@ fn on_event(hub: &Hub, tag: &JobTag, st: &mut JobState, ev: &Event) {
         ) => {
             // Tiles go to clients that asked for NOVA's events and metadata frames only: a
             // ComfyUI client would take a tile for a whole preview.
-            let want: Vec<&&Arc<Client>> = nova
-                .iter()
-                .filter(|c| c.preview_metadata.load(Ordering::Relaxed))
-                .collect();
+            let want = metadata_clients(&nova);
             if want.is_empty() {
                 return;
             }
@@ -273,20 +270,129 @@ fn on_event(hub: &Hub, tag: &JobTag, st: &mut JobState, ev: &Event) {
                 hub.send(c, out.clone(), true);
             }
         }
+        (
+            EventKind::PartialVideo {
+                node,
+                window,
+                windows,
+                frame_start,
+                pts_start,
+                pts_end,
+                fps,
+                ..
+            },
+            Some(v),
+        ) => {
+            // Each final frame of the window as a JPEG (at most 512 px), for players.
+            let want = metadata_clients(&nova);
+            if want.is_empty() {
+                return;
+            }
+            let Value::Image(t) = v else { return };
+            let frames = t.tensor().dims().first().copied().unwrap_or(0);
+            for i in 0..frames {
+                let Some(jpeg) = encode_jpeg_at(v, i, 512) else {
+                    return;
+                };
+                let pts = if frames > 1 {
+                    pts_start + (pts_end - pts_start) * i as f64 / (frames - 1) as f64
+                } else {
+                    *pts_start
+                };
+                let meta = json!({
+                    "node_id": node, "prompt_id": pid, "display_node_id": node,
+                    "parent_node_id": null, "real_node_id": node, "image_type": "image/jpeg",
+                    "nova": { "kind": "video_frame", "window": window, "windows": windows,
+                              "frame": frame_start + i as u64, "frames_in_window": frames,
+                              "pts": pts, "fps": fps },
+                });
+                let out = Out::Binary(Bytes::from(comfy::preview_frame_with_metadata(
+                    &meta, &jpeg,
+                )));
+                for c in &want {
+                    hub.send(c, out.clone(), true);
+                }
+            }
+        }
+        (
+            EventKind::PartialAudio {
+                node,
+                chunk,
+                chunks,
+                sample_start,
+                sample_rate,
+                channels,
+                ..
+            },
+            Some(Value::Audio(a)),
+        ) => {
+            // The chunk's samples as interleaved 16-bit PCM, for players.
+            let want = metadata_clients(&nova);
+            if want.is_empty() {
+                return;
+            }
+            let Ok(planar) = a.read_all() else { return };
+            let pcm = interleave_s16le(&planar);
+            let frames = planar.first().map_or(0, Vec::len);
+            let meta = json!({
+                "node_id": node, "prompt_id": pid, "display_node_id": node,
+                "parent_node_id": null, "real_node_id": node, "image_type": "audio/pcm-s16le",
+                "nova": { "kind": "audio_chunk", "chunk": chunk, "chunks": chunks,
+                          "sample_start": sample_start, "sample_count": frames,
+                          "sample_rate": sample_rate, "channels": channels },
+            });
+            let out = Out::Binary(Bytes::from(comfy::preview_frame_with_metadata(&meta, &pcm)));
+            for c in want {
+                hub.send(c, out.clone(), true);
+            }
+        }
         _ => {}
     }
 }
 
+/// Clients that asked for NOVA's events and for metadata frames: the only ones that can tell
+/// a tile, a video frame or an audio chunk from a whole preview.
+fn metadata_clients<'a>(nova: &[&'a Arc<Client>]) -> Vec<&'a Arc<Client>> {
+    nova.iter()
+        .filter(|c| c.preview_metadata.load(Ordering::Relaxed))
+        .copied()
+        .collect()
+}
+
+/// Planar f32 samples in [-1, 1] as interleaved little-endian 16-bit PCM.
+fn interleave_s16le(planar: &[Vec<f32>]) -> Vec<u8> {
+    let frames = planar.first().map_or(0, Vec::len);
+    let mut out = Vec::with_capacity(frames * planar.len() * 2);
+    for i in 0..frames {
+        for ch in planar {
+            let x = ch.get(i).copied().unwrap_or(0.0).clamp(-1.0, 1.0);
+            out.extend_from_slice(&((x * 32767.0).round() as i16).to_le_bytes());
+        }
+    }
+    out
+}
+
 /// The first image of an IMAGE value as JPEG, scaled to fit `max_side`.
 pub(crate) fn encode_jpeg(v: &Value, max_side: usize) -> Option<Vec<u8>> {
+    encode_jpeg_at(v, 0, max_side)
+}
+
+/// Image `index` of an IMAGE batch (a video window's frame) as JPEG, scaled to fit `max_side`.
+pub(crate) fn encode_jpeg_at(v: &Value, index: usize, max_side: usize) -> Option<Vec<u8>> {
     let Value::Image(t) = v else { return None };
     let t = t.tensor();
     let dims = t.dims();
-    if dims.len() != 4 || dims[0] == 0 {
+    if dims.len() != 4 || index >= dims[0] {
         return None;
     }
     let (h, w, c) = (dims[1], dims[2], dims[3]);
-    let data: Vec<f32> = t.get(0).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()?;
+    let data: Vec<f32> = t
+        .get(index)
+        .ok()?
+        .flatten_all()
+        .ok()?
+        .to_vec1::<f32>()
+        .ok()?;
     let mut rgb = Vec::with_capacity(w * h * 3);
     for px in data.chunks(c) {
         for k in 0..3 {
@@ -307,4 +413,19 @@ pub(crate) fn encode_jpeg(v: &Value, max_side: usize) -> Option<Vec<u8>> {
     let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90);
     img.write_with_encoder(enc).ok()?;
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pcm_is_interleaved_little_endian_and_clamped() {
+        let pcm = interleave_s16le(&[vec![0.0, 1.0, -2.0], vec![0.5, -1.0, 0.25]]);
+        let v: Vec<i16> = pcm
+            .chunks(2)
+            .map(|b| i16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        assert_eq!(v, [0, 16384, 32767, -32767, -32767, 8192]);
+    }
 }

@@ -279,7 +279,9 @@ fn run_job(
     // Nodes that finished, and which node ran last: for ComfyUI's error messages.
     let executed: Arc<Mutex<Vec<String>>> = Arc::default();
     let last_node: Arc<Mutex<Option<(String, String)>>> = Arc::default();
+    let timing: Arc<Mutex<Option<Json>>> = Arc::default();
     let sink: EventSink = {
+        let timing = timing.clone();
         let app = app.clone();
         let tag = tag.clone();
         let executed = executed.clone();
@@ -297,6 +299,10 @@ fn run_job(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(node.clone()),
+                EventKind::Timing(t) => {
+                    *timing.lock().unwrap_or_else(|p| p.into_inner()) =
+                        serde_json::to_value(t).ok();
+                }
                 _ => {}
             }
             app.relay.event(&tag, ev);
@@ -305,6 +311,7 @@ fn run_job(
     let emitter = Arc::new(Emitter::new(rec.id.clone(), sink));
     emitter.emit(EventKind::Lifecycle {
         state: Lifecycle::Planning,
+        node: None,
     });
     let began = std::time::Instant::now();
     let budget = p.config.budget;
@@ -334,6 +341,7 @@ fn run_job(
     let ts = timestamp_ms();
     let executed = executed.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let last_node = last_node.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    rec.timing = timing.lock().unwrap_or_else(|p| p.into_inner()).take();
     let (last, outcome_name): (Json, &str) = match outcome {
         Ok(report) => {
             rec.state = JobState::Success;

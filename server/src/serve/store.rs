@@ -142,6 +142,9 @@ pub struct JobRecord {
     pub forecast_peak_bytes: Option<u64>,
     pub tracked_peak_bytes: Option<u64>,
     pub webhooks: Vec<WebhookDelivery>,
+    /// Where the run's time went (the engine's `telemetry.timing`), once it ran.
+    #[serde(default)]
+    pub timing: Option<Json>,
 }
 
 impl JobRecord {
@@ -748,6 +751,7 @@ mod tests {
             forecast_peak_bytes: None,
             tracked_peak_bytes: None,
             webhooks: vec![],
+            timing: None,
         }
     }
 
