@@ -5,7 +5,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { chromium, type Browser, type Page } from "playwright-core";
 import { spawn, type ChildProcess } from "node:child_process";
-import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { createInterface } from "node:readline";
@@ -26,6 +26,12 @@ let data: string;
 beforeAll(async () => {
   mkdirSync(shots, { recursive: true });
   data = mkdtempSync(join(tmpdir(), "nova-studio-e2e-"));
+  // The tiny SD 1.x checkpoint, for the sampler's step previews.
+  mkdirSync(join(data, "models/checkpoints"), { recursive: true });
+  copyFileSync(
+    resolve(root, "../../shared/models/tiny-sd1/tiny_sd1.safetensors"),
+    join(data, "models/checkpoints/tiny_sd1.safetensors"),
+  );
   server = spawn(
     bin,
     ["serve", "--listen", "127.0.0.1:0", "--data-dir", data, "--studio-dir", resolve(root, "dist"), "--workers", "2"],
@@ -141,6 +147,7 @@ describe("NOVA Studio", () => {
     const longest = await page.evaluate(() =>
       Math.max(0, ...(window as unknown as { __longTasks: number[] }).__longTasks),
     );
+    console.log(`studio e2e: ${tiles} partial tiles shown; longest main-thread task during the run ${longest.toFixed(0)} ms`);
     expect(longest, "longest main-thread task (ms)").toBeLessThan(100);
     // Every node went through its phases and the inspector splits the run's time.
     await expect.poll(() => page.getByTestId("phase-5").textContent()).toBe("done");
@@ -218,6 +225,13 @@ describe("NOVA Studio", () => {
       .poll(() => clip.evaluate((v) => (v as HTMLVideoElement).duration), { timeout: 20_000 })
       .toBeCloseTo(4, 0);
     await page.screenshot({ path: join(shots, "08-video-done.png") });
+    // The same clip again: every window replays from the temporal cache, and the inspector
+    // shows it.
+    await page.getByRole("button", { name: "Queue" }).click();
+    await expect.poll(() => page.getByTestId("job-status").textContent(), { timeout: 120_000 }).toMatch(/^success/);
+    await expect.poll(() => page.locator(".inspector .seg.replay").count()).toBeGreaterThan(0);
+    expect(await page.getByTestId("state-4").getAttribute("title")).toContain("cached_replay");
+    await page.screenshot({ path: join(shots, "08b-video-replayed.png") });
     await page.close();
   });
 
@@ -235,6 +249,32 @@ describe("NOVA Studio", () => {
       .toBe(`audio: ${chunks} chunk(s), 3.00 s queued`);
     await page.locator("audio[data-testid=output]").waitFor();
     await page.screenshot({ path: join(shots, "09-audio.png") });
+    await page.close();
+  });
+
+  it("a loaded txt2img workflow shows its sampler's step previews in place, then the image", async () => {
+    const page = await open();
+    await page.setInputFiles("input[type=file]", resolve(root, "../examples/workflows/txt2img_tiny.json"));
+    await page.getByTestId("state-3").or(page.locator("[data-node='3']")).first().waitFor();
+    await page.getByRole("button", { name: "Queue" }).click();
+    const seen = new Set<string>();
+    const t = Date.now();
+    for (;;) {
+      const src = await page.getByTestId("step-preview").getAttribute("src").catch(() => null);
+      if (src) seen.add(src);
+      const text = (await page.getByTestId("job-status").textContent().catch(() => "")) ?? "";
+      if (text.startsWith("success")) break;
+      expect(text.startsWith("error"), text).toBe(false);
+      expect(Date.now() - t).toBeLessThan(200_000);
+      await page.waitForTimeout(20);
+    }
+    // One image element, its picture replaced step after step.
+    expect(await page.getByTestId("step-preview").count()).toBe(1);
+    expect(seen.size).toBeGreaterThan(1);
+    await expect.poll(() => page.getByTestId("state-3").textContent()).toContain("20/20");
+    const out = page.locator("img[data-testid=output]").first();
+    await expect.poll(() => out.evaluate((img) => (img as HTMLImageElement).naturalWidth)).toBe(64);
+    await page.screenshot({ path: join(shots, "10-txt2img.png") });
     await page.close();
   });
 

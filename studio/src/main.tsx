@@ -4,6 +4,7 @@
 
 import { render } from "preact";
 import { useEffect, useMemo, useRef, useState } from "preact/hooks";
+import { decode } from "./decode";
 import { api, ApiError, type Change, type HistoryEntry, type NodeInfo, type Plan } from "./api";
 import { inspectorRows, PART_LABEL } from "./inspector";
 import { edges, layout, type ApiWorkflow, COL_WIDTH, ROW_HEIGHT } from "./layout";
@@ -21,10 +22,13 @@ const mib = (b: number | null | undefined) =>
   b === null || b === undefined ? "—" : `${(b / 2 ** 20).toFixed(1)} MiB`;
 const ms = (v: number) => (v >= 1000 ? `${(v / 1000).toFixed(2)} s` : `${v.toFixed(1)} ms`);
 
-/** Draws a job's tiles as they arrive: each tile decoded off the main thread. */
+/** Draws a job's tiles as they arrive: each tile decoded on a worker, and the decoded
+ * tiles drawn together once per frame (one canvas update per frame, not per tile). */
 class TileCanvas {
   canvas: HTMLCanvasElement | null = null;
   job: string | null = null;
+  private pending: Array<{ bmp: ImageBitmap; x: number; y: number; w: number; h: number }> = [];
+  private raf = 0;
   async draw(p: Preview) {
     const t = p.meta.nova;
     if (t?.kind !== "tile" || !this.canvas) return;
@@ -32,10 +36,23 @@ class TileCanvas {
       this.job = p.meta.prompt_id ?? null;
       this.canvas.width = t.width;
       this.canvas.height = t.height;
+      for (const d of this.pending) d.bmp.close();
+      this.pending = [];
     }
-    const bmp = await createImageBitmap(new Blob([p.image as BlobPart], { type: p.mime }));
-    this.canvas.getContext("2d")?.drawImage(bmp, t.tile.x, t.tile.y, t.tile.w, t.tile.h);
-    bmp.close();
+    const job = this.job;
+    const bmp = await decode(p.image, p.mime);
+    if (job !== this.job) return bmp.close();
+    this.pending.push({ bmp, ...t.tile });
+    this.raf ||= requestAnimationFrame(() => this.flush());
+  }
+  private flush() {
+    this.raf = 0;
+    const ctx = this.canvas?.getContext("2d");
+    for (const d of this.pending) {
+      ctx?.drawImage(d.bmp, d.x, d.y, d.w, d.h);
+      d.bmp.close();
+    }
+    this.pending = [];
   }
   /** Paints the final image over the tiles: a slow page may have missed some (previews are
    * droppable), never the result. */
@@ -417,7 +434,8 @@ function App() {
     }
   };
   const submit = async () => {
-    audio.unlock();
+    // Web Audio wants a user gesture: this click, for workflows that make sound.
+    if (Object.values(wf).some((n) => /Audio/.test(n.class_type))) audio.unlock();
     try {
       const r = await api.submit(wf, clientId, extraData(template, tile));
       setCurrent(r.prompt_id);

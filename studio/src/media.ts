@@ -3,6 +3,7 @@
 // back to back on the Web Audio clock. A player that runs out of frames or samples waits for
 // the next window or chunk, so what plays is always final output.
 
+import { decode } from "./decode";
 import type { AudioChunkMeta, VideoFrameMeta } from "./protocol";
 
 /** Interleaved little-endian 16-bit PCM as one Float32Array per channel. */
@@ -104,7 +105,7 @@ export class VideoPlayer {
       this.received = 0;
       this.job = job;
     }
-    const bmp = await createImageBitmap(new Blob([jpeg as BlobPart], { type: mime }));
+    const bmp = await decode(jpeg, mime);
     this.received++;
     // Frames arrive in order within a window and windows in order; keep them sorted anyway.
     this.frames.push({ pts: meta.pts, bmp });
