@@ -32,9 +32,12 @@ beforeAll(async () => {
     resolve(root, "../../shared/models/tiny-sd1/tiny_sd1.safetensors"),
     join(data, "models/checkpoints/tiny_sd1.safetensors"),
   );
+  // The service runs at a lower CPU priority: on a 2-core machine the
+  // browser under test and the service compete for the cores, and the main-thread checks
+  // measure the page, not the scheduler's choices.
   server = spawn(
-    bin,
-    ["serve", "--listen", "127.0.0.1:0", "--data-dir", data, "--studio-dir", resolve(root, "dist"), "--workers", "2"],
+    "nice",
+    ["-n", "10", bin, "serve", "--listen", "127.0.0.1:0", "--data-dir", data, "--studio-dir", resolve(root, "dist"), "--workers", "2"],
     { stdio: ["ignore", "ignore", "pipe"] },
   );
   base = await new Promise<string>((ok, fail) => {
@@ -101,14 +104,15 @@ describe("NOVA Studio", () => {
     await page.locator("#tile-size").dispatchEvent("change");
     await page.locator("#in-1-width").dispatchEvent("change");
     await page.locator("#in-1-height").dispatchEvent("change");
-    // Long tasks count from here: the run, not the page's start-up (whose entries may reach
-    // the observer later, so they are told apart by their start time).
+    // Long tasks count from here: the run, not the page's start-up (whose entries can reach
+    // the observer late, so they are told apart by their start time).
     const runStart = await page.evaluate(() => performance.now());
     await page.getByRole("button", { name: "Queue" }).click();
 
     const status = page.getByTestId("job-status");
     let sawPartialWhileRunning = false;
     let midShot = false;
+    let shotSpan: [number, number] = [0, 0];
     const t = Date.now();
     for (;;) {
       const text = (await status.textContent().catch(() => "")) ?? "";
@@ -116,7 +120,11 @@ describe("NOVA Studio", () => {
       if (text.startsWith("running") && tiles > 0) {
         sawPartialWhileRunning = true;
         if (!midShot) {
+          // A screenshot makes the page repaint and read back its pixels on its main thread:
+          // that work is the test's, so its span is left out of the checks below.
+          const from = await page.evaluate(() => performance.now());
           await page.screenshot({ path: join(shots, "03-partial-tiles.png") });
+          shotSpan = [from, await page.evaluate(() => performance.now())];
           midShot = true;
         }
       }
@@ -143,15 +151,16 @@ describe("NOVA Studio", () => {
         return { w: cv.width, alpha: px[3] };
       });
     await expect.poll(painted).toEqual({ w: 1536, alpha: 255 });
-    const longest = await page.evaluate(
-      (from) =>
-        Math.max(
-          0,
-          ...(window as unknown as { __longTasks: Array<[number, number]> }).__longTasks
-            .filter(([start]) => start >= from)
-            .map(([, d]) => d),
-        ),
-      runStart,
+    const outsideShot = (start: number, end: number) => end < shotSpan[0] || start > shotSpan[1];
+    const longest = Math.max(
+      0,
+      ...(
+        await page.evaluate(
+          () => (window as unknown as { __longTasks: Array<[number, number]> }).__longTasks,
+        )
+      )
+        .filter(([start, d]) => start >= runStart && outsideShot(start, start + d))
+        .map(([, d]) => d),
     );
     console.log(`studio e2e: ${tiles} partial tiles shown; longest main-thread task during the run ${longest.toFixed(0)} ms`);
     expect(longest, "longest main-thread task (ms)").toBeLessThan(100);
@@ -233,8 +242,10 @@ describe("NOVA Studio", () => {
     await page.screenshot({ path: join(shots, "08-video-done.png") });
     // The same clip again: every window replays from the temporal cache, and the inspector
     // shows it.
+    const first = await page.getByTestId("job-status").getAttribute("data-job");
     await page.getByRole("button", { name: "Queue" }).click();
-    await expect.poll(() => page.getByTestId("job-status").textContent(), { timeout: 120_000 }).toMatch(/^success/);
+    const second = page.locator(`[data-testid=job-status]:not([data-job="${first}"])`);
+    await expect.poll(() => second.textContent().catch(() => ""), { timeout: 120_000 }).toMatch(/^success/);
     await expect.poll(() => page.locator(".inspector .seg.replay").count()).toBeGreaterThan(0);
     expect(await page.getByTestId("state-4").getAttribute("title")).toContain("cached_replay");
     await page.screenshot({ path: join(shots, "08b-video-replayed.png") });

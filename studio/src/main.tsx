@@ -60,8 +60,7 @@ class TileCanvas {
     if (this.job !== job || !this.canvas) return;
     // Decoded off the main thread, like the tiles.
     void fetch(url)
-      .then((r) => r.blob())
-      .then((b) => createImageBitmap(b))
+      .then(async (r) => decode(new Uint8Array(await r.arrayBuffer()), r.headers.get("content-type") ?? "image/png"))
       .then((bmp) => {
         const c = this.canvas;
         if (c && this.job === job) c.getContext("2d")?.drawImage(bmp, 0, 0, c.width, c.height);
@@ -167,6 +166,21 @@ function NodeBox(props: {
           {state.progress && state.progress.max > 0 && ` ${state.progress.value}/${state.progress.max}`}
           {state.wallMs !== undefined && ` · ${state.wallMs.toFixed(0)} ms`}
           {state.phases.length > 1 && <div class="phases">{state.phases.join(" → ")}</div>}
+          {state.timing && (
+            <div class="phases" data-testid={`split-${props.id}`}>
+              {(
+                [
+                  ["load", state.timing.load_ms],
+                  ["transfer", state.timing.transfer_ms],
+                  ["compute", state.timing.compute_ms],
+                  ["replay", state.timing.replay_ms],
+                ] as Array<[string, number]>
+              )
+                .filter(([, v]) => v > 0)
+                .map(([k, v]) => `${k} ${ms(v)}`)
+                .join(" · ")}
+            </div>
+          )}
         </div>
       )}
     </div>
@@ -313,7 +327,7 @@ function OutputView(props: { file: OutputFile }) {
     return <video src={url} controls data-testid="output" aria-label={`output ${name}`} />;
   if (/\.(wav|flac|mp3|ogg|opus)$/i.test(name))
     return <audio src={url} controls data-testid="output" aria-label={`output ${name}`} />;
-  return <img src={url} alt={`output ${name}`} data-testid="output" />;
+  return <img src={url} alt={`output ${name}`} data-testid="output" decoding="async" />;
 }
 
 function App() {
@@ -578,7 +592,7 @@ function App() {
         <section>
           <h2>Run</h2>
           {job ? (
-            <div data-testid="job-status">
+            <div data-testid="job-status" data-job={job.promptId}>
               {job.status}
               {job.lifecycle && ` (${job.lifecycle})`} — {job.tiles.length} tile(s)
               {job.videoWindows > 0 && `, ${job.videoWindows} window(s)`}
@@ -591,10 +605,10 @@ function App() {
           ) : (
             <div>No run yet.</div>
           )}
-          <div class="preview">
+          <div class="preview" hidden={!!job && job.tiles.length === 0 && job.videoWindows + job.audioChunks > 0}>
             <canvas ref={canvasRef} aria-label="partial output" />
           </div>
-          {step && <img src={step} alt="sampler step preview" data-testid="step-preview" />}
+          {step && <img src={step} alt="sampler step preview" data-testid="step-preview" decoding="async" />}
           <div class="preview" hidden={video.received === 0 || video.job !== current}>
             <canvas ref={videoRef} aria-label="video preview" data-testid="video-preview" data-played={video.played} />
           </div>

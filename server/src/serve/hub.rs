@@ -99,6 +99,16 @@ impl Outbox {
         }
     }
 
+    /// Up to `max` messages that are waiting now, without waiting for more.
+    pub(crate) fn take_ready(&self, max: usize) -> Vec<Out> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if g.closed {
+            return Vec::new();
+        }
+        let n = g.queue.len().min(max);
+        g.queue.drain(..n).collect()
+    }
+
     /// Stops delivery (the connection is going away, or fell too far behind).
     pub(crate) fn close(&self) {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).closed = true;

@@ -45,6 +45,9 @@ pub(crate) async fn handler(
         .on_upgrade(move |socket| session(app, sid, socket))
 }
 
+/// Messages written to a socket before it is flushed.
+const WRITE_BATCH: usize = 64;
+
 fn to_message(o: Out) -> Message {
     match o {
         Out::Text(t) => Message::Text(t),
@@ -65,7 +68,15 @@ async fn session(app: Arc<App>, sid: String, socket: WebSocket) {
     while ok {
         tokio::select! {
             out = client.outbox.pop() => match out {
-                Some(o) => ok = tx.send(to_message(o)).await.is_ok(),
+                // Whatever else is waiting goes in the same write: one flush (one syscall)
+                // for a burst of tiles rather than one each.
+                Some(o) => {
+                    ok = tx.feed(to_message(o)).await.is_ok();
+                    for o in client.outbox.take_ready(WRITE_BATCH) {
+                        ok = ok && tx.feed(to_message(o)).await.is_ok();
+                    }
+                    ok = ok && tx.flush().await.is_ok();
+                }
                 None => break,
             },
             incoming = rx.next() => match incoming {
