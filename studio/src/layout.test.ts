@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { edges, layout, type ApiWorkflow } from "./layout";
+import { compatibleOutputs, edges, isLinkKind, layout, type ApiWorkflow } from "./layout";
 import example from "../../examples/workflows/sharpen_upscale.json";
 
 describe("layout", () => {
@@ -34,5 +34,32 @@ describe("layout", () => {
     expect(at("3").row).toBe(at("2").row + 1);
     expect(edges(wf).some((e) => e.from === "99")).toBe(false);
     expect(placed).toHaveLength(5);
+  });
+});
+
+describe("connecting inputs", () => {
+  const outputs: Record<string, string[]> = {
+    EmptyImage: ["IMAGE"],
+    ImageBlur: ["IMAGE"],
+    CheckpointLoaderSimple: ["MODEL", "CLIP", "VAE"],
+    SaveImage: [],
+  };
+  const wf: ApiWorkflow = {
+    "1": { class_type: "EmptyImage", inputs: {} },
+    "2": { class_type: "ImageBlur", inputs: { image: ["1", 0] } },
+    "3": { class_type: "ImageBlur", inputs: { image: ["2", 0] } },
+    "4": { class_type: "CheckpointLoaderSimple", inputs: {} },
+    "5": { class_type: "SaveImage", inputs: {} },
+  };
+  it("offers every output of the input's type, but none downstream of the node", () => {
+    expect(compatibleOutputs(wf, (c) => outputs[c], "5", "IMAGE")).toEqual([["1", 0], ["2", 0], ["3", 0]]);
+    // Node 2 feeds 3: linking 2's input to 3 would make a cycle.
+    expect(compatibleOutputs(wf, (c) => outputs[c], "2", "IMAGE")).toEqual([["1", 0]]);
+    expect(compatibleOutputs(wf, (c) => outputs[c], "5", "VAE")).toEqual([["4", 2]]);
+  });
+  it("tells links from widgets", () => {
+    expect(isLinkKind("IMAGE")).toBe(true);
+    expect(isLinkKind("INT")).toBe(false);
+    expect(isLinkKind(["a", "b"])).toBe(false);
   });
 });

@@ -72,3 +72,41 @@ export function layout(wf: ApiWorkflow): Placed[] {
     return { id, col, row, x: col * COL_WIDTH, y: row * ROW_HEIGHT };
   });
 }
+
+/** ComfyUI's widget kinds: everything else in an input spec is a data type, taken by a link. */
+const WIDGETS = new Set(["INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"]);
+
+/** Whether an input spec's kind is a link (a data type such as `IMAGE`), not a widget. */
+export function isLinkKind(kind: unknown): kind is string {
+  return typeof kind === "string" && !WIDGETS.has(kind);
+}
+
+/** The outputs a link input of type `kind` on node `to` can take: `[node, slot]` of every other
+ * node whose output has that type (`*` takes any), in id order. Nodes downstream of `to` are
+ * left out, so a link never makes a cycle. */
+export function compatibleOutputs(
+  wf: ApiWorkflow,
+  outputsOf: (classType: string) => string[] | undefined,
+  to: string,
+  kind: string,
+): Array<[string, number]> {
+  const downstream = new Set<string>([to]);
+  const es = edges(wf);
+  for (let grew = true; grew; ) {
+    grew = false;
+    for (const e of es) {
+      if (downstream.has(e.from) && !downstream.has(e.to)) {
+        downstream.add(e.to);
+        grew = true;
+      }
+    }
+  }
+  const out: Array<[string, number]> = [];
+  for (const id of Object.keys(wf).sort(byId)) {
+    if (downstream.has(id)) continue;
+    (outputsOf(wf[id].class_type) ?? []).forEach((t, slot) => {
+      if (t === kind || kind === "*" || t === "*") out.push([id, slot]);
+    });
+  }
+  return out;
+}

@@ -7,7 +7,7 @@ import { useEffect, useMemo, useRef, useState } from "preact/hooks";
 import { decode } from "./decode";
 import { api, ApiError, type Change, type HistoryEntry, type NodeInfo, type Plan } from "./api";
 import { inspectorRows, PART_LABEL } from "./inspector";
-import { edges, layout, type ApiWorkflow, COL_WIDTH, ROW_HEIGHT } from "./layout";
+import { compatibleOutputs, edges, isLinkKind, layout, type ApiWorkflow, COL_WIDTH, ROW_HEIGHT } from "./layout";
 import { AudioPlayer, VideoPlayer } from "./media";
 import type { Preview } from "./protocol";
 import { rail } from "./rail";
@@ -22,8 +22,17 @@ const mib = (b: number | null | undefined) =>
   b === null || b === undefined ? "—" : `${(b / 2 ** 20).toFixed(1)} MiB`;
 const ms = (v: number) => (v >= 1000 ? `${(v / 1000).toFixed(2)} s` : `${v.toFixed(1)} ms`);
 
+/**
+ * Runs `cb` on an animation frame at least 50 ms from now. Renders and tile paints go through
+ * it, so a burst of messages costs the page one update (20 a second at most), and the main
+ * thread is never busy with one burst for long.
+ */
+function afterAWhile(cb: () => void): number {
+  return window.setTimeout(() => requestAnimationFrame(cb), 50);
+}
+
 /** Draws a job's tiles as they arrive: each tile decoded on a worker, and the decoded
- * tiles drawn together once per frame (one canvas update per frame, not per tile). */
+ * tiles drawn together at most every 50 ms (one canvas update, not one per tile). */
 class TileCanvas {
   canvas: HTMLCanvasElement | null = null;
   job: string | null = null;
@@ -43,7 +52,7 @@ class TileCanvas {
     const bmp = await decode(p.image, p.mime);
     if (job !== this.job) return bmp.close();
     this.pending.push({ bmp, ...t.tile });
-    this.raf ||= requestAnimationFrame(() => this.flush());
+    this.raf ||= afterAWhile(() => this.flush());
   }
   private flush() {
     this.raf = 0;
@@ -92,6 +101,7 @@ function NodeBox(props: {
   x: number;
   y: number;
   selected: boolean;
+  outputsOf: (classType: string) => string[] | undefined;
   onSelect: (id: string) => void;
   onChange: (id: string, input: string, value: unknown) => void;
   onRemove: (id: string) => void;
@@ -122,16 +132,41 @@ function NodeBox(props: {
           ×
         </button>
       </h3>
-      {Object.entries(n.inputs).map(([name, v]) => {
-        if (Array.isArray(v) && v.length === 2 && typeof v[0] === "string") {
-          return (
-            <div class="link" key={name}>
-              {name} ← #{v[0]}:{String(v[1])}
-            </div>
-          );
-        }
+      {[...new Set([...Object.keys(spec), ...Object.keys(n.inputs)])].map((name) => {
+        const v = n.inputs[name];
         const [kind] = spec[name] ?? [];
         const inputId = `in-${props.id}-${name}`;
+        const linked = Array.isArray(v) && v.length === 2 && typeof v[0] === "string";
+        if (linked || isLinkKind(kind)) {
+          // A link: any earlier node's output of the input's type.
+          const options = isLinkKind(kind)
+            ? compatibleOutputs(props.wf, props.outputsOf, props.id, kind)
+            : [];
+          const value = linked ? `${(v as [string, number])[0]}:${(v as [string, number])[1]}` : "";
+          if (linked && !options.some(([f, o]) => `${f}:${o}` === value)) options.unshift(v as [string, number]);
+          return (
+            <label class="link" key={name} for={inputId}>
+              {name} ←
+              <select
+                id={inputId}
+                value={value}
+                onChange={(e) => {
+                  const raw = (e.target as HTMLSelectElement).value;
+                  const [from, slot] = raw.split(":");
+                  props.onChange(props.id, name, raw ? [from, Number(slot)] : undefined);
+                }}
+              >
+                <option value="">(not connected)</option>
+                {options.map(([f, o]) => (
+                  <option key={`${f}:${o}`} value={`${f}:${o}`}>
+                    #{f} {props.wf[f]?.class_type}:{o}
+                  </option>
+                ))}
+              </select>
+            </label>
+          );
+        }
+        if (v === undefined) return null;
         return (
           <label key={name} for={inputId}>
             {name}
@@ -353,10 +388,7 @@ function App() {
 
   useEffect(() => {
     api.objectInfo().then(setInfo).catch(() => {});
-    const sch = new Scheduler(
-      () => setVersion(store.version),
-      (cb) => requestAnimationFrame(cb),
-    );
+    const sch = new Scheduler(() => setVersion(store.version), afterAWhile);
     video.onChange = () => sch.schedule();
     stepPreview = (url) => setStep((old) => (old && URL.revokeObjectURL(old), url));
     const close = connect(api.socketUrl(clientId), {
@@ -406,11 +438,21 @@ function App() {
     setPlan(null);
     setChanges(null);
   };
-  const change = (id: string, input: string, value: unknown) =>
-    edited({ ...wf, [id]: { ...wf[id], inputs: { ...wf[id].inputs, [input]: value } } });
+  const change = (id: string, input: string, value: unknown) => {
+    const inputs = { ...wf[id].inputs, [input]: value };
+    if (value === undefined) delete inputs[input];
+    edited({ ...wf, [id]: { ...wf[id], inputs } });
+  };
   const remove = (id: string) => {
-    const next = { ...wf };
-    delete next[id];
+    // The node goes, and so do the links that took its outputs.
+    const next: ApiWorkflow = {};
+    for (const [k, n] of Object.entries(wf)) {
+      if (k === id) continue;
+      const inputs = Object.fromEntries(
+        Object.entries(n.inputs).filter(([, v]) => !(Array.isArray(v) && v[0] === id && v.length === 2)),
+      );
+      next[k] = { ...n, inputs };
+    }
     edited(next);
   };
   const add = (cls: string) => {
@@ -582,6 +624,7 @@ function App() {
             x={p.x}
             y={p.y}
             selected={selected.has(p.id)}
+            outputsOf={(c) => info[c]?.output}
             onSelect={toggle}
             onChange={change}
             onRemove={remove}
