@@ -99,6 +99,14 @@ describe("NOVA Studio", () => {
     await expect.poll(() => page.getByLabel("VRAM budget rail").textContent()).toContain("fits");
     await page.screenshot({ path: join(shots, "02-planned.png") });
 
+    // The template as it is, first: a short run that also takes the page's one-time costs
+    // (first decode, first canvas, code compiled on first use) before the measured run.
+    await page.getByRole("button", { name: "Queue" }).click();
+    await expect
+      .poll(() => page.getByTestId("job-status").textContent().catch(() => ""), { timeout: 120_000 })
+      .toMatch(/^success/);
+    const warmup = await page.getByTestId("job-status").getAttribute("data-job");
+
     // Small tiles and a larger image: well over a thousand partial outputs.
     await page.fill("#in-1-width", "1024");
     await page.fill("#in-1-height", "768");
@@ -111,7 +119,7 @@ describe("NOVA Studio", () => {
     const runStart = await page.evaluate(() => performance.now());
     await page.getByRole("button", { name: "Queue" }).click();
 
-    const status = page.getByTestId("job-status");
+    const status = page.locator(`[data-testid=job-status]:not([data-job="${warmup}"])`);
     let sawPartialWhileRunning = false;
     let midShot = false;
     let shotSpan: [number, number] = [0, 0];

@@ -24,6 +24,11 @@ function getWorker(): Worker | null {
   return worker;
 }
 
+/** Starts the worker now (at page start), so the first tile does not pay for it. */
+export function startDecoder(): void {
+  getWorker();
+}
+
 /** Decodes `bytes` (a view; copied before it is sent) to a bitmap. */
 export function decode(bytes: Uint8Array, mime: string): Promise<ImageBitmap> {
   const w = getWorker();

@@ -4,7 +4,7 @@
 
 import { render } from "preact";
 import { useEffect, useMemo, useRef, useState } from "preact/hooks";
-import { decode } from "./decode";
+import { decode, startDecoder } from "./decode";
 import { api, ApiError, type Change, type HistoryEntry, type NodeInfo, type Plan } from "./api";
 import { inspectorRows, PART_LABEL } from "./inspector";
 import { compatibleOutputs, edges, isLinkKind, layout, type ApiWorkflow, COL_WIDTH, ROW_HEIGHT } from "./layout";
@@ -387,6 +387,7 @@ function App() {
   const videoRef = useRef<HTMLCanvasElement>(null);
 
   useEffect(() => {
+    startDecoder();
     api.objectInfo().then(setInfo).catch(() => {});
     const sch = new Scheduler(() => setVersion(store.version), afterAWhile);
     video.onChange = () => sch.schedule();
