@@ -37,7 +37,7 @@ class TileCanvas {
   canvas: HTMLCanvasElement | null = null;
   job: string | null = null;
   private pending: Array<{ bmp: ImageBitmap; x: number; y: number; w: number; h: number }> = [];
-  private raf = 0;
+  private timer = 0;
   async draw(p: Preview) {
     const t = p.meta.nova;
     if (t?.kind !== "tile" || !this.canvas) return;
@@ -52,10 +52,10 @@ class TileCanvas {
     const bmp = await decode(p.image, p.mime);
     if (job !== this.job) return bmp.close();
     this.pending.push({ bmp, ...t.tile });
-    this.raf ||= afterAWhile(() => this.flush());
+    this.timer ||= afterAWhile(() => this.flush());
   }
   private flush() {
-    this.raf = 0;
+    this.timer = 0;
     const ctx = this.canvas?.getContext("2d");
     for (const d of this.pending) {
       ctx?.drawImage(d.bmp, d.x, d.y, d.w, d.h);

@@ -266,11 +266,9 @@ export function apply(state: StudioState, m: Message): void {
       n.lifecycle = undefined;
       n.wallMs = num(d.wall_ms);
       n.timing = d.timing as TimeSplit | undefined;
+      // The job's peak is taken below, as for every event that carries one.
       const peak = num(d.tracked_peak_bytes);
-      if (peak !== undefined) {
-        n.trackedBytes = peak;
-        j.trackedPeakBytes = Math.max(j.trackedPeakBytes ?? 0, peak);
-      }
+      if (peak !== undefined) n.trackedBytes = peak;
       break;
     }
     case "telemetry.timing":

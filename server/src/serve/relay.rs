@@ -219,10 +219,7 @@ fn on_event(hub: &Hub, tag: &JobTag, st: &mut JobState, ev: &Event) {
             let Some(jpeg) = encode_jpeg(v, 512) else {
                 return;
             };
-            let meta = json!({
-                "node_id": node, "prompt_id": pid, "display_node_id": node,
-                "parent_node_id": null, "real_node_id": node, "image_type": "image/jpeg",
-            });
+            let meta = frame_meta(node, pid, "image/jpeg", None);
             let with_meta = Out::Binary(Bytes::from(comfy::preview_frame_with_metadata(
                 &meta, &jpeg,
             )));
@@ -257,18 +254,14 @@ fn on_event(hub: &Hub, tag: &JobTag, st: &mut JobState, ev: &Event) {
             let Some(jpeg) = encode_jpeg(v, usize::MAX) else {
                 return;
             };
-            let meta = json!({
-                "node_id": node, "prompt_id": pid, "display_node_id": node,
-                "parent_node_id": null, "real_node_id": node, "image_type": "image/jpeg",
-                "nova": { "kind": "tile", "source_node": source_node, "tile": tile,
-                          "tile_index": tile_index, "tiles": tiles, "width": width, "height": height },
-            });
-            let out = Out::Binary(Bytes::from(comfy::preview_frame_with_metadata(
-                &meta, &jpeg,
-            )));
-            for c in want {
-                hub.send(c, out.clone(), true);
-            }
+            let nova = json!({ "kind": "tile", "source_node": source_node, "tile": tile,
+                               "tile_index": tile_index, "tiles": tiles, "width": width, "height": height });
+            send_frame(
+                hub,
+                &want,
+                frame_meta(node, pid, "image/jpeg", Some(nova)),
+                &jpeg,
+            );
         }
         (
             EventKind::PartialVideo {
@@ -299,19 +292,15 @@ fn on_event(hub: &Hub, tag: &JobTag, st: &mut JobState, ev: &Event) {
                 } else {
                     *pts_start
                 };
-                let meta = json!({
-                    "node_id": node, "prompt_id": pid, "display_node_id": node,
-                    "parent_node_id": null, "real_node_id": node, "image_type": "image/jpeg",
-                    "nova": { "kind": "video_frame", "window": window, "windows": windows,
-                              "frame": frame_start + i as u64, "frames_in_window": frames,
-                              "pts": pts, "fps": fps },
-                });
-                let out = Out::Binary(Bytes::from(comfy::preview_frame_with_metadata(
-                    &meta, &jpeg,
-                )));
-                for c in &want {
-                    hub.send(c, out.clone(), true);
-                }
+                let nova = json!({ "kind": "video_frame", "window": window, "windows": windows,
+                                   "frame": frame_start + i as u64, "frames_in_window": frames,
+                                   "pts": pts, "fps": fps });
+                send_frame(
+                    hub,
+                    &want,
+                    frame_meta(node, pid, "image/jpeg", Some(nova)),
+                    &jpeg,
+                );
             }
         }
         (
@@ -334,19 +323,39 @@ fn on_event(hub: &Hub, tag: &JobTag, st: &mut JobState, ev: &Event) {
             let Ok(planar) = a.read_all() else { return };
             let pcm = interleave_s16le(&planar);
             let frames = planar.first().map_or(0, Vec::len);
-            let meta = json!({
-                "node_id": node, "prompt_id": pid, "display_node_id": node,
-                "parent_node_id": null, "real_node_id": node, "image_type": "audio/pcm-s16le",
-                "nova": { "kind": "audio_chunk", "chunk": chunk, "chunks": chunks,
-                          "sample_start": sample_start, "sample_count": frames,
-                          "sample_rate": sample_rate, "channels": channels },
-            });
-            let out = Out::Binary(Bytes::from(comfy::preview_frame_with_metadata(&meta, &pcm)));
-            for c in want {
-                hub.send(c, out.clone(), true);
-            }
+            let nova = json!({ "kind": "audio_chunk", "chunk": chunk, "chunks": chunks,
+                               "sample_start": sample_start, "sample_count": frames,
+                               "sample_rate": sample_rate, "channels": channels });
+            send_frame(
+                hub,
+                &want,
+                frame_meta(node, pid, "audio/pcm-s16le", Some(nova)),
+                &pcm,
+            );
         }
         _ => {}
+    }
+}
+
+/// ComfyUI's metadata of a type-4 frame, with NOVA's fields under `nova` when given.
+fn frame_meta(node: &str, pid: &str, image_type: &str, nova: Option<Json>) -> Json {
+    let mut m = json!({
+        "node_id": node, "prompt_id": pid, "display_node_id": node,
+        "parent_node_id": null, "real_node_id": node, "image_type": image_type,
+    });
+    if let Some(n) = nova {
+        m["nova"] = n;
+    }
+    m
+}
+
+/// A type-4 frame of `meta` and `payload`, to each of `clients` (droppable).
+fn send_frame(hub: &Hub, clients: &[&Arc<Client>], meta: Json, payload: &[u8]) {
+    let out = Out::Binary(Bytes::from(comfy::preview_frame_with_metadata(
+        &meta, payload,
+    )));
+    for c in clients {
+        hub.send(c, out.clone(), true);
     }
 }
 
