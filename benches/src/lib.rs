@@ -3,6 +3,11 @@
 //! [`overhead`] sets up the engine-overhead comparison: the same tiled blur run through the
 //! timely dataflow ([`overhead::Setup::run_dataflow`]) and as a plain loop over the same tiles
 //! calling the same split/process/merge ([`overhead::Setup::run_plain_loop`]).
+//!
+//! Dependencies beyond the workspace's engine crates: `nova-server` (the KPI runner starts
+//! the real service in a child process to time start-up), `image` and `hound` (reading the
+//! outputs back for the quality deltas), and `plotters` with only its SVG backend (the
+//! report's plots; no font or bitmap libraries).
 
 pub mod overhead;
 
@@ -14,3 +19,9 @@ pub mod models;
 
 /// The media benchmark's workloads and peers (`benches/media.rs`).
 pub mod media;
+
+/// The two executors the KPI harness compares (`--executor nova|naive`).
+pub mod executor;
+
+/// The KPI runner (`cargo run -p nova-benches --release -- kpi`).
+pub mod kpi;

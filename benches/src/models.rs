@@ -132,9 +132,42 @@ fn python() -> Option<PathBuf> {
     venv.is_file().then_some(venv)
 }
 
+/// TAESD decode and encode at 512x512, PyTorch (2 threads) against NOVA.
+pub struct TorchFigures {
+    pub torch: String,
+    pub threads: u64,
+    pub decode_max_err: f64,
+    pub encode_max_err: f64,
+    pub torch_decode_s: f64,
+    pub torch_encode_s: f64,
+    pub nova_decode_s: f64,
+    pub nova_encode_s: f64,
+}
+
+impl std::fmt::Display for TorchFigures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PyTorch {} ({} threads; reference max |err| decode {:.1e}, encode {:.1e})\n\
+             decode: NOVA {:.3} s, PyTorch {:.3} s, NOVA/PyTorch {:.2}\n\
+             encode: NOVA {:.3} s, PyTorch {:.3} s, NOVA/PyTorch {:.2}",
+            self.torch,
+            self.threads,
+            self.decode_max_err,
+            self.encode_max_err,
+            self.nova_decode_s,
+            self.torch_decode_s,
+            self.nova_decode_s / self.torch_decode_s,
+            self.nova_encode_s,
+            self.torch_encode_s,
+            self.nova_encode_s / self.torch_encode_s,
+        )
+    }
+}
+
 /// Times TAESD decode and encode at 512x512 with PyTorch (2 threads) and with NOVA, `runs`
-/// passes each, and reports both and their ratios.
-pub fn pytorch_comparison(runs: usize) -> Result<String, String> {
+/// passes each (median); an error when PyTorch is not set up (benches/pytorch/setup.sh).
+pub fn pytorch_figures(runs: usize) -> Result<TorchFigures, String> {
     let py = python().ok_or("no Python with PyTorch (run benches/pytorch/setup.sh)")?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("pytorch/taesd_bench.py");
     let out = Command::new(&py)
@@ -152,28 +185,25 @@ pub fn pytorch_comparison(runs: usize) -> Result<String, String> {
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).map_err(|e| format!("PyTorch's answer: {e}"))?;
     let f = |k: &str| v[k].as_f64().ok_or(format!("PyTorch's answer lacks {k}"));
-    let (pt_dec, pt_enc) = (f("decode_s")?, f("encode_s")?);
     let latent =
         Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &Device::Cpu).map_err(|e| e.to_string())?;
     let image =
         Tensor::rand(0f32, 1.0, (1, 3, 512, 512), &Device::Cpu).map_err(|e| e.to_string())?;
-    let nova_dec = Taesd::decoder().median_s(&latent, runs);
-    let nova_enc = Taesd::encoder().median_s(&image, runs);
-    Ok(format!(
-        "PyTorch {} ({} threads; reference max |err| decode {:.1e}, encode {:.1e})\n\
-         decode: NOVA {:.3} s, PyTorch {:.3} s, NOVA/PyTorch {:.2}\n\
-         encode: NOVA {:.3} s, PyTorch {:.3} s, NOVA/PyTorch {:.2}",
-        v["torch"].as_str().unwrap_or("?"),
-        v["threads"],
-        f("decode_max_err")?,
-        f("encode_max_err")?,
-        nova_dec,
-        pt_dec,
-        nova_dec / pt_dec,
-        nova_enc,
-        pt_enc,
-        nova_enc / pt_enc,
-    ))
+    Ok(TorchFigures {
+        torch: v["torch"].as_str().unwrap_or("?").to_string(),
+        threads: v["threads"].as_u64().unwrap_or(0),
+        decode_max_err: f("decode_max_err")?,
+        encode_max_err: f("encode_max_err")?,
+        torch_decode_s: f("decode_s")?,
+        torch_encode_s: f("encode_s")?,
+        nova_decode_s: Taesd::decoder().median_s(&latent, runs),
+        nova_encode_s: Taesd::encoder().median_s(&image, runs),
+    })
+}
+
+/// [`pytorch_figures`] as text.
+pub fn pytorch_comparison(runs: usize) -> Result<String, String> {
+    pytorch_figures(runs).map(|f| f.to_string())
 }
 
 /// ComfyUI's default txt2img workflow on the tiny checkpoint at `size`x`size`.

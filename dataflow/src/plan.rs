@@ -62,6 +62,10 @@ pub struct PlanOptions {
     /// Largest single value (as f32) a run may create; larger ones are refused at plan time
     /// rather than failing an allocation mid-run.
     pub max_value_bytes: u64,
+    /// The baseline executor of the KPI harness (`--executor naive`): every node whole (no
+    /// tiles, one window per video stream, one chunk per audio stream) and weights resident,
+    /// whatever the limit; used only for comparisons and A/B checks.
+    pub naive: bool,
 }
 
 impl Default for PlanOptions {
@@ -75,6 +79,7 @@ impl Default for PlanOptions {
             prefetch: 1,
             bytes_per_element: 4,
             max_value_bytes: 16 << 30,
+            naive: false,
         }
     }
 }
@@ -87,7 +92,7 @@ impl PlanOptions {
 
     /// Tile sides to try, largest first: the configured size, halved down to the smallest.
     fn tile_sizes(&self) -> Vec<usize> {
-        let Some(top) = self.tile else {
+        let Some(top) = self.tile.filter(|_| !self.naive) else {
             return vec![];
         };
         let min = self.min_tile.max(MIN_TILE);
@@ -397,7 +402,11 @@ pub fn plan(
         });
         // Where the weights can live: all resident, or else streamed block by block.
         let mut weight_options = vec![WeightPlan::resident(memory.weights)];
-        if memory.weights > 0 && memory.weight_block > 0 && memory.weight_block < memory.weights {
+        if !opts.naive
+            && memory.weights > 0
+            && memory.weight_block > 0
+            && memory.weight_block < memory.weights
+        {
             weight_options.push(WeightPlan::streamed(
                 opts.prefetch,
                 memory.weight_block,
@@ -615,6 +624,20 @@ pub fn plan(
     })
 }
 
+/// The naive executor's one window (video) or chunk (audio): the whole stream.
+fn whole_stream(input: &ValueInfo) -> Vec<ChunkSize> {
+    match input {
+        ValueInfo::Video(v) => vec![ChunkSize::Frames {
+            window: (v.source_frames as usize).max(1),
+            overlap: 0,
+        }],
+        ValueInfo::Audio(m) => vec![ChunkSize::Samples {
+            len: (m.frames as usize).max(1),
+        }],
+        _ => Vec::new(),
+    }
+}
+
 /// Window (video) or chunk (audio) sizes a streamed node may be cut at, largest first: the
 /// node's own request when it makes one, else a preference halved down to a floor.
 fn stream_sizes(input: &ValueInfo, requested: Option<usize>) -> Vec<ChunkSize> {
@@ -661,7 +684,12 @@ fn streamed(
 ) -> Result<Choice, NodeError> {
     let mut frugal: Option<Choice> = None;
     for serial in [false, true] {
-        for size in stream_sizes(input, chunking.max_tile) {
+        let sizes = if opts.naive {
+            whole_stream(input)
+        } else {
+            stream_sizes(input, chunking.max_tile)
+        };
+        for size in sizes {
             let chunks = guarded(|| chunking.op.plan(input, size))?;
             let mem = chunks.iter().fold(ChunkMemory::default(), |m, c| {
                 let x = chunking.op.chunk_memory(input, c);

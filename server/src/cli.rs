@@ -238,9 +238,19 @@ fn parse_tile_size(s: &str) -> Result<usize, String> {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    main_from(std::env::args_os())
+}
+
+/// The binary's entry point on given arguments (the first is the program name): the KPI
+/// harness starts the service in a child process of its own through this.
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
     // Kernel panics are caught and reported as node errors; keep their text off the terminal.
     std::panic::set_hook(Box::new(|_| {}));
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
