@@ -178,6 +178,39 @@ fn targets(r: &Value) -> Vec<[String; 6]> {
     rows
 }
 
+/// The ratios of the targets table as numbers, with their targets (all "at most").
+fn target_ratios(r: &Value) -> (Vec<String>, Vec<f64>, Vec<f64>) {
+    let ratios: Vec<f64> = r["suite"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["nova_over_naive"]["first_output"].as_f64())
+        .collect();
+    let (mut naive, mut nova) = (0.0, 0.0);
+    for p in r["oom"]["by_profile"].as_array().into_iter().flatten() {
+        if matches!(p["profile"].as_str(), Some("PASCAL_2G") | Some("PASCAL_4G")) {
+            naive += p["naive_oom"].as_f64().unwrap_or(0.0);
+            nova += p["nova_refused"].as_f64().unwrap_or(0.0);
+        }
+    }
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    (
+        vec![
+            "first output".into(),
+            "OOM jobs 2-4 GB".into(),
+            "warm switch".into(),
+            "engine overhead".into(),
+        ],
+        vec![
+            super::sections::median(&ratios),
+            if naive > 0.0 { nova / naive } else { f64::NAN },
+            f(&r["model_switch"]["warm_over_naive"]),
+            f(&r["engine_overhead"]["ratio"]),
+        ],
+        vec![0.7, 0.6, 0.8, 1.05],
+    )
+}
+
 fn table(md: &mut String, head: &[&str], rows: &[Vec<String>]) {
     let _ = writeln!(md, "| {} |", head.join(" | "));
     let _ = writeln!(md, "|{}", "---|".repeat(head.len()));
@@ -249,6 +282,17 @@ pub fn write(c: &Config, r: &Value) -> Result<Vec<PathBuf>, String> {
         &["figure", "NOVA", "baseline", "ratio", "target", ""],
         &rows,
     );
+    let (labels, ratio, target) = target_ratios(r);
+    let p = c.out.join("targets.svg");
+    bars(
+        &p,
+        "NOVA / baseline against the design's targets (lower is better)",
+        "ratio",
+        &labels,
+        &[("NOVA / baseline", ratio), ("target (at most)", target)],
+    )?;
+    let _ = writeln!(md, "![ratios against targets](targets.svg)\n");
+    written.push(p);
 
     // The suite.
     let _ = writeln!(
