@@ -62,7 +62,7 @@ pub fn run_all(c: &Config) -> Result<Value, String> {
     log("OOM incidence: planner vs naive");
     let oom = oom(&ws);
     log("engine overhead per record");
-    let overhead = overhead(if q { 7 } else { 21 });
+    let overhead = overhead(if q { 21 } else { 51 });
     log("peers: ffmpeg, sox, PyTorch");
     let peers = peers(q);
     Ok(json!({
