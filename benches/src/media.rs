@@ -64,6 +64,11 @@ pub fn sh(program: &str, args: &[&str]) -> Result<(), String> {
 
 /// A 720p H.264 test clip (ffmpeg's `testsrc2`, moving content) of `seconds` at 24 fps.
 pub fn make_clip(path: &Path, seconds: u32) -> Result<(), String> {
+    make_clip_sized(path, (1280, 720), seconds)
+}
+
+/// An H.264 test clip (ffmpeg's `testsrc2`) of `size` (width, height) and `seconds` at 24 fps.
+pub fn make_clip_sized(path: &Path, size: (u32, u32), seconds: u32) -> Result<(), String> {
     sh(
         "ffmpeg",
         &[
@@ -73,7 +78,10 @@ pub fn make_clip(path: &Path, seconds: u32) -> Result<(), String> {
             "-f",
             "lavfi",
             "-i",
-            &format!("testsrc2=size=1280x720:rate=24:duration={seconds}"),
+            &format!(
+                "testsrc2=size={}x{}:rate=24:duration={seconds}",
+                size.0, size.1
+            ),
             "-c:v",
             "libx264",
             "-preset",

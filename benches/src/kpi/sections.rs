@@ -5,7 +5,7 @@ use super::quality;
 use super::suite::{self, Case, JobRun, OutputKind, Unit, Workspace};
 use super::Config;
 use crate::executor::Executor;
-use nova_dataflow::{Bytes, ProfileId};
+use nova_dataflow::ProfileId;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -689,7 +689,6 @@ fn oom(ws: &Workspace) -> Value {
             }));
         }
     }
-    let _ = Bytes(0);
     json!({
         "by_profile": profiles,
         "real_runs": {"runs": total, "naive_failed": naive_failed, "nova_failed": nova_failed, "rows": real},

@@ -56,25 +56,7 @@ impl Workspace {
         write_card(&input.join("card.png"), image.0, image.1)?;
         write_card(&input.join("small.png"), 128, 96)?;
         write_card(&input.join("square.png"), 512, 512)?;
-        crate::media::sh(
-            "ffmpeg",
-            &[
-                "-y",
-                "-v",
-                "error",
-                "-f",
-                "lavfi",
-                "-i",
-                &format!("testsrc2=size=320x240:rate=24:duration={clip_s}"),
-                "-c:v",
-                "libx264",
-                "-preset",
-                "veryfast",
-                "-pix_fmt",
-                "yuv420p",
-                input.join("clip.mp4").to_str().ok_or("path")?,
-            ],
-        )?;
+        crate::media::make_clip_sized(&input.join("clip.mp4"), (320, 240), clip_s)?;
         crate::media::make_wav(&input.join("tone.wav"), wav_s)?;
         Ok(Workspace {
             _tmp: tmp,
