@@ -28,6 +28,7 @@ pub mod lift;
 pub mod memory;
 pub mod model_paths;
 pub mod node;
+pub mod output;
 pub mod plan;
 pub mod profile;
 pub mod residency;

@@ -1,9 +1,10 @@
 //! The glue between ffmpeg-next and `nova-media`: one-time library set-up, error mapping,
 //! and the few raw FFmpeg calls the safe wrapper does not expose.
 //!
-//! Invariants: [`init`] runs once per process before any ffmpeg call this crate makes, and sets
-//! FFmpeg's global log level to errors only (so libx264's per-run statistics and the like do
-//! not flood stderr); every `unsafe` block here touches only a context the caller owns
+//! Invariants: [`init`] runs once per process before any ffmpeg call this crate makes, sets
+//! FFmpeg's log level from `NOVA_FFMPEG_LOG` (errors only by default, so libx264's per-run
+//! statistics and the like do not flood stderr) and routes FFmpeg's messages through
+//! [`log_line`] (`nova: ffmpeg <level>: ...`), so FFmpeg never prints by itself; every `unsafe` block here touches only a context the caller owns
 //! exclusively (`&mut`), and says why it is sound.
 
 use crate::error::{check_readable, shown, MediaError};
@@ -22,8 +23,95 @@ pub(crate) fn init() {
         // `ffmpeg::init` only registers components (a no-op since FFmpeg 4) and cannot fail in
         // practice; if it ever did, the first open would report the real problem.
         let _ = ffmpeg::init();
-        ffmpeg::log::set_level(ffmpeg::log::Level::Error);
+        let level = log_level_from_env(std::env::var("NOVA_FFMPEG_LOG").ok().as_deref());
+        LOG_LEVEL.store(level, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: sets a global integer; FFmpeg skips formatting anything less important.
+        unsafe { ffi::av_log_set_level(level) };
+        route_log();
     });
+}
+
+/// FFmpeg's messages at or above this importance reach NOVA's log (`AV_LOG_*`: lower is more
+/// important; -8 is quiet).
+static LOG_LEVEL: std::sync::atomic::AtomicI32 =
+    std::sync::atomic::AtomicI32::new(ffi::AV_LOG_ERROR);
+
+/// `NOVA_FFMPEG_LOG`: `quiet`, `fatal`, `error` (the default), `warning`, `info`, `verbose`,
+/// `debug` or `trace`; anything else is the default.
+pub(crate) fn log_level_from_env(v: Option<&str>) -> i32 {
+    match v.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+        Some("quiet") | Some("off") | Some("none") => ffi::AV_LOG_QUIET,
+        Some("panic") | Some("fatal") => ffi::AV_LOG_FATAL,
+        Some("warning") | Some("warn") => ffi::AV_LOG_WARNING,
+        Some("info") => ffi::AV_LOG_INFO,
+        Some("verbose") => ffi::AV_LOG_VERBOSE,
+        Some("debug") => ffi::AV_LOG_DEBUG,
+        Some("trace") => ffi::AV_LOG_TRACE,
+        _ => ffi::AV_LOG_ERROR,
+    }
+}
+
+fn level_name(level: i32) -> &'static str {
+    match level {
+        l if l <= ffi::AV_LOG_FATAL => "fatal",
+        l if l <= ffi::AV_LOG_ERROR => "error",
+        l if l <= ffi::AV_LOG_WARNING => "warning",
+        l if l <= ffi::AV_LOG_INFO => "info",
+        l if l <= ffi::AV_LOG_VERBOSE => "verbose",
+        _ => "debug",
+    }
+}
+
+/// One FFmpeg message as NOVA logs it: one line on stderr, `nova: ffmpeg <level>: <text>`
+/// (FFmpeg's own `[component @ 0x...]` prefix kept inside the text), so FFmpeg never writes
+/// to the terminal by itself.
+pub(crate) fn log_line(level: i32, text: &str) {
+    let text = text.trim_end();
+    if !text.is_empty() {
+        eprintln!("nova: ffmpeg {}: {text}", level_name(level));
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn route_log() {
+    /// FFmpeg's log callback: formats the message with FFmpeg's own formatter (the variadic
+    /// arguments are passed through as the `va_list` they arrive as) and hands it to
+    /// [`log_line`].
+    unsafe extern "C" fn callback(
+        avcl: *mut std::ffi::c_void,
+        level: std::ffi::c_int,
+        fmt: *const std::ffi::c_char,
+        vl: *mut ffi::__va_list_tag,
+    ) {
+        if level > LOG_LEVEL.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let mut buf = [0 as std::ffi::c_char; 1024];
+        let mut prefix: std::ffi::c_int = 1;
+        // SAFETY: FFmpeg calls this with its own valid format string and argument list;
+        // `av_log_format_line2` writes at most `buf.len()` bytes, NUL-terminated.
+        let text = unsafe {
+            ffi::av_log_format_line2(
+                avcl,
+                level,
+                fmt,
+                vl,
+                buf.as_mut_ptr(),
+                buf.len() as std::ffi::c_int,
+                &mut prefix,
+            );
+            std::ffi::CStr::from_ptr(buf.as_ptr())
+        };
+        log_line(level, &text.to_string_lossy());
+    }
+    // SAFETY: installs a callback that is valid for the life of the process.
+    unsafe { ffi::av_log_set_callback(Some(callback)) };
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn route_log() {
+    // Where the va_list's layout is not known to this crate, FFmpeg prints by itself, at the
+    // chosen level (set in `init`).
 }
 
 /// True for FFmpeg's "try again" (`AVERROR(EAGAIN)`): feed more input / drain more output.

@@ -6,7 +6,6 @@
 
 use ::image::metadata::Orientation;
 use ::image::{DynamicImage, ImageDecoder, ImageReader};
-use std::fs::File;
 use std::io::BufWriter;
 use std::path::Path;
 
@@ -126,7 +125,14 @@ pub fn encode_png(
         n => return Err(enc_err(&format!("{n} channels"))),
     };
     let tmp = path.with_extension("png.part");
-    let file = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    // A `.part` left by a crash, or a link planted in its place, is removed rather than
+    // written through; the new file is created exclusively.
+    let _ = std::fs::remove_file(&tmp);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| io_err(&tmp, e))?;
     let result = (|| {
         let mut enc = png::Encoder::new(BufWriter::new(file), width as u32, height as u32);
         enc.set_color(color);

@@ -26,8 +26,10 @@
 //! - `image`, `png`: still images (above); `thiserror`: [`MediaError`].
 //!
 //! Building needs FFmpeg's development headers and libclang (bindgen); `scripts/setup.sh`
-//! installs them. FFmpeg's global log level is set to "error" on first use, so encoder
-//! statistics do not flood stderr.
+//! installs them. FFmpeg's messages go through NOVA's log (`nova: ffmpeg <level>: ...` on
+//! stderr) at the level `NOVA_FFMPEG_LOG` chooses (`quiet`, `error` — the default —,
+//! `warning`, `info`, `verbose`, `debug`), so encoder statistics do not flood stderr and
+//! nothing of FFmpeg's reaches the terminal unannounced.
 
 pub mod audio;
 mod error;
@@ -37,3 +39,38 @@ pub mod video;
 
 pub use crate::error::{Location, MediaError, StreamKind};
 pub use crate::image::{decode_image, encode_png, probe_image, DecodedImage};
+
+/// What an audio or video file is, from its container's header (FFmpeg's probe): no packet
+/// is decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Container {
+    /// FFmpeg's demuxer names, comma-separated as FFmpeg gives them (`mov,mp4,m4a,3gp,3g2,mj2`,
+    /// `matroska,webm`, `wav`, `flac`, `ogg`, `mp3`).
+    pub format: String,
+    /// Whether it has a video stream (an attached cover picture does not count).
+    pub video: bool,
+    /// Whether it has an audio stream.
+    pub audio: bool,
+}
+
+/// Reads a media file's container header: its format and which kinds of stream it holds.
+/// A file FFmpeg cannot make sense of is [`MediaError::Open`].
+pub fn probe_container(path: &std::path::Path) -> Result<Container, MediaError> {
+    use ffmpeg_next::media::Type;
+    let input = ff::open_input(path)?;
+    let format = input.format().name().to_string();
+    let is = |t: Type| {
+        input.streams().any(|s| {
+            s.parameters().medium() == t
+                && (t != Type::Video
+                    || !s
+                        .disposition()
+                        .contains(ffmpeg_next::format::stream::Disposition::ATTACHED_PIC))
+        })
+    };
+    Ok(Container {
+        format,
+        video: is(Type::Video),
+        audio: is(Type::Audio),
+    })
+}

@@ -138,12 +138,12 @@ impl Node for SaveLatent {
     ) -> Result<NodeOutput, NodeError> {
         let samples = inputs.latent("samples")?.to_device(&Device::Cpu)?;
         let (subfolder, stem) = split_prefix(args.string("filename_prefix")?)?;
-        let folder = ctx.env.output_dir.join(&subfolder);
         let io = |e: &dyn std::fmt::Display, p: &std::path::Path| NodeError::File {
             path: p.display().to_string(),
             reason: e.to_string(),
         };
-        std::fs::create_dir_all(&folder).map_err(|e| io(&e, &folder))?;
+        let folder = nova_dataflow::output::folder(&ctx.env.output_dir, &subfolder)
+            .map_err(|e| io(&e, &ctx.env.output_dir.join(&subfolder)))?;
         let name = format!("{stem}_{:05}_.latent", next_counter(&folder, &stem));
         let path = folder.join(&name);
         let marker = Tensor::zeros(0, DType::F32, &Device::Cpu)?;
@@ -155,7 +155,8 @@ impl Node for SaveLatent {
             ("latent_tensor", &samples),
             ("latent_format_version_0", &marker),
         ];
-        safetensors::serialize_to_file(data, Some(meta), &path).map_err(|e| io(&e, &path))?;
+        let bytes = safetensors::serialize(data, Some(meta)).map_err(|e| io(&e, &path))?;
+        nova_dataflow::output::write_bytes(&path, &bytes).map_err(|e| io(&e, &path))?;
         Ok(NodeOutput {
             values: vec![],
             ui: Some(json!({"latents": [{

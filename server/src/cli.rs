@@ -100,6 +100,13 @@ struct ServeArgs {
     /// Largest upload.
     #[arg(long, value_name = "SIZE", value_parser = Bytes::parse, default_value = "100MiB")]
     max_upload: Bytes,
+    /// Most nodes one workflow may have (larger ones are refused with 413).
+    #[arg(long, env = "NOVA_MAX_NODES", default_value_t = 10_000)]
+    max_nodes: usize,
+    /// Move a corrupt queue database aside (kept as queue.redb.corrupt-<time>) and start with
+    /// an empty queue, instead of stopping with exit 5. A healthy database is not touched.
+    #[arg(long)]
+    reset_corrupt_queue: bool,
     /// Another origin (scheme://host:port) browsers may call the API from; repeatable.
     #[arg(long, value_name = "ORIGIN")]
     allow_origin: Vec<String>,
@@ -628,6 +635,8 @@ fn serve_command(args: ServeArgs) -> ExitCode {
     }
     c.max_body = args.max_body;
     c.max_upload = args.max_upload;
+    c.max_nodes = args.max_nodes;
+    c.reset_corrupt_queue = args.reset_corrupt_queue;
     c.allow_origins = args.allow_origin;
     c.client_buffer = args.client_buffer;
     c.client_hard_limit = c.client_hard_limit.max(args.client_buffer * 4);

@@ -242,7 +242,8 @@ impl WavWriter {
         Ok(())
     }
 
-    /// Writes the final header and moves the file into place.
+    /// Writes the final header and moves the file into place. On failure (and when the
+    /// writer is dropped unfinished) the partial file is removed.
     pub fn finish(mut self) -> Result<(), MediaError> {
         let w = self
             .writer
@@ -261,9 +262,11 @@ impl WavWriter {
 
 impl Drop for WavWriter {
     fn drop(&mut self) {
+        // Unfinished, or finishing failed: close the file and remove the partial output.
         if let Some(w) = self.writer.take() {
-            // Dropped without `finish`: close the file and remove the partial output.
             let _ = w.finalize();
+        }
+        if self.tmp_path.exists() {
             let _ = std::fs::remove_file(&self.tmp_path);
         }
     }

@@ -126,6 +126,38 @@ impl VideoCodec {
         }
     }
 
+    /// Checks a quality (`crf`) and speed preset against what this codec's encoder takes,
+    /// without encoding anything: what [`VideoWriter`](super::VideoWriter) would refuse
+    /// after the work is refused here, before it (a preset for an encoder that has none,
+    /// a quantiser out of range, a quality for a lossless codec).
+    pub fn check_settings(self, crf: Option<u32>, preset: Option<&str>) -> Result<(), String> {
+        let Some(enc_codec) = self.find_encoder() else {
+            return Err(format!("no {} encoder in this ffmpeg build", self.name()));
+        };
+        let encoder = self.encoder_name().unwrap_or("the encoder");
+        let mut ctx = ffmpeg::codec::Context::new_with_codec(enc_codec);
+        if let Some(q) = crf {
+            match self.quality_knob() {
+                QualityKnob::Crf => crate::ff::set_private_option(&mut ctx, "crf", &q.to_string())
+                    .map_err(|e| format!("{encoder} refuses crf {q}: {e}"))?,
+                QualityKnob::QScale if !(1..=31).contains(&q) => {
+                    return Err(format!(
+                        "{encoder} takes a quantiser 1..=31 as crf, got {q}"
+                    ))
+                }
+                QualityKnob::QScale => {}
+                QualityKnob::Lossless => {
+                    return Err(format!("{} is lossless; crf does not apply", self.name()))
+                }
+            }
+        }
+        if let Some(p) = preset {
+            crate::ff::set_private_option(&mut ctx, "preset", p)
+                .map_err(|e| format!("{encoder} refuses preset {p:?}: {e}"))?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn quality_knob(self) -> QualityKnob {
         match self {
             VideoCodec::H264 | VideoCodec::H265 | VideoCodec::Vp9 | VideoCodec::Av1 => {

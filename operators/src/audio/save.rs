@@ -5,7 +5,7 @@
 //! so that nothing is lost and every player reads it.
 
 use super::media_error;
-use crate::image::save::reserve_file;
+use crate::image::save::{release_reservation, reserve_file};
 use crate::spec::{link, string};
 use nova_dataflow::{
     Args, AudioMeta, Chunking, DataType, ExecContext, ExecMode, Inputs, Node, NodeError, NodeMeta,
@@ -44,7 +44,10 @@ fn factory(base: PathBuf, prefix: String, kind: &'static str) -> AudioSinkFactor
         };
         let writer =
             nova_media::audio::WavWriter::create(&path, spec, nova_media::audio::SampleFormat::F32)
-                .map_err(media_error)?;
+                .map_err(|e| {
+                    release_reservation(&path);
+                    media_error(e)
+                })?;
         Ok(Box::new(WavSink {
             writer,
             ui: json!({"filename": file, "subfolder": subfolder, "type": kind}),

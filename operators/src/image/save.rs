@@ -44,9 +44,8 @@ fn save_images(
         .replace("%width%", &w.to_string())
         .replace("%height%", &h.to_string());
     let (subfolder, stem) = split_prefix(&prefix)?;
-    let folder = base.join(&subfolder);
-    std::fs::create_dir_all(&folder).map_err(|e| NodeError::File {
-        path: folder.display().to_string(),
+    let folder = nova_dataflow::output::folder(&base, &subfolder).map_err(|e| NodeError::File {
+        path: base.join(&subfolder).display().to_string(),
         reason: e.to_string(),
     })?;
     let text = match &ctx.prompt {
@@ -118,44 +117,77 @@ fn file_safe(id: &str) -> String {
         .collect()
 }
 
-/// Splits `sub/dir/name` into a safe subfolder and a file stem.
+/// The longest `filename_prefix`, and the longest single folder or file name in it (file
+/// systems take 255 bytes per name; the counter and extension need the rest).
+const MAX_PREFIX: usize = 1024;
+const MAX_NAME: usize = 200;
+
+/// Splits `sub/dir/name` into a safe subfolder and a file stem. Checked when the workflow is
+/// validated: a prefix that could not be written (a NUL, a name too long for the file system,
+/// `..` or an absolute path) fails before any work, not after it.
 pub(crate) fn split_prefix(prefix: &str) -> Result<(PathBuf, String), NodeError> {
+    let bad = |m: String| NodeError::input("filename_prefix", m);
+    if prefix.contains('\0') {
+        return Err(bad("contains a NUL character".into()));
+    }
+    if prefix.len() > MAX_PREFIX {
+        return Err(bad(format!(
+            "is {} bytes long; at most {MAX_PREFIX}",
+            prefix.len()
+        )));
+    }
     let p = Path::new(prefix);
     if p.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return Err(NodeError::input(
-            "filename_prefix",
-            format!("'{prefix}' must stay inside the output folder (no '..' or absolute path)"),
-        ));
+        return Err(bad(format!(
+            "'{prefix}' must stay inside the output folder (no '..' or absolute path)"
+        )));
+    }
+    if let Some(long) = p.components().find(|c| c.as_os_str().len() > MAX_NAME) {
+        return Err(bad(format!(
+            "the name '{}…' is {} bytes long; at most {MAX_NAME} per folder or file name",
+            long.as_os_str()
+                .to_string_lossy()
+                .chars()
+                .take(32)
+                .collect::<String>(),
+            long.as_os_str().len()
+        )));
     }
     let stem = p
         .file_name()
         .map(|s| s.to_string_lossy().to_string())
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| NodeError::input("filename_prefix", "empty file name"))?;
+        .ok_or_else(|| bad("empty file name".into()))?;
     Ok((p.parent().map(Path::to_path_buf).unwrap_or_default(), stem))
 }
 
-/// Reserves the next `<stem>_<counter>_.<ext>` file for `prefix` under `base` (creating it
-/// empty, so concurrent saves never pick the same name): the path, the subfolder and the file
-/// name, for ComfyUI's UI record.
+/// Reserves the next `<stem>_<counter>_.<ext>` file for `prefix` under `base`: creates its
+/// temporary name (`<file>.part`, new, so concurrent saves never pick the same counter and no
+/// link is written through) for the writer to fill and rename. Returns the final path, the
+/// subfolder and the file name, for ComfyUI's UI record. A writer that fails removes the
+/// `.part` file, so nothing is left under either name.
 pub(crate) fn reserve_file(
     base: &Path,
     prefix: &str,
     ext: &str,
 ) -> Result<(PathBuf, String, String), NodeError> {
     let (subfolder, stem) = split_prefix(prefix)?;
-    let folder = base.join(&subfolder);
     let io = |e: std::io::Error| NodeError::File {
-        path: folder.display().to_string(),
+        path: base.join(&subfolder).display().to_string(),
         reason: e.to_string(),
     };
-    std::fs::create_dir_all(&folder).map_err(io)?;
+    let folder = nova_dataflow::output::folder(base, &subfolder).map_err(io)?;
     let _guard = SAVE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let counter = next_counter(&folder, &stem);
     let file = format!("{stem}_{counter:05}_.{ext}");
     let path = folder.join(&file);
-    std::fs::File::create(&path).map_err(io)?;
+    nova_dataflow::output::create_new(&nova_dataflow::output::part_path(&path)).map_err(io)?;
     Ok((path, subfolder.to_string_lossy().to_string(), file))
+}
+
+/// Removes the temporary file of a reservation whose writer could not start.
+pub(crate) fn release_reservation(path: &Path) {
+    let _ = std::fs::remove_file(nova_dataflow::output::part_path(path));
 }
 
 /// One past the highest counter of `<stem>_<counter>_` files in `folder`.
@@ -272,6 +304,10 @@ mod tests {
     fn escaping_prefix_is_refused() {
         assert!(split_prefix("../evil").is_err());
         assert!(split_prefix("/abs/evil").is_err());
+        assert!(split_prefix("a\0b").is_err());
+        assert!(split_prefix(&"x".repeat(201)).is_err());
+        assert!(split_prefix(&format!("{}/x", "d/".repeat(600))).is_err());
+        assert!(split_prefix(&"x".repeat(200)).is_ok());
     }
 
     #[test]

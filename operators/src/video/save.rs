@@ -6,7 +6,7 @@
 
 use super::video_info;
 use crate::audio::media_error;
-use crate::image::save::reserve_file;
+use crate::image::save::{release_reservation, reserve_file};
 use crate::spec::{combo, int, link, string};
 use candle_core::Tensor;
 use nova_dataflow::{
@@ -138,21 +138,24 @@ fn factory(
             preset: preset.clone(),
             threads: None,
         };
-        let (writer, audio) = match audio {
-            Some(a) => {
-                let am = a.meta();
-                let spec = nova_media::audio::AudioSpec {
-                    sample_rate: am.sample_rate,
-                    channels: am.channels,
-                };
-                let w = VideoWriter::with_audio(&path, &opts, spec).map_err(media_error)?;
-                (w, Some((a.open()?, am.sample_rate, am.channels, 0u64)))
-            }
-            None => (
-                VideoWriter::create(&path, &opts).map_err(media_error)?,
-                None,
-            ),
-        };
+        let opened = (|| -> Result<_, NodeError> {
+            Ok(match audio {
+                Some(a) => {
+                    let am = a.meta();
+                    let spec = nova_media::audio::AudioSpec {
+                        sample_rate: am.sample_rate,
+                        channels: am.channels,
+                    };
+                    let w = VideoWriter::with_audio(&path, &opts, spec).map_err(media_error)?;
+                    (w, Some((a.open()?, am.sample_rate, am.channels, 0u64)))
+                }
+                None => (
+                    VideoWriter::create(&path, &opts).map_err(media_error)?,
+                    None,
+                ),
+            })
+        })();
+        let (writer, audio) = opened.inspect_err(|_| release_reservation(&path))?;
         Ok(Box::new(EncoderSink {
             writer: Some(writer),
             audio,
@@ -206,13 +209,20 @@ impl SaveVideo {
         }
     }
 
-    fn sinks(args: &Args, env: &JobEnv) -> Result<SinkFactory, NodeError> {
+    /// `crf` (absent or -1: the encoder's default) and `preset` (absent or `auto`: its
+    /// default).
+    fn settings(args: &Args) -> (Option<u32>, Option<String>) {
         let crf = args.int("crf").ok().filter(|c| *c >= 0).map(|c| c as u32);
         let preset = args
             .string("preset")
             .ok()
             .filter(|p| *p != "auto")
             .map(str::to_string);
+        (crf, preset)
+    }
+
+    fn sinks(args: &Args, env: &JobEnv) -> Result<SinkFactory, NodeError> {
+        let (crf, preset) = Self::settings(args);
         Ok(factory(
             env.output_dir.clone(),
             args.string("filename_prefix")?.to_string(),
@@ -259,7 +269,19 @@ impl Node for SaveVideo {
 
     fn check(&self, args: &Args, _env: &JobEnv) -> Result<(), NodeError> {
         crate::image::save::split_prefix(args.string("filename_prefix")?)?;
-        choose(args.string("format")?, args.string("codec")?).map(|_| ())
+        let (_, codec) = choose(args.string("format")?, args.string("codec")?)?;
+        // Settings the encoder would refuse after the work are refused now.
+        let (crf, preset) = Self::settings(args);
+        codec.check_settings(crf, preset.as_deref()).map_err(|m| {
+            NodeError::input(
+                if m.contains("preset") {
+                    "preset"
+                } else {
+                    "crf"
+                },
+                m,
+            )
+        })
     }
 
     fn infer(

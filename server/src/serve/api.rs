@@ -9,12 +9,15 @@
 use super::comfy;
 use super::native;
 use super::security;
-use super::store::{timestamp_ms, JobRecord, JobState, Priority};
+use super::store::{
+    timestamp_ms, Enqueued, JobRecord, JobState, Number, Priority, StoreError, StoreErrorKind,
+    MAX_CLIENT_NUMBER,
+};
 use super::{ws, App};
 use crate::job::{self, PrepareError, Prepared};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Multipart, Path, Query, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -83,6 +86,38 @@ fn internal(e: impl std::fmt::Display) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
 }
 
+/// A queue database failure as an answer: 503 (with `Retry-After`) while the database cannot
+/// take writes (a full disk: see `/health`), 500 otherwise.
+pub(crate) fn store_error(e: StoreError) -> Response {
+    match e.kind {
+        StoreErrorKind::Unavailable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            e.to_string(),
+        )
+            .into_response(),
+        StoreErrorKind::Other => internal(e),
+    }
+}
+
+/// A client's ComfyUI `number`: an integer (`5` or `5.0`) within ±(2^53 − 1).
+fn client_number(v: &Value) -> Result<i64, String> {
+    let n = match (v.as_i64(), v.as_f64()) {
+        (Some(n), _) => Some(n),
+        (None, Some(f))
+            if f.is_finite() && f.fract() == 0.0 && f.abs() <= MAX_CLIENT_NUMBER as f64 =>
+        {
+            Some(f as i64)
+        }
+        _ => None,
+    };
+    n.filter(|n| n.abs() <= MAX_CLIENT_NUMBER).ok_or_else(|| {
+        format!(
+            "number {v} must be an integer between -{MAX_CLIENT_NUMBER} and {MAX_CLIENT_NUMBER}"
+        )
+    })
+}
+
 async fn get_prompt(State(app): State<Arc<App>>) -> Json<Value> {
     Json(json!({ "exec_info": { "queue_remaining": app.queue_remaining() } }))
 }
@@ -97,8 +132,12 @@ fn valid_prompt_id(id: &str) -> bool {
 }
 
 /// A `/prompt`-style body and its workflow, or ComfyUI's 400 body (`invalid_prompt` for
-/// malformed JSON, with line and column; `no_prompt`).
-pub(crate) fn parse_prompt_body(body: &[u8]) -> Result<(Value, Value), Box<Response>> {
+/// malformed JSON, with line and column; `no_prompt`), or 413 (`too_many_nodes`) for a
+/// workflow of more than `max_nodes` nodes.
+pub(crate) fn parse_prompt_body(
+    body: &[u8],
+    max_nodes: usize,
+) -> Result<(Value, Value), Box<Response>> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         Box::new(bad(comfy::prompt_error(
             "invalid_prompt",
@@ -119,31 +158,50 @@ pub(crate) fn parse_prompt_body(body: &[u8]) -> Result<(Value, Value), Box<Respo
             json!({}),
         ))));
     };
+    let nodes = prompt.as_object().map_or(0, |m| m.len());
+    if nodes > max_nodes {
+        let m = format!(
+            "the workflow has {nodes} nodes; this service takes at most {max_nodes} per workflow \
+             (--max-nodes)"
+        );
+        return Err(Box::new(
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Json(comfy::prompt_error("too_many_nodes", &m, &m, json!({}))),
+            )
+                .into_response(),
+        ));
+    }
     Ok((v, prompt))
 }
 
 /// A workflow validated and planned against the whole budget, or ComfyUI's 400 body
-/// (`invalid_settings`, `node_errors`, `invalid_prompt`).
+/// (`invalid_settings`, `node_errors`, `invalid_prompt`). Validation and planning run on a
+/// blocking thread: a large graph never holds up the async threads that answer other requests.
 pub(crate) async fn prepare_prompt(
-    app: &App,
+    app: &Arc<App>,
     prompt: &Value,
     extra_data: Option<&Value>,
 ) -> Result<Prepared, Box<Response>> {
     let warm = app.warmed().await;
-    let spec = app
-        .job_spec(&warm, prompt.clone(), extra_data, None)
-        .map_err(|m| {
-            Box::new(bad(comfy::prompt_error(
-                "invalid_settings",
-                &m,
-                "",
-                json!({}),
-            )))
-        })?;
-    job::prepare(spec).map_err(|e| {
+    let (app2, warm2, prompt2) = (app.clone(), warm.clone(), prompt.clone());
+    let extra = extra_data.cloned();
+    let prepared =
+        tokio::task::spawn_blocking(move || -> Result<Prepared, Result<PrepareError, String>> {
+            let spec = app2
+                .job_spec(&warm2, prompt2, extra.as_ref(), None)
+                .map_err(Err)?;
+            job::prepare(spec).map_err(Ok)
+        })
+        .await
+        .map_err(|_| Box::new(internal("planning the job panicked (this is a bug)")))?;
+    prepared.map_err(|e| {
         Box::new(bad(match e {
-            PrepareError::Invalid(e) => comfy::validation_error_body(&e, prompt, &warm.registry),
-            e @ PrepareError::Plan(_) => {
+            Err(m) => comfy::prompt_error("invalid_settings", &m, "", json!({})),
+            Ok(PrepareError::Invalid(e)) => {
+                comfy::validation_error_body(&e, prompt, &warm.registry)
+            }
+            Ok(e @ PrepareError::Plan(_)) => {
                 comfy::prompt_error("invalid_prompt", &e.to_string(), "", json!({}))
             }
         }))
@@ -152,7 +210,7 @@ pub(crate) async fn prepare_prompt(
 
 async fn post_prompt(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let t = Instant::now();
-    let (v, prompt) = match parse_prompt_body(&body) {
+    let (v, prompt) = match parse_prompt_body(&body, app.config.max_nodes) {
         Ok(p) => p,
         Err(r) => return *r,
     };
@@ -212,18 +270,20 @@ async fn post_prompt(State(app): State<Arc<App>>, body: Bytes) -> Response {
             ))
         }
     };
+    // A quick look saves planning a resubmission; `enqueue` decides, atomically.
     match app.store.get(&prompt_id) {
         Ok(None) => {}
-        Ok(Some(_)) => {
-            return bad(comfy::prompt_error(
-                "duplicate_prompt_id",
-                &format!("prompt_id {prompt_id} was already submitted"),
-                "",
-                json!({}),
-            ))
-        }
-        Err(e) => return internal(e),
+        Ok(Some(_)) => return duplicate(&prompt_id),
+        Err(e) => return store_error(e),
     }
+    let front = v.get("front").and_then(|f| f.as_bool()).unwrap_or(false);
+    let number = match v.get("number") {
+        None | Some(Value::Null) => Number::Next { front },
+        Some(n) => match client_number(n) {
+            Ok(n) => Number::Client(n),
+            Err(m) => return bad(comfy::prompt_error("invalid_number", &m, "", json!({}))),
+        },
+    };
     let prepared = match prepare_prompt(&app, &prompt, Some(&extra_data)).await {
         Ok(p) => p,
         Err(r) => return *r,
@@ -245,14 +305,10 @@ async fn post_prompt(State(app): State<Arc<App>>, body: Bytes) -> Response {
         .filter(|n| n.node.schema().output_node)
         .map(|n| n.id.0.clone())
         .collect();
-    let front = v.get("front").and_then(|f| f.as_bool()).unwrap_or(false);
-    let number = match v.get("number").and_then(|n| n.as_f64()) {
-        Some(n) => n as i64,
-        None => app.store.next_number(front),
-    };
     let rec = JobRecord {
         id: prompt_id.clone(),
-        number,
+        number: 0,
+        seq: 0,
         priority,
         prompt,
         client_id,
@@ -271,23 +327,34 @@ async fn post_prompt(State(app): State<Arc<App>>, body: Bytes) -> Response {
         webhooks: vec![],
         timing: None,
     };
-    if let Err(e) = app.store.enqueue(rec).await {
-        return internal(e);
-    }
+    let number = match app.store.enqueue(rec, number).await {
+        Ok(Enqueued::Queued(n)) => n,
+        Ok(Enqueued::Duplicate) => return duplicate(&prompt_id),
+        Err(e) => return store_error(e),
+    };
     app.sched.wake();
     app.relay.status(app.queue_remaining());
     app.metrics.accepted(t.elapsed().as_secs_f64());
     Json(json!({ "prompt_id": prompt_id, "number": number, "node_errors": {} })).into_response()
 }
 
+fn duplicate(prompt_id: &str) -> Response {
+    bad(comfy::prompt_error(
+        "duplicate_prompt_id",
+        &format!("prompt_id {prompt_id} was already submitted"),
+        "",
+        json!({}),
+    ))
+}
+
 async fn get_queue(State(app): State<Arc<App>>) -> Response {
     let running = match app.store.running() {
         Ok(r) => r,
-        Err(e) => return internal(e),
+        Err(e) => return store_error(e),
     };
     let pending = match app.store.pending() {
         Ok(r) => r,
-        Err(e) => return internal(e),
+        Err(e) => return store_error(e),
     };
     Json(json!({
         "queue_running": running.iter().map(JobRecord::comfy_tuple).collect::<Vec<_>>(),
@@ -328,13 +395,13 @@ async fn post_queue(State(app): State<Arc<App>>, body: Bytes) -> Response {
     if req.clear {
         match app.store.cancel(None).await {
             Ok(v) => changed += v.len(),
-            Err(e) => return internal(e),
+            Err(e) => return store_error(e),
         }
     }
     if !req.delete.is_empty() {
         match app.store.cancel(Some(req.delete)).await {
             Ok(v) => changed += v.len(),
-            Err(e) => return internal(e),
+            Err(e) => return store_error(e),
         }
     }
     if changed > 0 {
@@ -395,7 +462,7 @@ async fn get_history(
     };
     match app.store.history(max, offset) {
         Ok(recs) => Json(history_map(&recs)).into_response(),
-        Err(e) => internal(e),
+        Err(e) => store_error(e),
     }
 }
 
@@ -405,7 +472,7 @@ async fn get_history_one(State(app): State<Arc<App>>, Path(id): Path<String>) ->
             Json(history_map(&[r])).into_response()
         }
         Ok(_) => Json(json!({})).into_response(),
-        Err(e) => internal(e),
+        Err(e) => store_error(e),
     }
 }
 
@@ -416,12 +483,12 @@ async fn post_history(State(app): State<Arc<App>>, body: Bytes) -> Response {
     };
     if req.clear {
         if let Err(e) = app.store.delete_history(None).await {
-            return internal(e);
+            return store_error(e);
         }
     }
     if !req.delete.is_empty() {
         if let Err(e) = app.store.delete_history(Some(req.delete)).await {
-            return internal(e);
+            return store_error(e);
         }
     }
     StatusCode::OK.into_response()
@@ -471,6 +538,7 @@ pub(crate) fn ram() -> (u64, u64) {
 async fn system_stats(State(app): State<Arc<App>>) -> Json<Value> {
     let (ram_total, ram_free) = ram();
     let devices = native::devices(&app);
+    let db = app.store.health();
     Json(json!({
         "system": {
             "os": std::env::consts::FAMILY,
@@ -485,6 +553,8 @@ async fn system_stats(State(app): State<Arc<App>>) -> Json<Value> {
         "devices": devices,
         "nova": {
             "version": env!("CARGO_PKG_VERSION"),
+            "status": if db.ok { "ok" } else { "degraded" },
+            "queue_db": db,
             "stage": app.warm.stage(),
             "stages": app.warm.stages().iter().map(|(s, ms)| json!({"stage": s, "at_ms": ms})).collect::<Vec<_>>(),
             "uptime_ms": app.started.elapsed().as_secs_f64() * 1e3,
@@ -587,8 +657,6 @@ async fn view(State(app): State<Arc<App>>, Query(q): Query<ViewQuery>, req: Requ
     if !path.is_file() {
         return (StatusCode::NOT_FOUND, format!("no file {filename}")).into_response();
     }
-    let disposition = HeaderValue::from_str(&format!("filename=\"{}\"", filename.replace('"', "")))
-        .unwrap_or_else(|_| HeaderValue::from_static("inline"));
     if let Some(p) = q.preview {
         // ComfyUI's `preview=webp;90` / `jpeg;90`: this build re-encodes as JPEG either way.
         let quality = p
@@ -605,14 +673,12 @@ async fn view(State(app): State<Arc<App>>, Query(q): Query<ViewQuery>, req: Requ
         })
         .await;
         return match encoded {
-            Ok(Ok(bytes)) => (
-                [
-                    (header::CONTENT_TYPE, HeaderValue::from_static("image/jpeg")),
-                    (header::CONTENT_DISPOSITION, disposition),
-                ],
-                bytes,
-            )
-                .into_response(),
+            Ok(Ok(bytes)) => {
+                let stem = filename.rsplit_once('.').map_or(filename.as_str(), |s| s.0);
+                let mut resp = bytes.into_response();
+                super::files::serve_headers(resp.headers_mut(), &format!("{stem}.jpg"));
+                resp
+            }
             _ => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "not an image this build can preview",
@@ -627,154 +693,139 @@ async fn view(State(app): State<Arc<App>>, Query(q): Query<ViewQuery>, req: Requ
         Ok(r) => r.into_response(),
         Err(e) => return internal(e),
     };
-    let h = resp.headers_mut();
-    // Files written by workflows are data, never pages or scripts of this origin.
-    let risky = h
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| {
-            [
-                "text/html",
-                "application/xhtml",
-                "text/javascript",
-                "application/javascript",
-                "text/css",
-                "image/svg",
-            ]
-            .iter()
-            .any(|r| t.starts_with(r))
-        });
-    if risky {
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
+    if resp.status().is_success() || resp.status() == StatusCode::PARTIAL_CONTENT {
+        super::files::serve_headers(resp.headers_mut(), &filename);
     }
-    h.insert(header::CONTENT_DISPOSITION, disposition);
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
     resp
 }
 
-/// What an upload holds, from its first bytes: the media LoadImage, LoadVideo and LoadAudio
-/// read. Anything else is refused.
-pub(crate) fn sniff(bytes: &[u8]) -> Option<&'static str> {
-    let starts = |p: &[u8]| bytes.starts_with(p);
-    if starts(b"\x89PNG\r\n\x1a\n") {
-        Some("image/png")
-    } else if starts(&[0xFF, 0xD8, 0xFF]) {
-        Some("image/jpeg")
-    } else if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WAVE" {
-        Some("audio/wav")
-    } else if starts(b"fLaC") {
-        Some("audio/flac")
-    } else if starts(b"OggS") {
-        Some("audio/ogg")
-    } else if starts(b"ID3") || (bytes.len() > 1 && bytes[0] == 0xFF && bytes[1] & 0xE0 == 0xE0) {
-        Some("audio/mpeg")
-    } else if bytes.len() >= 12 && &bytes[4..8] == b"ftyp" {
-        Some("video/mp4")
-    } else if starts(&[0x1A, 0x45, 0xDF, 0xA3]) {
-        Some("video/webm")
-    } else {
-        None
-    }
-}
-
+/// ComfyUI's `/upload/image` (also used for audio and video): a multipart form with the file
+/// as `image` and optional `overwrite`, `subfolder` and `type`. The file streams to disk and is
+/// accepted only if it is what its name claims (see [`super::files`]).
 async fn upload_image(State(app): State<Arc<App>>, mut form: Multipart) -> Response {
-    let mut file: Option<(String, Bytes)> = None;
+    let _permit = match app.uploads.acquire().await {
+        Ok(p) => p,
+        Err(_) => return internal("the upload limiter is closed"),
+    };
+    let mut file: Option<(String, super::files::TempUpload)> = None;
     let mut overwrite = false;
     let mut subfolder = String::new();
     let mut kind = "input".to_string();
+    let staging = app.config.temp_dir().join(".uploads");
     loop {
-        let field = match form.next_field().await {
+        let mut field = match form.next_field().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(e) => return (e.status(), e.body_text()).into_response(),
         };
         let name = field.name().unwrap_or("").to_string();
-        let file_name = field.file_name().map(str::to_string);
-        let data = match field.bytes().await {
-            Ok(d) => d,
-            Err(e) => return (e.status(), e.body_text()).into_response(),
-        };
-        let text = || String::from_utf8_lossy(&data).to_string();
+        if name == "image" {
+            let file_name = field.file_name().unwrap_or_default().to_string();
+            let ext = file_name
+                .rsplit_once('.')
+                .map(|(_, e)| e.to_ascii_lowercase())
+                .unwrap_or_default();
+            if super::files::claim_of(&file_name).is_none() {
+                return (
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    format!(
+                        "'{}' is not a kind of file NOVA loads (accepted: {})",
+                        file_name.chars().take(200).collect::<String>(),
+                        super::files::upload_extensions()
+                    ),
+                )
+                    .into_response();
+            }
+            let mut tmp = match super::files::TempUpload::create(&staging, &ext).await {
+                Ok(t) => t,
+                Err(e) => return internal(format!("cannot stage the upload: {e}")),
+            };
+            let Some(mut out) = tmp.file.take() else {
+                return internal("the staging file is gone");
+            };
+            loop {
+                match field.chunk().await {
+                    Ok(Some(chunk)) => {
+                        if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut out, &chunk).await
+                        {
+                            return storage_full_or_internal(e);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return (e.status(), e.body_text()).into_response(),
+                }
+            }
+            if let Err(e) = tokio::io::AsyncWriteExt::flush(&mut out).await {
+                return storage_full_or_internal(e);
+            }
+            drop(out);
+            file = Some((file_name, tmp));
+            continue;
+        }
+        // The other fields are short text; a long one is cut off at 4 KiB.
+        let mut text = Vec::new();
+        loop {
+            match field.chunk().await {
+                Ok(Some(c)) => {
+                    if text.len() < 4096 {
+                        text.extend_from_slice(&c[..c.len().min(4096 - text.len())]);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return (e.status(), e.body_text()).into_response(),
+            }
+        }
+        let text = String::from_utf8_lossy(&text).to_string();
         match name.as_str() {
-            "image" => file = Some((file_name.unwrap_or_default(), data.clone())),
-            "overwrite" => overwrite = matches!(text().as_str(), "true" | "1"),
-            "subfolder" => subfolder = text(),
-            "type" => kind = text(),
+            "overwrite" => overwrite = matches!(text.as_str(), "true" | "1"),
+            "subfolder" => subfolder = text,
+            "type" => kind = text,
             _ => {}
         }
     }
-    let Some((name, data)) = file else {
+    let Some((name, mut tmp)) = file else {
         return (StatusCode::BAD_REQUEST, "no 'image' file in the form").into_response();
     };
-    if sniff(&data).is_none() {
-        return (
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "not a PNG, JPEG, WAV, FLAC, Ogg, MP3, MP4 or WebM file",
-        )
-            .into_response();
-    }
     let Some(base) = folder_of(&app, &kind) else {
         return (StatusCode::BAD_REQUEST, format!("unknown type '{kind}'")).into_response();
     };
-    let saved = tokio::task::spawn_blocking(move || {
-        save_upload(&base, &subfolder, &name, &data, overwrite).map(|name| (name, subfolder))
+    let path = tmp.path.clone();
+    let placed = tokio::task::spawn_blocking(move || {
+        let Some(claim) = super::files::claim_of(&name) else {
+            return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "not media".to_string()));
+        };
+        let ext = name
+            .rsplit_once('.')
+            .map(|(_, e)| e.to_ascii_lowercase())
+            .unwrap_or_default();
+        super::files::verify(&path, claim, &ext)
+            .map_err(|m| (StatusCode::UNSUPPORTED_MEDIA_TYPE, m))?;
+        super::files::place_upload(&base, &subfolder, &name, &path, overwrite)
+            .map(|name| (name, subfolder))
+            .map_err(|m| (StatusCode::BAD_REQUEST, m))
     })
     .await;
-    match saved {
+    match placed {
         Ok(Ok((name, subfolder))) => {
+            tmp.keep();
             Json(json!({ "name": name, "subfolder": subfolder, "type": kind })).into_response()
         }
-        Ok(Err(m)) => (StatusCode::BAD_REQUEST, m).into_response(),
+        Ok(Err((code, m))) => (code, m).into_response(),
         Err(e) => internal(e),
     }
 }
 
-/// Writes an upload inside `base`; returns the name it got. Without `overwrite`, a clash with
-/// identical content reuses the file and any other clash gets `"stem (i).ext"`, as ComfyUI.
-fn save_upload(
-    base: &std::path::Path,
-    subfolder: &str,
-    name: &str,
-    data: &[u8],
-    overwrite: bool,
-) -> Result<String, String> {
-    let mut path = security::resolve(base, subfolder, name)?;
-    let dir = path
-        .parent()
-        .ok_or_else(|| "no folder".to_string())?
-        .to_path_buf();
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create the folder: {e}"))?;
-    // Re-check now that the folder exists: a link on the way must not lead out.
-    security::resolve(base, subfolder, name)?;
-    let mut final_name = name.to_string();
-    if !overwrite {
-        let (stem, ext) = match name.rsplit_once('.') {
-            Some((s, e)) => (s.to_string(), format!(".{e}")),
-            None => (name.to_string(), String::new()),
-        };
-        let mut i = 1;
-        while path.exists() {
-            if std::fs::read(&path).is_ok_and(|old| old == data) {
-                return Ok(final_name);
-            }
-            final_name = format!("{stem} ({i}){ext}");
-            path = dir.join(&final_name);
-            i += 1;
-        }
+/// A failed write of the service's own files: 507 for a full disk, 500 otherwise.
+fn storage_full_or_internal(e: std::io::Error) -> Response {
+    if e.raw_os_error() == Some(28) {
+        (
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!("the data folder is full: {e}"),
+        )
+            .into_response()
+    } else {
+        internal(e)
     }
-    let tmp = dir.join(format!(".{}.upload", uuid::Uuid::new_v4().simple()));
-    std::fs::write(&tmp, data).map_err(|e| format!("cannot write the file: {e}"))?;
-    std::fs::rename(&tmp, &path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("cannot write the file: {e}")
-    })?;
-    Ok(final_name)
 }
 
 #[cfg(test)]
@@ -782,35 +833,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn uploads_are_sniffed_by_content() {
-        assert_eq!(sniff(b"\x89PNG\r\n\x1a\nrest"), Some("image/png"));
-        assert_eq!(sniff(b"RIFF\0\0\0\0WAVEfmt "), Some("audio/wav"));
-        assert_eq!(sniff(b"<html><script>"), None);
-        assert_eq!(sniff(b"#!/bin/sh"), None);
-    }
-
-    #[test]
-    fn upload_name_clashes_get_a_counter_unless_identical() {
-        let dir = tempfile::tempdir().unwrap();
-        let png = b"\x89PNG\r\n\x1a\none";
+    fn client_numbers_are_integers_within_javascript_s_safe_range() {
+        assert_eq!(client_number(&json!(5)), Ok(5));
+        assert_eq!(client_number(&json!(-3.0)), Ok(-3));
         assert_eq!(
-            save_upload(dir.path(), "", "a.png", png, false).unwrap(),
-            "a.png"
+            client_number(&json!(MAX_CLIENT_NUMBER)),
+            Ok(MAX_CLIENT_NUMBER)
         );
-        assert_eq!(
-            save_upload(dir.path(), "", "a.png", png, false).unwrap(),
-            "a.png"
-        );
-        let other = b"\x89PNG\r\n\x1a\ntwo";
-        assert_eq!(
-            save_upload(dir.path(), "", "a.png", other, false).unwrap(),
-            "a (1).png"
-        );
-        assert_eq!(
-            save_upload(dir.path(), "s", "a.png", other, true).unwrap(),
-            "a.png"
-        );
-        assert!(save_upload(dir.path(), "../x", "a.png", png, false).is_err());
-        assert!(save_upload(dir.path(), "", "../a.png", png, false).is_err());
+        for bad in [
+            json!(1e300),
+            json!(0.5),
+            json!("7"),
+            json!(null),
+            json!(MAX_CLIENT_NUMBER + 1),
+            json!(f64::MAX),
+        ] {
+            assert!(client_number(&bad).is_err(), "{bad}");
+        }
     }
 }

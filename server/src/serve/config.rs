@@ -56,6 +56,14 @@ pub struct ServeConfig {
     pub max_body: Bytes,
     /// Largest upload. Default 100 MiB (ComfyUI's).
     pub max_upload: Bytes,
+    /// Most nodes one workflow may have (`/prompt`, `/api/plan`, `/api/optimize` answer 413
+    /// beyond). Default 10,000; `NOVA_MAX_NODES`.
+    pub max_nodes: usize,
+    /// At start-up, a queue database that is corrupt (empty, truncated, damaged) is moved
+    /// aside (`queue.redb.corrupt-<ms>`, kept) and the service starts with an empty queue;
+    /// without it such a file stops start-up with exit 5. A healthy file is never touched.
+    /// Default off.
+    pub reset_corrupt_queue: bool,
     /// Origins (scheme://host:port) allowed besides the service's own, for browsers' WebSocket
     /// and state-changing requests. Default none.
     pub allow_origins: Vec<String>,
@@ -111,6 +119,8 @@ impl ServeConfig {
             workers: nova_dataflow::exec::default_workers(),
             max_body: Bytes::mib(16),
             max_upload: Bytes::mib(100),
+            max_nodes: 10_000,
+            reset_corrupt_queue: false,
             allow_origins: vec![],
             client_buffer: 256,
             client_hard_limit: 4096,
@@ -133,6 +143,9 @@ impl ServeConfig {
                 "listening on {} (not loopback) needs an API token: set --token or NOVA_API_TOKEN",
                 self.listen
             ));
+        }
+        if self.max_nodes == 0 {
+            return Err("--max-nodes must be at least 1".into());
         }
         if self.max_jobs == 0 {
             return Err("--max-jobs must be at least 1".into());

@@ -21,6 +21,7 @@ pub mod config;
 
 mod api;
 mod comfy;
+mod files;
 mod hub;
 mod metrics;
 mod models;
@@ -112,6 +113,8 @@ pub(crate) struct App {
     pub models: ModelIndex,
     pub http: reqwest::Client,
     pub started: Instant,
+    /// Uploads received at once ([`files::MAX_UPLOADS`]).
+    pub uploads: tokio::sync::Semaphore,
 }
 
 impl App {
@@ -204,14 +207,16 @@ pub fn serve(config: ServeConfig) -> ExitCode {
             return ExitCode::from(EXIT_IO);
         }
     }
-    let (store, recovery) =
-        match Store::open(&config.db_path(), config.on_restart, config.max_attempts) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("nova serve: {e}");
-                return ExitCode::from(EXIT_IO);
-            }
-        };
+    let (store, recovery) = match open_store(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if recovery.stale_removed > 0 {
+        eprintln!(
+            "nova serve: removed {} stale queue entries left by an older version",
+            recovery.stale_removed
+        );
+    }
     if !recovery.requeued.is_empty() || !recovery.failed.is_empty() {
         eprintln!(
             "nova serve: the last run stopped with jobs running: {} requeued, {} marked failed",
@@ -248,11 +253,15 @@ pub fn serve(config: ServeConfig) -> ExitCode {
             }
         };
         let models = ModelIndex::load(&store);
+        let paused = store.paused().unwrap_or(false);
+        if paused {
+            eprintln!("nova serve: the queue is held (as it was left); POST /api/queue/resume releases it");
+        }
         let app = Arc::new(App {
             relay,
             hub,
             store,
-            sched: Scheduler::default(),
+            sched: Scheduler::held(paused),
             metrics: Metrics::new(),
             warm: Warm {
                 cell: tokio::sync::OnceCell::new(),
@@ -261,6 +270,7 @@ pub fn serve(config: ServeConfig) -> ExitCode {
             models,
             http: reqwest::Client::new(),
             started,
+            uploads: tokio::sync::Semaphore::new(files::MAX_UPLOADS),
             config,
         });
         app.warm.enter("warming", started);
@@ -305,6 +315,47 @@ pub fn serve(config: ServeConfig) -> ExitCode {
             }
         }
     })
+}
+
+/// Opens the queue database. A corrupt file stops start-up (exit 5, naming the file and the
+/// way out) unless `--reset-corrupt-queue` says to move it aside and start empty.
+fn open_store(config: &ServeConfig) -> Result<(Store, store::Recovery), ExitCode> {
+    let path = config.db_path();
+    let open = || Store::open(&path, config.on_restart, config.max_attempts);
+    match open() {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind == store::OpenErrorKind::Corrupt && config.reset_corrupt_queue => {
+            match Store::move_aside(&path) {
+                Ok(aside) => {
+                    eprintln!(
+                        "nova serve: {e}; moved it aside to {} (kept) and starting with an empty queue",
+                        aside.display()
+                    );
+                    open().map_err(|e| {
+                        eprintln!("nova serve: {e}");
+                        ExitCode::from(EXIT_IO)
+                    })
+                }
+                Err(io) => {
+                    eprintln!("nova serve: {e}; moving it aside failed: {io}");
+                    Err(ExitCode::from(EXIT_IO))
+                }
+            }
+        }
+        Err(e) if e.kind == store::OpenErrorKind::Corrupt => {
+            eprintln!(
+                "nova serve: {e}\nnova serve: the queue file is corrupt; to keep it and start \
+                 with an empty queue, run again with --reset-corrupt-queue (it is renamed to \
+                 {}.corrupt-<time>, not deleted)",
+                path.display()
+            );
+            Err(ExitCode::from(EXIT_IO))
+        }
+        Err(e) => {
+            eprintln!("nova serve: {e}");
+            Err(ExitCode::from(EXIT_IO))
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -42,20 +42,28 @@ pub(crate) fn api_routes() -> Router<Arc<App>> {
         .route("/queue/resume", post(resume))
 }
 
-/// Holds the queue: jobs are accepted and queued but none starts until `resume`.
-async fn pause(State(app): State<Arc<App>>) -> Json<Value> {
-    app.sched.set_paused(true);
-    Json(json!({ "paused": true }))
+/// Holds the queue: jobs are accepted and queued but none starts until `resume`. The held
+/// state is stored, so a restart keeps it.
+async fn pause(State(app): State<Arc<App>>) -> Response {
+    hold(&app, true).await
 }
 
-async fn resume(State(app): State<Arc<App>>) -> Json<Value> {
-    app.sched.set_paused(false);
-    Json(json!({ "paused": false }))
+async fn resume(State(app): State<Arc<App>>) -> Response {
+    hold(&app, false).await
+}
+
+async fn hold(app: &App, paused: bool) -> Response {
+    if let Err(e) = app.store.set_paused(paused).await {
+        return super::api::store_error(e);
+    }
+    app.sched.set_paused(paused);
+    Json(json!({ "paused": paused })).into_response()
 }
 
 /// Routes outside `/api/`.
 pub(crate) fn top_routes() -> Router<Arc<App>> {
     Router::new()
+        .route("/health", get(health))
         .route("/health/vram", get(health_vram))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
@@ -171,9 +179,12 @@ async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
             o
         })
         .unwrap_or_default();
+    let db = app.store.health();
     Json(json!({
         "stage": app.warm.stage(),
         "uptime_ms": app.started.elapsed().as_secs_f64() * 1e3,
+        "status": if db.ok { "ok" } else { "degraded" },
+        "queue_db": db,
         "device": {
             "profile": warm.map(|w| w.memory.profile.id.name()),
             "profile_reason": warm.map(|w| w.memory.reason.clone()),
@@ -206,6 +217,24 @@ async fn cleanup(State(app): State<Arc<App>>) -> Json<Value> {
         "reserved_bytes": reserved,
         "free_bytes": usable.map(|u| u.saturating_sub(reserved)),
     }))
+}
+
+/// The service's health: `ok`, or `degraded` (503) while the queue database cannot take
+/// writes (a full disk; see the store's degraded mode) — new jobs are refused then, and
+/// everything already accepted is kept.
+async fn health(State(app): State<Arc<App>>) -> Response {
+    let db = app.store.health();
+    let body = json!({
+        "status": if db.ok { "ok" } else { "degraded" },
+        "queue_db": db,
+        "stage": app.warm.stage(),
+    });
+    let code = if db.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
 }
 
 async fn health_vram(State(app): State<Arc<App>>) -> Response {
@@ -293,7 +322,7 @@ async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
 
 /// `nova plan --json` over HTTP: body `{"prompt": ..., "extra_data": ...}`.
 async fn plan(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    let (v, prompt) = match super::api::parse_prompt_body(&body) {
+    let (v, prompt) = match super::api::parse_prompt_body(&body, app.config.max_nodes) {
         Ok(p) => p,
         Err(r) => return *r,
     };
@@ -306,17 +335,27 @@ async fn plan(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response 
 /// Auto-Optimize: body `{"prompt": ..., "extra_data": ...}`; answers the workflow with the
 /// planner's choices applied and the list of changes.
 async fn optimize(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
-    let (v, prompt) = match super::api::parse_prompt_body(&body) {
+    let (v, prompt) = match super::api::parse_prompt_body(&body, app.config.max_nodes) {
         Ok(p) => p,
         Err(r) => return *r,
     };
     let extra = v.get("extra_data").cloned().unwrap_or(Value::Null);
     let warm = app.warmed().await;
-    let out = crate::optimize::optimize(&prompt, &extra, |p, e| {
-        let spec = app
-            .job_spec(&warm, p.clone(), Some(e), None)
-            .map_err(PrepareError::Plan)?;
-        job::prepare(spec)
+    // Planning (several times) runs off the async threads.
+    let (app2, warm2, prompt2) = (app.clone(), warm.clone(), prompt.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        crate::optimize::optimize(&prompt2, &extra, |p, e| {
+            let spec = app2
+                .job_spec(&warm2, p.clone(), Some(e), None)
+                .map_err(PrepareError::Plan)?;
+            job::prepare(spec)
+        })
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(PrepareError::Plan(
+            "planning the job panicked (this is a bug)".into(),
+        ))
     });
     match out {
         Ok(o) => Json(o).into_response(),

@@ -14,7 +14,7 @@
 
 use super::comfy::{self, Failure};
 use super::relay::JobTag;
-use super::store::{timestamp_ms, JobRecord, JobState};
+use super::store::{timestamp_ms, JobRecord, JobState, StoreErrorKind};
 use super::App;
 use crate::job::{self, PrepareError, Prepared};
 use nova_dataflow::profile::Admission;
@@ -51,6 +51,13 @@ enum Decision {
 }
 
 impl Scheduler {
+    /// A scheduler whose queue starts held (or not).
+    pub(crate) fn held(paused: bool) -> Scheduler {
+        let s = Scheduler::default();
+        s.paused.store(paused, std::sync::atomic::Ordering::SeqCst);
+        s
+    }
+
     /// Something changed (a job was queued or ended): look at the queue again.
     pub(crate) fn wake(&self) {
         self.wake.notify_one();
@@ -122,13 +129,22 @@ pub(crate) async fn schedule(app: Arc<App>) {
 
 async fn admit_what_fits(app: &Arc<App>) {
     while !app.sched.paused() && app.sched.running_count() < app.config.max_jobs {
-        let rec = match app.store.next_queued() {
-            Ok(Some(r)) => r,
+        let (key, rec) = match app.store.next_queued() {
+            Ok(Some(head)) => head,
             Ok(None) => return,
             Err(e) => {
                 tracing_error(&format!("reading the queue: {e}"));
                 return;
             }
+        };
+        let Some(rec) = rec else {
+            // An entry that matches no queued job: `start` removes it, and the loop goes on
+            // to the next one (it never meets this one again).
+            if let Err(e) = app.store.start(key, None).await {
+                tracing_error(&format!("removing a stale queue entry: {e}"));
+                return;
+            }
+            continue;
         };
         let app2 = app.clone();
         let rec2 = rec.clone();
@@ -143,7 +159,7 @@ async fn admit_what_fits(app: &Arc<App>) {
             Decision::Fail { message, kind } => fail_unstarted(app, rec, &message, kind).await,
             Decision::Admit(prepared) => {
                 let reserved = prepared.plan.forecast_peak_bytes;
-                let started = match app.store.start(rec.id.clone(), Some(reserved)).await {
+                let started = match app.store.start(key, Some(reserved)).await {
                     Ok(Some(r)) => r,
                     Ok(None) => continue, // cancelled meanwhile
                     Err(e) => {
@@ -241,7 +257,9 @@ async fn fail_unstarted(app: &Arc<App>, mut rec: JobRecord, message: &str, kind:
     rec.messages
         .push(("execution_error".into(), last["data"].clone()));
     if let Err(e) = app.store.finish(rec.clone()).await {
+        // Still queued in the database: it is looked at again once writes commit.
         tracing_error(&format!("recording job {}: {e}", rec.id));
+        return;
     }
     let tag = Arc::new(JobTag {
         prompt_id: rec.id.clone(),
@@ -252,6 +270,26 @@ async fn fail_unstarted(app: &Arc<App>, mut rec: JobRecord, message: &str, kind:
     app.relay.end(&tag, last, app.queue_remaining(), fallback);
     app.metrics.job_finished("error", 0.0);
     super::webhook::spawn(app.clone(), rec);
+}
+
+/// Commits a job's end. While the database cannot take writes (a full disk) the job keeps its
+/// running slot and the commit is retried until it lands: an accepted job's result is never
+/// dropped, and its end is announced only once it is recorded.
+fn record_end(app: &App, rec: &JobRecord) {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match app.store.finish_blocking(rec.clone()) {
+            Ok(()) => return,
+            Err(e) if e.kind == StoreErrorKind::Unavailable => {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing_error(&format!("recording job {}: {e}", rec.id));
+                return;
+            }
+        }
+    }
 }
 
 /// Runs one admitted job to its end, on its own thread.
@@ -406,9 +444,7 @@ fn run_job(
         .unwrap_or("execution_error")
         .to_string();
     rec.messages.push((kind, last["data"].clone()));
-    if let Err(e) = app.store.finish_blocking(rec.clone()) {
-        tracing_error(&format!("recording job {}: {e}", rec.id));
-    }
+    record_end(&app, &rec);
     app.sched.lock().remove(&rec.id);
     app.sched.wake();
     let fallback = json!({"v": nova_dataflow::EVENT_SCHEMA_VERSION, "job": rec.id, "type": last["type"], "data": last["data"]});

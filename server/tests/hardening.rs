@@ -1,0 +1,312 @@
+//! `nova serve` under attack and careless use: each test reproduces one defect found that way
+//! (duplicate ids, client numbers as queue keys, uploads that script the origin, huge graphs,
+//! a full disk, a corrupt queue file, half-sent requests, webhooks aimed inside, links out of
+//! the output folder, slow WebSocket clients) and holds the behaviour that replaced it. Real
+//! binary, real HTTP and WebSocket, real files, real database.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A `/prompt` body's error type (`error.type`).
+fn error_type(v: &Value) -> &str {
+    v["error"]["type"].as_str().unwrap_or("")
+}
+
+/// CPU seconds the process has used (utime + stime from /proc).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+async fn pending_ids(http: &reqwest::Client, s: &Server) -> Vec<String> {
+    let (_, q) = get(http, &s.url("/queue")).await;
+    q["queue_pending"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[1].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_id_sent_eight_times_at_once_is_accepted_once_and_the_queue_keeps_moving() {
+    let data = data_dir("dupid");
+    let http = reqwest::Client::new();
+    let mut s = Server::start(data.path(), &[]);
+    let body = json!({"prompt": quick_workflow("dup"), "prompt_id": "same-id"});
+    let url = s.url("/prompt");
+    let answers = futures_util::future::join_all((0..8).map(|_| post(&http, &url, &body))).await;
+    let accepted = answers.iter().filter(|(c, _)| *c == 200).count();
+    assert_eq!(accepted, 1, "{answers:?}");
+    for (c, v) in answers.iter().filter(|(c, _)| *c != 200) {
+        assert_eq!(*c, 400, "{v}");
+        assert_eq!(error_type(v), "duplicate_prompt_id", "{v}");
+    }
+    let e = wait_history(&http, &s, "same-id").await;
+    assert_eq!(e["status"]["status_str"], "success");
+    // An unrelated job after it runs, and the idle scheduler does not spin.
+    let other = submit(&http, &s, json!({"prompt": quick_workflow("other")})).await;
+    assert_eq!(
+        wait_history(&http, &s, &other).await["status"]["status_str"],
+        "success"
+    );
+    let pid = s.child.id();
+    let before = cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_seconds(pid) - before;
+    assert!(used < 0.5, "an idle service used {used:.2} CPU-s in 2 s");
+    // And after a restart, the same.
+    s.kill9();
+    let s = Server::start(data.path(), &[]);
+    let (c, v) = post(&http, &s.url("/prompt"), &body).await;
+    assert_eq!((c, error_type(&v)), (400, "duplicate_prompt_id"), "{v}");
+    let third = submit(&http, &s, json!({"prompt": quick_workflow("third")})).await;
+    assert_eq!(
+        wait_history(&http, &s, &third).await["status"]["status_str"],
+        "success"
+    );
+    assert!(pending_ids(&http, &s).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_s_number_orders_the_queue_but_never_keys_it() {
+    let data = data_dir("number");
+    let http = reqwest::Client::new();
+    let mut s = Server::start(data.path(), &[]);
+    let (c, _) = post(&http, &s.url("/api/queue/pause"), &json!({})).await;
+    assert_eq!(c, 200);
+    let with =
+        |prefix: &str, number: Value| json!({"prompt": quick_workflow(prefix), "number": number});
+    let a = submit(&http, &s, with("a", json!(5))).await;
+    let b = submit(&http, &s, with("b", json!(5))).await;
+    let d = submit(&http, &s, json!({"prompt": quick_workflow("d")})).await;
+    let e = submit(&http, &s, with("e", json!(-3.0))).await;
+    for bad in [
+        json!(1e300),
+        json!(-1e300),
+        json!(0.5),
+        json!("7"),
+        json!(9007199254740993u64),
+    ] {
+        let (c, v) = post(&http, &s.url("/prompt"), &with("x", bad.clone())).await;
+        assert_eq!((c, error_type(&v)), (400, "invalid_number"), "{bad}: {v}");
+    }
+    // ComfyUI's order: by number (the service's own counter starts at 0), ties in submission
+    // order; every accepted job is listed.
+    assert_eq!(
+        pending_ids(&http, &s).await,
+        [e.clone(), d.clone(), a.clone(), b.clone()]
+    );
+    // The held state survives a restart; so does every queued job.
+    s.kill9();
+    let s = Server::start(data.path(), &[]);
+    let (_, stats) = get(&http, &s.url("/api/system/stats")).await;
+    assert_eq!(stats["queue"]["paused"], true, "{stats}");
+    assert_eq!(
+        pending_ids(&http, &s).await,
+        [e.clone(), d.clone(), a.clone(), b.clone()]
+    );
+    let (c, v) = post(
+        &http,
+        &s.url("/prompt"),
+        &json!({"prompt": quick_workflow("f")}),
+    )
+    .await;
+    assert_eq!(c, 200, "{v}");
+    assert_eq!(v["number"], 1, "the service's counter continues: {v}");
+    let f = v["prompt_id"].as_str().unwrap().to_string();
+    let (c, _) = post(&http, &s.url("/api/queue/resume"), &json!({})).await;
+    assert_eq!(c, 200);
+    for id in [&e, &d, &a, &b, &f] {
+        assert_eq!(
+            wait_history(&http, &s, id).await["status"]["status_str"],
+            "success",
+            "{id}"
+        );
+    }
+    assert!(pending_ids(&http, &s).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflows_over_the_node_cap_get_413_naming_the_cap() {
+    let data = data_dir("cap");
+    let http = reqwest::Client::new();
+    let s = Server::start(data.path(), &["--max-nodes", "50"]);
+    let mut wf = serde_json::Map::new();
+    wf.insert(
+        "1".into(),
+        json!({"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}),
+    );
+    for i in 2..=51 {
+        wf.insert(
+            i.to_string(),
+            json!({"class_type": "ImageInvert", "inputs": {"image": [(i - 1).to_string(), 0]}}),
+        );
+    }
+    for path in ["/prompt", "/api/plan", "/api/optimize"] {
+        let (c, v) = post(&http, &s.url(path), &json!({"prompt": wf})).await;
+        assert_eq!(c, 413, "{path}: {v}");
+        assert_eq!(error_type(&v), "too_many_nodes", "{path}: {v}");
+        assert!(v.to_string().contains("51 nodes"), "{v}");
+    }
+}
+
+/// Starts `nova serve` on `data`, expecting it to stop at once: (exit code, stderr).
+fn serve_exits(data: &std::path::Path, extra: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nova"))
+        .args(serve_args(data))
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_or_empty_queue_file_is_exit_5_naming_it_and_can_be_moved_aside() {
+    let data = data_dir("corrupt");
+    let http = reqwest::Client::new();
+    let db = data.path().join("queue.redb");
+    {
+        let mut s = Server::start(data.path(), &[]);
+        let (c, _) = post(&http, &s.url("/api/queue/pause"), &json!({})).await;
+        assert_eq!(c, 200);
+        for i in 0..40 {
+            submit(
+                &http,
+                &s,
+                json!({"prompt": quick_workflow(&format!("j{i}"))}),
+            )
+            .await;
+        }
+        s.kill9();
+    }
+    let full = std::fs::read(&db).unwrap();
+    for pct in [0, 5, 25, 50, 75, 99] {
+        std::fs::write(&db, &full[..full.len() * pct / 100]).unwrap();
+        let (code, err) = serve_exits(data.path(), &[]);
+        assert_eq!(code, 5, "cut at {pct}%: {err}");
+        assert!(err.contains(&db.display().to_string()), "{pct}%: {err}");
+        assert!(err.contains("--reset-corrupt-queue"), "{pct}%: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // With the flag the damaged file is kept aside and the service starts empty.
+    let s = Server::start(data.path(), &["--reset-corrupt-queue"]);
+    assert!(s.log.lock().unwrap().contains("moved it aside"));
+    let kept: Vec<_> = std::fs::read_dir(data.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("queue.redb.corrupt-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        std::fs::metadata(kept[0].path()).unwrap().len(),
+        (full.len() * 99 / 100) as u64
+    );
+    let id = submit(&http, &s, json!({"prompt": quick_workflow("after")})).await;
+    assert_eq!(
+        wait_history(&http, &s, &id).await["status"]["status_str"],
+        "success"
+    );
+    // The flag never touches a healthy file.
+    drop(s);
+    let s = Server::start(data.path(), &["--reset-corrupt-queue"]);
+    let (_, h) = get(&http, &s.url(&format!("/history/{id}"))).await;
+    assert!(h.get(&id).is_some(), "{h}");
+}
+
+/// Runs `nova serve` in a mount namespace of its own whose data folder is a tmpfs of `size`
+/// (unshare: user and mount namespaces, which need no privileges on this kind of machine), so
+/// the test can fill the disk. The data folder's files are reached from outside through
+/// `/proc/<pid>/root`.
+fn serve_on_small_disk(data: &std::path::Path, size: &str) -> Server {
+    let nova = env!("CARGO_BIN_EXE_nova");
+    let script = format!(
+        "mount -t tmpfs -o size={size} nova-test \"$0\" && mkdir -p \"$0/input\" && cp \"$1\" \"$0/input/\" && shift && exec \"$@\""
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--user", "--map-root-user", "--mount", "sh", "-c", &script])
+        .arg(data)
+        .arg(repo().join("examples/input/card.png"))
+        .arg(nova)
+        .args(serve_args(data));
+    Server::spawn(cmd)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_degrades_the_service_and_it_recovers_when_space_is_back() {
+    let data = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let s = serve_on_small_disk(data.path(), "16m");
+    let inside = std::path::PathBuf::from(format!("/proc/{}/root", s.child.id()))
+        .join(data.path().strip_prefix("/").unwrap());
+    let before = submit(&http, &s, json!({"prompt": quick_workflow("before")})).await;
+    assert_eq!(
+        wait_history(&http, &s, &before).await["status"]["status_str"],
+        "success"
+    );
+    let (c, h) = get(&http, &s.url("/health")).await;
+    assert_eq!((c, h["status"].as_str()), (200, Some("ok")), "{h}");
+    // Fill the disk.
+    let filler = inside.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 1 << 16];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    // Submissions fail cleanly (nothing acknowledged that was not stored) until writes commit
+    // again; the service says it is degraded.
+    let mut refused = None;
+    for i in 0..50 {
+        let big = json!({"prompt": quick_workflow(&format!("full{i}")), "extra_data": {"pad": "x".repeat(256 << 10)}});
+        let (c, v) = post(&http, &s.url("/prompt"), &big).await;
+        if c != 200 {
+            refused = Some((c, v));
+            break;
+        }
+    }
+    let (c, v) = refused.expect("a submission is refused once the disk is full");
+    assert_eq!(c, 503, "{v}");
+    let (c, h) = get(&http, &s.url("/health")).await;
+    assert_eq!((c, h["status"].as_str()), (503, Some("degraded")), "{h}");
+    assert!(h["queue_db"]["reason"].is_string(), "{h}");
+    let (_, stats) = get(&http, &s.url("/system_stats")).await;
+    assert_eq!(stats["system"].is_object(), true);
+    assert_eq!(stats["nova"]["status"], "degraded", "{stats}");
+    // Space comes back: the service recovers without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let t = Instant::now();
+    loop {
+        let (c, _) = get(&http, &s.url("/health")).await;
+        if c == 200 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no recovery");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = submit(&http, &s, json!({"prompt": quick_workflow("after")})).await;
+    assert_eq!(
+        wait_history(&http, &s, &after).await["status"]["status_str"],
+        "success"
+    );
+    let (_, h) = get(&http, &s.url(&format!("/history/{before}"))).await;
+    assert!(
+        h.get(&before).is_some(),
+        "the history before the failure is kept"
+    );
+}
