@@ -343,10 +343,21 @@ fn profiles_command(json: bool) -> ExitCode {
 
 /// Reads, validates and plans a job; resolves its memory settings.
 fn prepare(job: &JobArgs, memory: &MemoryArgs) -> Result<Prepared, (u8, String)> {
-    let text = std::fs::read_to_string(&job.workflow).map_err(|e| {
+    let bytes = std::fs::read(&job.workflow).map_err(|e| {
         (
             EXIT_IO,
             format!("cannot read workflow {}: {e}", job.workflow.display()),
+        )
+    })?;
+    // Readable but not text: an invalid workflow, at the first byte that is not UTF-8.
+    let text = String::from_utf8(bytes).map_err(|e| {
+        (
+            EXIT_INVALID,
+            format!(
+                "invalid workflow {}: not UTF-8 text (byte offset {})",
+                job.workflow.display(),
+                e.utf8_error().valid_up_to()
+            ),
         )
     })?;
     let temp = job.temp_dir.clone().unwrap_or_else(|| {
@@ -471,34 +482,44 @@ fn run_command(args: RunArgs) -> ExitCode {
             }
         },
     };
-    let (tx, rx) = mpsc::channel::<nova_dataflow::Event>();
-    let tx = std::sync::Mutex::new(tx);
-    let sink: EventSink = Arc::new(move |ev| {
-        if let Ok(tx) = tx.lock() {
-            let _ = tx.send(ev);
-        }
-    });
+    // Bounded: a reader that stops reading (a pipe nobody drains) holds at most
+    // EVENTS_BUFFER events; the engine waits for it at most READER_STALL, then goes on without
+    // it, and the command ends with exit 5 instead of hanging.
+    let (tx, rx) = mpsc::sync_channel::<nova_dataflow::Event>(EVENTS_BUFFER);
+    let events = Arc::new(EventsState::default());
+    let sink: EventSink = {
+        let events = events.clone();
+        let tx = std::sync::Mutex::new(tx);
+        Arc::new(move |ev| events.offer(&tx, ev))
+    };
     let emitter = Arc::new(Emitter::new(args.job_id.clone(), sink));
     let terminal = std::io::stderr().is_terminal();
-    let consumer = std::thread::spawn(move || {
-        let mut progress = Progress::new(terminal);
-        let mut write_failed = None;
-        for ev in rx {
-            progress.on_event(&ev);
-            if let Some(w) = events_out.as_mut() {
-                if let Err(e) = writeln!(w, "{}", ev.to_json_line()) {
-                    write_failed.get_or_insert(e.to_string());
+    let (done_tx, done_rx) = mpsc::channel::<Option<String>>();
+    {
+        let events = events.clone();
+        std::thread::spawn(move || {
+            let mut progress = Progress::new(terminal);
+            let mut write_failed = None;
+            for ev in rx {
+                progress.on_event(&ev);
+                if let (Some(w), None) = (events_out.as_mut(), &write_failed) {
+                    if let Err(e) = writeln!(w, "{}", ev.to_json_line()) {
+                        // A broken pipe or a full disk: the rest is not written either.
+                        write_failed = Some(e.to_string());
+                        events.reader_gone();
+                    }
+                }
+                events.handled();
+            }
+            if let (Some(w), None) = (events_out.as_mut(), &write_failed) {
+                if let Err(e) = w.flush() {
+                    write_failed = Some(e.to_string());
                 }
             }
-        }
-        if let Some(w) = events_out.as_mut() {
-            if let Err(e) = w.flush() {
-                write_failed.get_or_insert(e.to_string());
-            }
-        }
-        progress.finish();
-        write_failed
-    });
+            progress.finish();
+            let _ = done_tx.send(write_failed);
+        });
+    }
 
     emitter.emit(EventKind::Lifecycle {
         state: Lifecycle::Planning,
@@ -555,9 +576,7 @@ fn run_command(args: RunArgs) -> ExitCode {
         }
     }
     drop(emitter);
-    let write_failed = consumer
-        .join()
-        .unwrap_or(Some("event writer crashed".into()));
+    let write_failed = events.wait_reader(&done_rx);
     match outcome {
         Ok(report) => {
             let env = env_out.expect("set before the run");
@@ -599,6 +618,102 @@ fn run_command(args: RunArgs) -> ExitCode {
             }
         }
         Err((code, msg)) => fail(code, msg),
+    }
+}
+
+/// Events the events writer may fall behind by.
+const EVENTS_BUFFER: usize = 8192;
+/// How long the engine waits for an events reader that takes nothing, and the command for it
+/// at the end, before going on without it.
+const READER_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The events writer's progress, shared by the engine's sink and the writer thread.
+#[derive(Default)]
+struct EventsState {
+    handled: std::sync::atomic::AtomicU64,
+    lost: std::sync::atomic::AtomicU64,
+    gone: std::sync::atomic::AtomicBool,
+}
+
+impl EventsState {
+    /// Hands an event to the writer; waits while its buffer is full, up to [`READER_STALL`]
+    /// without progress, then gives up on the reader.
+    fn offer(
+        &self,
+        tx: &std::sync::Mutex<mpsc::SyncSender<nova_dataflow::Event>>,
+        ev: nova_dataflow::Event,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Ok(tx) = tx.lock() else { return };
+        let mut ev = ev;
+        let mut last = (self.handled.load(Relaxed), std::time::Instant::now());
+        loop {
+            if self.gone.load(Relaxed) {
+                self.lost.fetch_add(1, Relaxed);
+                return;
+            }
+            match tx.try_send(ev) {
+                Ok(()) => return,
+                Err(mpsc::TrySendError::Full(back)) => {
+                    ev = back;
+                    let now = self.handled.load(Relaxed);
+                    if now != last.0 {
+                        last = (now, std::time::Instant::now());
+                    } else if last.1.elapsed() > READER_STALL {
+                        self.reader_gone();
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(mpsc::TrySendError::Disconnected(_)) => {
+                    self.lost.fetch_add(1, Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handled(&self) {
+        self.handled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn reader_gone(&self) {
+        self.gone.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Waits for the writer to finish: its error, if writing failed or the reader stopped
+    /// taking events.
+    fn wait_reader(&self, done: &mpsc::Receiver<Option<String>>) -> Option<String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut last = (self.handled.load(Relaxed), std::time::Instant::now());
+        let failed = loop {
+            match done.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(failed) => break failed,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    break Some("the event writer stopped".into())
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let now = self.handled.load(Relaxed);
+                    if now != last.0 {
+                        last = (now, std::time::Instant::now());
+                    } else if last.1.elapsed() > READER_STALL {
+                        break Some(format!(
+                            "the reader stopped taking events (nothing read for {} s)",
+                            READER_STALL.as_secs()
+                        ));
+                    }
+                }
+            }
+        };
+        let lost = self.lost.load(Relaxed);
+        match (failed, lost) {
+            (Some(e), 0) => Some(e),
+            (Some(e), n) => Some(format!("{e}; {n} event(s) not written")),
+            (None, 0) => None,
+            (None, n) => Some(format!(
+                "{n} event(s) not written: the reader stopped taking them"
+            )),
+        }
     }
 }
 

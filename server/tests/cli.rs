@@ -639,3 +639,169 @@ fn ten_minutes_of_audio_run_in_the_same_process_memory_as_ten_seconds() {
         rss[1]
     );
 }
+
+#[test]
+fn outputs_are_never_written_through_a_link_out_of_the_output_folder() {
+    let s = Setup::new("links");
+    let elsewhere = s.dir.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::create_dir_all(s.dir.join("output")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, s.dir.join("output/link")).unwrap();
+    let cases = [
+        (
+            "image",
+            r#"{"1": {"class_type": "LoadImage", "inputs": {"image": "card.png"}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "link/x"}}}"#,
+            "SaveImage",
+        ),
+        (
+            "audio",
+            r#"{"1": {"class_type": "AudioOscillator", "inputs": {"waveform": "sine", "frequency": 440.0, "amplitude": 0.5, "duration": 0.1, "sample_rate": 8000, "channels": 1}},
+                "2": {"class_type": "SaveAudio", "inputs": {"audio": ["1", 0], "filename_prefix": "link/a"}}}"#,
+            "SaveAudio",
+        ),
+        (
+            "latent",
+            r#"{"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+                "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "link/deeper/l"}}}"#,
+            "SaveLatent",
+        ),
+    ];
+    for (tag, wf, class) in cases {
+        let name = s.workflow(&format!("{tag}.json"), wf);
+        let out = nova(&["run", &name], &s.dir);
+        assert_clean_failure(&out, 4, &["node 2", class, "link"]);
+        let written: Vec<_> = std::fs::read_dir(&elsewhere).unwrap().flatten().collect();
+        assert!(
+            written.is_empty(),
+            "{tag}: wrote {written:?} through the link"
+        );
+    }
+    // The same prefix through a real folder works.
+    std::fs::create_dir_all(s.dir.join("output/real")).unwrap();
+    let ok = s.workflow("real.json", &cases[0].1.replace("link/x", "real/x"));
+    let out = nova(&["run", &ok], &s.dir);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(s.dir.join("output/real/x_00001_.png").is_file());
+}
+
+#[test]
+fn a_workflow_file_that_is_not_utf8_is_invalid_at_its_byte_offset() {
+    let s = Setup::new("utf8");
+    std::fs::write(s.dir.join("bad.json"), b"{\"1\": \"\xff\"}").unwrap();
+    let out = nova(&["run", "bad.json"], &s.dir);
+    assert_clean_failure(&out, 3, &["bad.json", "UTF-8", "byte offset 7"]);
+}
+
+#[test]
+fn settings_that_cannot_be_written_fail_before_any_work_and_leave_no_file() {
+    let s = Setup::new("unwritable");
+    let save = |prefix: &str| {
+        format!(
+            r#"{{"1": {{"class_type": "LoadImage", "inputs": {{"image": "card.png"}}}},
+                 "2": {{"class_type": "SaveImage", "inputs": {{"images": ["1", 0], "filename_prefix": {prefix}}}}}}}"#
+        )
+    };
+    let video = |codec: &str, extra: &str| {
+        format!(
+            r#"{{"1": {{"class_type": "LoadVideo", "inputs": {{"file": "clip.mp4"}}}},
+                 "2": {{"class_type": "SaveVideo", "inputs": {{"video": ["1", 0], "filename_prefix": "v", "format": "auto", "codec": "{codec}"{extra}}}}}}}"#
+        )
+    };
+    let st = std::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=64x48:rate=8:duration=1",
+            "-pix_fmt",
+            "yuv420p",
+            "-y",
+        ])
+        .arg(s.dir.join("input/clip.mp4"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let cases = [
+        ("nul", save(r#""a\u0000b""#), "filename_prefix"),
+        (
+            "long",
+            save(&format!("\"{}\"", "n".repeat(300))),
+            "filename_prefix",
+        ),
+        ("prores", video("prores", r#", "preset": "fast""#), "preset"),
+        ("mpeg4", video("mpeg4", r#", "crf": 0"#), "crf"),
+    ];
+    for (tag, wf, input) in cases {
+        let name = s.workflow(&format!("{tag}.json"), &wf);
+        let out = nova(&["run", &name], &s.dir);
+        assert_clean_failure(&out, 3, &["node 2", input]);
+        let left: Vec<_> = std::fs::read_dir(s.dir.join("output"))
+            .map(|d| d.flatten().collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{tag} left {left:?}");
+    }
+}
+
+#[test]
+fn events_to_a_pipe_nobody_reads_do_not_hold_the_process() {
+    let s = Setup::new("pipe");
+    // Hundreds of tiles: far more events than a pipe holds.
+    let wf = s.workflow(
+        "tiles.json",
+        r#"{"1": {"class_type": "EmptyImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "t"}}}"#,
+    );
+    let (reader, writer) = std::io::pipe().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nova"))
+        .args(["run", &wf, "--events", "-", "--tile-size", "16"])
+        .current_dir(&s.dir)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(120),
+            "nova run never ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    drop(reader);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(5), "{err}");
+    assert!(err.contains("events"), "{err}");
+    assert!(
+        s.dir.join("output/t_00001_.png").is_file(),
+        "the run itself finished: {err}"
+    );
+    // A reader that goes away (a broken pipe) is exit 5 too.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nova"))
+        .args(["run", &wf, "--events", "-", "--tile-size", "16"])
+        .current_dir(&s.dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

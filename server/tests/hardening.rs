@@ -310,3 +310,180 @@ async fn a_full_disk_degrades_the_service_and_it_recovers_when_space_is_back() {
         "the history before the failure is kept"
     );
 }
+
+async fn upload(http: &reqwest::Client, s: &Server, name: &str, bytes: Vec<u8>) -> (u16, String) {
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()),
+        )
+        .text("type", "input");
+    let r = http
+        .post(s.url("/upload/image"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn ffmpeg_file(dir: &std::path::Path, name: &str, args: &[&str]) -> Vec<u8> {
+    let path = dir.join(name);
+    let st = Command::new("ffmpeg")
+        .args(["-v", "error", "-y"])
+        .args(args)
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(st.success(), "ffmpeg made {name}");
+    std::fs::read(&path).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_accepted_by_what_they_are_and_user_files_cannot_script_the_origin() {
+    let data = data_dir("xss");
+    let http = reqwest::Client::new();
+    let s = Server::start(data.path(), &[]);
+    // An XHTML page whose bytes 4..8 read "ftyp", and whose script drives the API.
+    let evil = b"<!--ftyp--><html xmlns=\"http://www.w3.org/1999/xhtml\"><script>fetch('/api/queue/pause',{method:'POST'})</script></html>".to_vec();
+    for name in [
+        "evil.xml",
+        "evil.mp4",
+        "evil.mov",
+        "evil.png",
+        "evil.html",
+        "evil",
+    ] {
+        let (c, m) = upload(&http, &s, name, evil.clone()).await;
+        assert_eq!(c, 415, "{name}: {m}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mp4 = ffmpeg_file(
+        dir.path(),
+        "clip.mp4",
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=64x48:rate=8:duration=1",
+            "-pix_fmt",
+            "yuv420p",
+        ],
+    );
+    let wav = ffmpeg_file(
+        dir.path(),
+        "tone.wav",
+        &["-f", "lavfi", "-i", "sine=duration=0.2"],
+    );
+    let png = std::fs::read(repo().join("examples/input/card.png")).unwrap();
+    // Real files of their claimed kind are taken; the same bytes under another kind's name
+    // are not.
+    for (name, bytes, ok) in [
+        ("clip.mp4", mp4.clone(), true),
+        ("tone.wav", wav.clone(), true),
+        ("pic.png", png.clone(), true),
+        ("tone.mp4", wav.clone(), false),
+        ("clip.wav", mp4.clone(), false),
+        ("pic.jpg", png.clone(), false),
+        // A PNG signature followed by a page.
+        ("fake.png", [&png[..8], &evil[..]].concat(), false),
+    ] {
+        let (c, m) = upload(&http, &s, name, bytes).await;
+        assert_eq!(c == 200, ok, "{name}: {c} {m}");
+    }
+    // Files already in a folder (put there by anyone) are served as media or as downloads,
+    // never as pages, and always under a policy that forbids scripts.
+    std::fs::write(data.path().join("input/evil.xml"), &evil).unwrap();
+    std::fs::write(data.path().join("input/page.html"), &evil).unwrap();
+    std::fs::write(data.path().join("input/pic.svg"), &evil).unwrap();
+    for (name, mime, inline) in [
+        ("evil.xml", "application/octet-stream", false),
+        ("page.html", "application/octet-stream", false),
+        ("pic.svg", "application/octet-stream", false),
+        ("pic.png", "image/png", true),
+        ("clip.mp4", "video/mp4", true),
+        ("tone.wav", "audio/wav", true),
+    ] {
+        let r = http
+            .get(s.url(&format!("/view?filename={name}&type=input")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{name}");
+        let h = r.headers();
+        assert_eq!(h["content-type"], mime, "{name}");
+        let disp = h["content-disposition"].to_str().unwrap();
+        assert_eq!(disp.starts_with("inline"), inline, "{name}: {disp}");
+        assert_eq!(disp.starts_with("attachment"), !inline, "{name}: {disp}");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("sandbox"),
+            "{csp}"
+        );
+    }
+    let (_, stats) = get(&http, &s.url("/api/system/stats")).await;
+    assert_eq!(stats["queue"]["paused"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_never_writes_through_a_link_out_of_its_output_folder() {
+    let data = data_dir("links");
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(data.path().join("output")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), data.path().join("output/link")).unwrap();
+    let http = reqwest::Client::new();
+    let s = Server::start(data.path(), &[]);
+    let id = submit(&http, &s, json!({"prompt": quick_workflow("link/x")})).await;
+    let h = wait_history(&http, &s, &id).await;
+    assert_eq!(h["status"]["status_str"], "error", "{h}");
+    assert!(h.to_string().contains("symbolic link"), "{h}");
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+    // Uploads into a linked subfolder are refused too.
+    std::os::unix::fs::symlink(elsewhere.path(), data.path().join("input/up")).unwrap();
+    let png = std::fs::read(repo().join("examples/input/card.png")).unwrap();
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(png).file_name("a.png"),
+        )
+        .text("subfolder", "up");
+    let r = http
+        .post(s.url("/upload/image"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_fills_the_disk_fails_the_job_and_leaves_no_file() {
+    let data = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let s = serve_on_small_disk(data.path(), "16m");
+    let inside = std::path::PathBuf::from(format!("/proc/{}/root", s.child.id()))
+        .join(data.path().strip_prefix("/").unwrap());
+    // 60 s of stereo noise as 32-bit float: 23 MB, more than the disk holds.
+    let wf = json!({
+        "1": {"class_type": "AudioNoise", "inputs": {"color": "white", "amplitude": 0.5, "duration": 60.0, "sample_rate": 48000, "channels": 2, "seed": 1}},
+        "2": {"class_type": "SaveAudio", "inputs": {"audio": ["1", 0], "filename_prefix": "noise"}}
+    });
+    let id = submit(&http, &s, json!({"prompt": wf})).await;
+    let h = wait_history(&http, &s, &id).await;
+    assert_eq!(h["status"]["status_str"], "error", "{h}");
+    assert!(h.to_string().contains("No space left"), "{h}");
+    let left: Vec<String> = std::fs::read_dir(inside.join("output"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // The next job (which fits) runs.
+    let ok = submit(&http, &s, json!({"prompt": quick_workflow("fits")})).await;
+    assert_eq!(
+        wait_history(&http, &s, &ok).await["status"]["status_str"],
+        "success"
+    );
+}
