@@ -1182,7 +1182,8 @@ fn image_output_consumers(wf: &ValidatedWorkflow, plan: &ExecutionPlan, ix: usiz
         return Vec::new();
     }
     wf.consumers(ix)
-        .into_iter()
+        .iter()
+        .copied()
         .filter(|&c| {
             wf.nodes[c].node.schema().output_node
                 && wf.nodes[c]

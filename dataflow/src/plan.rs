@@ -341,18 +341,24 @@ pub fn plan(
             }
         }
     }
-    let live_before = |ix: usize| -> u64 {
-        (0..ix)
-            .flat_map(|p| {
-                shapes[p]
-                    .1
-                    .iter()
-                    .zip(&last_use[p])
-                    .filter(move |(_, &u)| u >= ix)
-                    .map(|(o, _)| o.bytes().unwrap_or(0))
-            })
-            .sum()
-    };
+    // Value (p, o) is held while node ix runs when p < ix <= its last use. With `produced[i]`
+    // the bytes of every output of nodes before i and `released[i]` those whose last use is
+    // before i (all produced before i too), the bytes held are their difference: linear, not
+    // a scan of every earlier node for every node.
+    let mut produced = vec![0u64; count + 1];
+    let mut released = vec![0u64; count + 1];
+    for p in 0..count {
+        produced[p + 1] = produced[p];
+        for (o, &u) in shapes[p].1.iter().zip(&last_use[p]) {
+            let b = o.bytes().unwrap_or(0);
+            produced[p + 1] += b;
+            released[u + 1] += b;
+        }
+    }
+    for i in 0..count {
+        released[i + 1] += released[i];
+    }
+    let live_before = |ix: usize| -> u64 { produced[ix] - released[ix] };
 
     // Pass 3: modes and sizes.
     let limit = opts.limit.map(|b| b.0);

@@ -65,6 +65,9 @@ pub struct ValidatedWorkflow {
     pub nodes: Vec<WorkflowNode>,
     /// The workflow as submitted (API format), kept to embed in outputs.
     pub prompt: Arc<Json>,
+    /// For each node, the nodes that consume one of its outputs (ascending, once each);
+    /// derived from `nodes` when validated.
+    consumers: Vec<Vec<usize>>,
 }
 
 impl ValidatedWorkflow {
@@ -73,11 +76,40 @@ impl ValidatedWorkflow {
         self.nodes.iter().position(|n| n.id.0 == id)
     }
 
-    /// Indices of nodes that consume an output of node `ix`.
-    pub fn consumers(&self, ix: usize) -> Vec<usize> {
-        (0..self.nodes.len())
-            .filter(|&c| self.nodes[c].links.iter().any(|l| l.from == ix))
-            .collect()
+    /// Indices of nodes that consume an output of node `ix`, ascending.
+    pub fn consumers(&self, ix: usize) -> &[usize] {
+        self.consumers.get(ix).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Each node's consumers, from the links (linear in nodes and links).
+fn consumer_lists(nodes: &[WorkflowNode]) -> Vec<Vec<usize>> {
+    let mut out = vec![Vec::new(); nodes.len()];
+    for (c, n) in nodes.iter().enumerate() {
+        for l in &n.links {
+            if let Some(list) = out.get_mut(l.from) {
+                if list.last() != Some(&c) {
+                    list.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A node id ordered as [`id_order`] orders ids (numbers by value, before other names).
+#[derive(PartialEq, Eq)]
+struct ById<'a>(&'a str);
+
+impl Ord for ById<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        id_order(self.0, other.0)
+    }
+}
+
+impl PartialOrd for ById<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -358,38 +390,45 @@ pub fn validate(
     }
 
     // Pass 4: cycles among needed nodes (Kahn; what remains lies on or behind a cycle).
+    // Linear in nodes and links: each link is looked at once when counted and once when its
+    // source is ordered; ready nodes wait in a heap, lowest id first.
     let mut indeg: BTreeMap<&str, usize> = needed.iter().map(|id| (*id, 0)).collect();
+    let mut users: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for id in &needed {
         for (_, t, _) in &checked[id].links {
-            if indeg.contains_key(t.as_str()) {
-                *indeg.get_mut(id).expect("id is needed") += 1;
+            if let Some((target, _)) = indeg.get_key_value(t.as_str()) {
+                users.entry(*target).or_default().push(id);
             }
         }
     }
+    for list in users.values() {
+        for u in list {
+            *indeg.get_mut(u).expect("a user is needed") += 1;
+        }
+    }
     let mut order: Vec<&str> = Vec::new();
-    let mut ready: Vec<&str> = needed.iter().copied().filter(|id| indeg[id] == 0).collect();
-    while let Some(id) = pick_first(&mut ready) {
+    let mut ready: std::collections::BinaryHeap<std::cmp::Reverse<ById>> = needed
+        .iter()
+        .copied()
+        .filter(|id| indeg[id] == 0)
+        .map(|id| std::cmp::Reverse(ById(id)))
+        .collect();
+    while let Some(std::cmp::Reverse(ById(id))) = ready.pop() {
         order.push(id);
-        for other in &needed {
-            let n = checked[other]
-                .links
-                .iter()
-                .filter(|(_, t, _)| t == id)
-                .count();
-            if n > 0 {
-                let d = indeg.get_mut(other).expect("needed");
-                *d -= n;
-                if *d == 0 {
-                    ready.push(other);
-                }
+        for other in users.get(id).map(Vec::as_slice).unwrap_or(&[]) {
+            let d = indeg.get_mut(other).expect("needed");
+            *d -= 1;
+            if *d == 0 {
+                ready.push(std::cmp::Reverse(ById(other)));
             }
         }
     }
     if order.len() < needed.len() {
+        let ordered: BTreeSet<&str> = order.iter().copied().collect();
         let left: BTreeSet<&str> = needed
             .iter()
             .copied()
-            .filter(|id| !order.contains(id))
+            .filter(|id| !ordered.contains(id))
             .collect();
         errors.push(WorkflowError::Cycle {
             nodes: find_cycle(
@@ -491,7 +530,7 @@ pub fn validate(
 
     let position: BTreeMap<&str, usize> =
         order.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-    let nodes_out = order
+    let nodes_out: Vec<WorkflowNode> = order
         .iter()
         .map(|id| {
             let raw = &nodes[id];
@@ -514,22 +553,12 @@ pub fn validate(
             }
         })
         .collect();
+    let consumers = consumer_lists(&nodes_out);
     Ok(ValidatedWorkflow {
         nodes: nodes_out,
         prompt: Arc::new(json.clone()),
+        consumers,
     })
-}
-
-fn pick_first<'a>(ready: &mut Vec<&'a str>) -> Option<&'a str> {
-    if ready.is_empty() {
-        return None;
-    }
-    let (i, _) = ready
-        .iter()
-        .enumerate()
-        .min_by(|a, b| id_order(a.1, b.1))
-        .expect("non-empty");
-    Some(ready.swap_remove(i))
 }
 
 /// Finds one cycle among `left` (nodes Kahn could not order) and names its nodes in order.

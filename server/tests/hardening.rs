@@ -487,3 +487,51 @@ async fn a_write_that_fills_the_disk_fails_the_job_and_leaves_no_file() {
         "success"
     );
 }
+
+/// An ImageInvert chain of `n` nodes in all.
+fn invert_chain(n: usize) -> Value {
+    let mut wf = serde_json::Map::new();
+    wf.insert(
+        "1".into(),
+        json!({"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}}),
+    );
+    for i in 2..n {
+        wf.insert(
+            i.to_string(),
+            json!({"class_type": "ImageInvert", "inputs": {"image": [(i - 1).to_string(), 0]}}),
+        );
+    }
+    wf.insert(
+        n.to_string(),
+        json!({"class_type": "SaveImage", "inputs": {"images": [(n - 1).to_string(), 0], "filename_prefix": "c"}}),
+    );
+    Value::Object(wf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planning_large_graphs_does_not_hold_up_other_requests() {
+    let data = data_dir("bigplan");
+    let http = reqwest::Client::new();
+    let s = Server::start(data.path(), &["--max-nodes", "20000"]);
+    get(&http, &s.url("/object_info")).await;
+    let body = json!({"prompt": invert_chain(10_000)});
+    // Four plans of 10,000 nodes at once (more than the service has async threads), and a
+    // stats request just behind them: it is answered before any of the plans.
+    let url = s.url("/api/plan");
+    let mut plans: futures_util::stream::FuturesUnordered<_> =
+        (0..4).map(|_| post(&http, &url, &body)).collect();
+    let stats = async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        get(&http, &s.url("/system_stats")).await
+    };
+    let first = tokio::select! {
+        biased;
+        (c, _) = stats => { assert_eq!(c, 200); "stats" }
+        _ = futures_util::StreamExt::next(&mut plans) => "a plan",
+    };
+    assert_eq!(first, "stats", "/system_stats waited for the plans");
+    while let Some((c, v)) = futures_util::StreamExt::next(&mut plans).await {
+        assert_eq!(c, 200, "{v}");
+        assert_eq!(v["nodes"].as_array().map(Vec::len), Some(10_000));
+    }
+}
