@@ -55,7 +55,9 @@ fn bench(c: &mut Criterion) {
     let big = chain(10_000);
     let mut g = c.benchmark_group("validate_and_plan");
     g.sample_size(10).measurement_time(Duration::from_secs(10));
-    g.bench_function("chain_10000", |b| b.iter(|| black_box(prepare(&reg, &env, &big))));
+    g.bench_function("chain_10000", |b| {
+        b.iter(|| black_box(prepare(&reg, &env, &big)))
+    });
     g.finish();
 }
 

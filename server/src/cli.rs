@@ -100,6 +100,15 @@ struct ServeArgs {
     /// Largest upload.
     #[arg(long, value_name = "SIZE", value_parser = Bytes::parse, default_value = "100MiB")]
     max_upload: Bytes,
+    /// Seconds a client has to send a request's headers before the connection is closed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds a request body may go without sending data.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    body_timeout: f64,
+    /// Connections open at once (more are answered 503).
+    #[arg(long, env = "NOVA_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
     /// Most nodes one workflow may have (larger ones are refused with 413).
     #[arg(long, env = "NOVA_MAX_NODES", default_value_t = 10_000)]
     max_nodes: usize,
@@ -110,6 +119,10 @@ struct ServeArgs {
     /// Another origin (scheme://host:port) browsers may call the API from; repeatable.
     #[arg(long, value_name = "ORIGIN")]
     allow_origin: Vec<String>,
+    /// Another host name (a reverse proxy's) requests may address the service by;
+    /// repeatable.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    allow_host: Vec<String>,
     /// Messages buffered per client before previews and progress are dropped for it.
     #[arg(long, default_value_t = 256)]
     client_buffer: usize,
@@ -125,6 +138,18 @@ struct ServeArgs {
     /// URL every finished job is POSTed to (http:// only).
     #[arg(long, env = "NOVA_WEBHOOK")]
     webhook: Option<String>,
+    /// Delivery attempts per webhook (the wait between them doubles from 0.5 s).
+    #[arg(long, default_value_t = 5)]
+    webhook_attempts: u32,
+    /// A target jobs' own webhooks may have (HOST[:PORT], IP[:PORT] or CIDR[:PORT]);
+    /// repeatable. Without any, jobs cannot name webhooks.
+    #[arg(
+        long,
+        value_name = "TARGET",
+        env = "NOVA_WEBHOOK_ALLOW",
+        value_delimiter = ','
+    )]
+    webhook_allow: Vec<String>,
     /// How samplers preview their steps (see `nova run --help`).
     #[arg(long, default_value = "auto")]
     preview_method: PreviewMethod,
@@ -751,8 +776,28 @@ fn serve_command(args: ServeArgs) -> ExitCode {
     c.max_body = args.max_body;
     c.max_upload = args.max_upload;
     c.max_nodes = args.max_nodes;
+    c.max_connections = args.max_connections;
+    for (secs, field, flag) in [
+        (
+            args.header_timeout,
+            &mut c.header_timeout,
+            "--header-timeout",
+        ),
+        (args.body_timeout, &mut c.body_timeout, "--body-timeout"),
+    ] {
+        match std::time::Duration::try_from_secs_f64(secs) {
+            Ok(d) if !d.is_zero() => *field = d,
+            _ => {
+                return fail(
+                    EXIT_USAGE,
+                    format!("{flag} must be a positive number of seconds"),
+                )
+            }
+        }
+    }
     c.reset_corrupt_queue = args.reset_corrupt_queue;
     c.allow_origins = args.allow_origin;
+    c.allow_hosts = args.allow_host;
     c.client_buffer = args.client_buffer;
     c.client_hard_limit = c.client_hard_limit.max(args.client_buffer * 4);
     c.studio_dir = args
@@ -761,6 +806,8 @@ fn serve_command(args: ServeArgs) -> ExitCode {
     c.on_restart = args.on_restart;
     c.max_attempts = args.max_attempts.max(1);
     c.webhook = args.webhook.filter(|w| !w.is_empty());
+    c.webhook_allow = args.webhook_allow;
+    c.webhook_attempts = args.webhook_attempts.max(1);
     c.memory = args.memory.overrides().or(from_env);
     c.preview_method = args.preview_method;
     c.extra_models = Arc::new(extra);

@@ -535,3 +535,274 @@ async fn planning_large_graphs_does_not_hold_up_other_requests() {
         assert_eq!(v["nodes"].as_array().map(Vec::len), Some(10_000));
     }
 }
+
+/// Opens `n` connections that each send half a request and then nothing.
+async fn half_sent(addr: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /system_stats HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            .await
+            .unwrap();
+        v.push(c);
+    }
+    v
+}
+
+/// Whether the server closed `c` (a read returns end of file or an error, not data
+/// pending).
+async fn closed_by_server(c: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 512];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), c.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // An error answer (408) before the close is fine.
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_cannot_make_the_service_unreachable() {
+    let data = data_dir("slowloris");
+    let s = Server::start(data.path(), &["--header-timeout", "2"]);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let mut slow = half_sent(&s.addr, 1100).await;
+    // The service still answers while 1,100 requests hang half-sent…
+    let (c, _) = get(&http, &s.url("/system_stats")).await;
+    assert_eq!(c, 200);
+    // …and closes them once their headers are overdue.
+    let mut closed = 0;
+    for c in slow.iter_mut().step_by(50) {
+        closed += usize::from(closed_by_server(c).await);
+    }
+    assert_eq!(closed, 22, "every sampled half-sent request was closed");
+    // A kept-alive connection that sends nothing more is closed too.
+    let mut idle = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
+    assert!(closed_by_server(&mut idle).await);
+    drop(slow);
+    // Over the connection cap: answered 503 at once, never left waiting.
+    drop(s);
+    let s = Server::start(
+        data.path(),
+        &["--header-timeout", "30", "--max-connections", "20"],
+    );
+    let _held = half_sent(&s.addr, 20).await;
+    let r = reqwest::Client::new()
+        .get(s.url("/system_stats"))
+        .send()
+        .await;
+    match r {
+        Ok(r) => assert_eq!(r.status(), 503),
+        Err(e) => assert!(e.is_connect() || e.is_request(), "{e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_must_name_the_service_and_tokens_stay_out_of_urls() {
+    let data = data_dir("hosts");
+    let s = Server::start(data.path(), &["--token", "s3cret"]);
+    let port = s.addr.rsplit_once(':').unwrap().1.to_string();
+    let http = reqwest::Client::new();
+    let send = |host: &str, origin: Option<&str>, query: &str| {
+        let mut r = http
+            .get(s.url(&format!("/queue{query}")))
+            .header("Host", host)
+            .bearer_auth("s3cret");
+        if let Some(o) = origin {
+            r = r.header("Origin", o);
+        }
+        r.send()
+    };
+    for (host, origin, want) in [
+        (format!("127.0.0.1:{port}"), None, 200),
+        (
+            format!("localhost:{port}"),
+            Some(format!("http://localhost:{port}")),
+            200,
+        ),
+        // DNS rebinding: the attacker's name resolves to 127.0.0.1.
+        (format!("rebind.attacker.test:{port}"), None, 403),
+        (
+            format!("rebind.attacker.test:{port}"),
+            Some(format!("http://rebind.attacker.test:{port}")),
+            403,
+        ),
+        (
+            format!("127.0.0.1:{port}"),
+            Some("http://evil.example".into()),
+            403,
+        ),
+        (format!("127.0.0.1:{port}"), Some("null".into()), 403),
+    ] {
+        let r = send(&host, origin.as_deref(), "").await.unwrap();
+        assert_eq!(r.status(), want, "Host {host}, Origin {origin:?}");
+    }
+    // A non-ASCII Origin is refused, not skipped.
+    let r = http
+        .get(s.url("/queue"))
+        .bearer_auth("s3cret")
+        .header(
+            "Origin",
+            reqwest::header::HeaderValue::from_bytes(b"http://\xe9vil.example").unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // ?token= opens the WebSocket handshake only.
+    let r = http.get(s.url("/queue?token=s3cret")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let (mut w, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?token=s3cret", s.addr))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut w).await["type"], "status");
+    // Over-long paths and declared lengths.
+    let r = http
+        .get(s.url(&format!("/{}", "a".repeat(6000))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 414);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
+    c.write_all(
+        format!(
+            "POST /prompt HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer s3cret\r\nContent-Length: {}\r\n\r\n",
+            u64::MAX - 2
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = c.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 413"));
+}
+
+/// A receiver on loopback that counts hits and answers each with `answer` (a status, and
+/// the `Location` in `location` once set, for redirects).
+async fn receiver(
+    answer: u16,
+    location: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicU32>) {
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let h = h.clone();
+            let location = location.lock().unwrap().clone();
+            async move {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut r = axum::http::Response::builder().status(answer);
+                if let Some(l) = location {
+                    r = r.header("Location", l);
+                }
+                r.body(axum::body::Body::empty()).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, hits)
+}
+
+async fn webhooks_of(http: &reqwest::Client, s: &Server, id: &str) -> Value {
+    let t = Instant::now();
+    loop {
+        let (_, job) = get(http, &s.url(&format!("/api/jobs/{id}"))).await;
+        if job["webhooks"].as_array().is_some_and(|w| !w.is_empty()) {
+            return job["webhooks"].clone();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no delivery recorded: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_webhooks_reach_only_what_the_operator_allows() {
+    let http = reqwest::Client::new();
+    let job = |url: &str| json!({"prompt": quick_workflow("hook"), "extra_data": {"nova": {"webhook": url}}});
+    // Off unless the operator allows targets.
+    let data = data_dir("hook-off");
+    let s = Server::start(data.path(), &[]);
+    let (ok_addr, _) = receiver(200, Default::default()).await;
+    let (c, v) = post(
+        &http,
+        &s.url("/prompt"),
+        &job(&format!("http://{ok_addr}/hook")),
+    )
+    .await;
+    assert_eq!((c, error_type(&v)), (400, "invalid_webhook"), "{v}");
+    drop(s);
+
+    // Allowed: the receivers' ports. The service itself, however spelled, is not; and a
+    // receiver that redirects to the service is not followed.
+    let location = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let (redir_addr, redir_hits) = receiver(307, location.clone()).await;
+    let (fail_addr, _) = receiver(500, Default::default()).await;
+    let data = data_dir("hook-on");
+    let s = Server::start(
+        data.path(),
+        &[
+            "--webhook-allow",
+            &ok_addr,
+            "--webhook-allow",
+            &redir_addr,
+            "--webhook-allow",
+            &fail_addr,
+            "--webhook-attempts",
+            "2",
+        ],
+    );
+    let service_port = s.addr.rsplit_once(':').unwrap().1.to_string();
+    let pause = format!("http://127.0.0.1:{service_port}/api/queue/pause");
+    *location.lock().unwrap() = Some(pause.clone());
+    let mut messages = std::collections::BTreeSet::new();
+    for url in [
+        pause.clone(),
+        format!("http://localhost:{service_port}/api/queue/pause"),
+        format!("http://2130706433:{service_port}/api/queue/pause"),
+        format!("http://0x7f.0.0.1:{service_port}/api/queue/pause"),
+        format!("http://127.1:{service_port}/api/queue/pause"),
+        format!("http://[::ffff:127.0.0.1]:{service_port}/"),
+        // Other ports of the same host: the list names ports.
+        "http://127.0.0.1:1/".to_string(),
+        "http://127.0.0.1:22/".to_string(),
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+    ] {
+        let (c, v) = post(&http, &s.url("/prompt"), &job(&url)).await;
+        assert_eq!((c, error_type(&v)), (400, "invalid_webhook"), "{url}: {v}");
+        messages.insert(v["error"]["message"].to_string());
+    }
+    assert_eq!(messages.len(), 1, "refusals differ: {messages:?}");
+    // The redirect is not followed: one hit per attempt at the receiver, the queue not held.
+    let id = submit(&http, &s, job(&format!("http://{redir_addr}/hook"))).await;
+    let w = webhooks_of(&http, &s, &id).await;
+    assert_eq!(w[0]["delivered"], false, "{w}");
+    assert_eq!(redir_hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let (_, stats) = get(&http, &s.url("/api/system/stats")).await;
+    assert_eq!(
+        stats["queue"]["paused"], false,
+        "a webhook paused the queue"
+    );
+    // A failing receiver and a refusing one read the same in the record.
+    let failed = submit(&http, &s, job(&format!("http://{fail_addr}/hook"))).await;
+    let wf = webhooks_of(&http, &s, &failed).await;
+    assert_eq!(wf[0]["last_error"], w[0]["last_error"]);
+    // An allowed receiver gets the job's outcome.
+    let ok = submit(&http, &s, job(&format!("http://{ok_addr}/hook"))).await;
+    let w = webhooks_of(&http, &s, &ok).await;
+    assert_eq!(w[0]["delivered"], true, "{w}");
+}

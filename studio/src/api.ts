@@ -128,8 +128,17 @@ export const api = {
     call<unknown>("POST", "/interrupt", promptId ? { prompt_id: promptId } : {}),
   viewUrl: (img: { filename: string; subfolder: string; type: string }) => {
     const q = new URLSearchParams({ filename: img.filename, subfolder: img.subfolder, type: img.type });
-    if (token) q.set("token", token);
     return `/view?${q}`;
+  },
+  /** A URL an element can load an output from: `/view` itself, or, when the service wants a
+   * token (which only the WebSocket handshake may carry in a URL), the file fetched with the
+   * token in a header, as a blob URL. */
+  viewSrc: async (img: { filename: string; subfolder: string; type: string }): Promise<string> => {
+    const url = api.viewUrl(img);
+    if (!token) return url;
+    const r = await fetch(url, { headers: headers() });
+    if (!r.ok) throw new ApiError(r.status, await r.text());
+    return URL.createObjectURL(await r.blob());
   },
   socketUrl: (clientId: string) => {
     const proto = location.protocol === "https:" ? "wss" : "ws";

@@ -356,7 +356,22 @@ function outputsOf(records: Record<string, unknown>): OutputFile[] {
 }
 
 function OutputView(props: { file: OutputFile }) {
-  const url = api.viewUrl(props.file);
+  const [url, setUrl] = useState<string | undefined>(undefined);
+  useEffect(() => {
+    let live = true;
+    let made: string | undefined;
+    api
+      .viewSrc(props.file)
+      .then((u) => {
+        if (u.startsWith("blob:")) made = u;
+        if (live) setUrl(u);
+      })
+      .catch(() => live && setUrl(undefined));
+    return () => {
+      live = false;
+      if (made) URL.revokeObjectURL(made);
+    };
+  }, [props.file.filename, props.file.subfolder, props.file.type]);
   const name = props.file.filename;
   if (/\.(webm|mp4|mkv|mov)$/i.test(name))
     return <video src={url} controls data-testid="output" aria-label={`output ${name}`} />;
@@ -521,7 +536,10 @@ function App() {
   const outputs = viewing ? outputsOf(viewing.outputs) : job ? outputsOf(job.outputs) : [];
   const finalImage = job?.status === "success" ? outputsOf(job.outputs).find((f) => /\.(png|jpe?g|webp)$/i.test(f.filename)) : undefined;
   useEffect(() => {
-    if (job && finalImage) tiles.finish(job.promptId, api.viewUrl(finalImage));
+    if (job && finalImage) {
+      const promptId = job.promptId;
+      void api.viewSrc(finalImage).then((u) => tiles.finish(promptId, u)).catch(() => {});
+    }
   }, [job?.promptId, finalImage?.filename]);
   const device = (stats?.device ?? {}) as Record<string, unknown>;
   const width = Math.max(...placed.map((p) => p.x), 0) + COL_WIDTH + 40;

@@ -63,6 +63,9 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
         .layer(middleware::from_fn_with_state(app.clone(), security::guard))
         .layer(DefaultBodyLimit::max(app.config.max_body.0 as usize))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            app.config.body_timeout,
+        ))
         .with_state(app)
 }
 
@@ -245,17 +248,18 @@ async fn post_prompt(State(app): State<Arc<App>>, body: Bytes) -> Response {
         },
     };
     if let Some(w) = extra_data.get("nova").and_then(|n| n.get("webhook")) {
-        match w.as_str().map(super::webhook::check_url) {
-            Some(Ok(())) => {}
-            Some(Err(m)) => return bad(comfy::prompt_error("invalid_webhook", &m, "", json!({}))),
-            None => {
-                return bad(comfy::prompt_error(
-                    "invalid_webhook",
-                    "extra_data.nova.webhook must be a URL string",
-                    "",
-                    json!({}),
-                ))
-            }
+        // One answer for every refused target (see the webhook module).
+        let ok = match w.as_str() {
+            Some(url) => app.webhooks.resolve(url).await.is_ok(),
+            None => false,
+        };
+        if !ok {
+            return bad(comfy::prompt_error(
+                "invalid_webhook",
+                super::webhook::REFUSED,
+                "",
+                json!({}),
+            ));
         }
     }
     let prompt_id = match v.get("prompt_id") {

@@ -56,6 +56,16 @@ pub struct ServeConfig {
     pub max_body: Bytes,
     /// Largest upload. Default 100 MiB (ComfyUI's).
     pub max_upload: Bytes,
+    /// Time a client has to send a request's headers (and a kept-alive connection to start
+    /// its next request) before the connection is closed. Default 10 s.
+    #[serde(with = "millis")]
+    pub header_timeout: Duration,
+    /// Longest a request body may go without sending data. Default 30 s.
+    #[serde(with = "millis")]
+    pub body_timeout: Duration,
+    /// Connections open at once (WebSockets included); more are answered 503 and closed.
+    /// Default 4096, lowered to fit the open-files limit.
+    pub max_connections: usize,
     /// Most nodes one workflow may have (`/prompt`, `/api/plan`, `/api/optimize` answer 413
     /// beyond). Default 10,000; `NOVA_MAX_NODES`.
     pub max_nodes: usize,
@@ -67,6 +77,10 @@ pub struct ServeConfig {
     /// Origins (scheme://host:port) allowed besides the service's own, for browsers' WebSocket
     /// and state-changing requests. Default none.
     pub allow_origins: Vec<String>,
+    /// Host names the service answers to besides its listening address (and, on loopback,
+    /// `localhost`/`127.0.0.1`/`[::1]`): a reverse proxy's name. Requests naming another host
+    /// get 403 (DNS rebinding). Default none.
+    pub allow_hosts: Vec<String>,
     /// Messages buffered per WebSocket/SSE client before previews and progress are dropped for
     /// it (results are never dropped; a client that falls [`ServeConfig::client_hard_limit`]
     /// results behind is disconnected and can read `/history`). Default 256.
@@ -83,6 +97,10 @@ pub struct ServeConfig {
     /// A URL every finished job is POSTed to (besides a job's own
     /// `extra_data.nova.webhook`). Default none; `NOVA_WEBHOOK`.
     pub webhook: Option<String>,
+    /// Targets a job's own webhook (`extra_data.nova.webhook`) may have: `HOST[:PORT]`,
+    /// `IP[:PORT]` or `CIDR[:PORT]` entries (see the webhook module). Empty (the default): jobs
+    /// cannot name webhooks. `NOVA_WEBHOOK_ALLOW`, comma-separated.
+    pub webhook_allow: Vec<String>,
     /// Delivery attempts per webhook; the wait doubles from `webhook_backoff`. Default 5.
     pub webhook_attempts: u32,
     /// First wait between webhook attempts. Default 500 ms.
@@ -120,14 +138,19 @@ impl ServeConfig {
             max_body: Bytes::mib(16),
             max_upload: Bytes::mib(100),
             max_nodes: 10_000,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 4096,
             reset_corrupt_queue: false,
             allow_origins: vec![],
+            allow_hosts: vec![],
             client_buffer: 256,
             client_hard_limit: 4096,
             studio_dir: None,
             on_restart: RestartPolicy::Requeue,
             max_attempts: 2,
             webhook: None,
+            webhook_allow: vec![],
             webhook_attempts: 5,
             webhook_backoff: Duration::from_millis(500),
             memory: MemoryOverrides::default(),
@@ -144,6 +167,12 @@ impl ServeConfig {
                 self.listen
             ));
         }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        if self.header_timeout.is_zero() || self.body_timeout.is_zero() {
+            return Err("--header-timeout and --body-timeout must be more than 0".into());
+        }
         if self.max_nodes == 0 {
             return Err("--max-nodes must be at least 1".into());
         }
@@ -155,6 +184,9 @@ impl ServeConfig {
         }
         if let Some(w) = &self.webhook {
             super::webhook::check_url(w)?;
+        }
+        for e in &self.webhook_allow {
+            super::webhook::AllowEntry::parse(e)?;
         }
         Ok(())
     }

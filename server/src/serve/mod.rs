@@ -23,6 +23,7 @@ mod api;
 mod comfy;
 mod files;
 mod hub;
+mod listen;
 mod metrics;
 mod models;
 mod native;
@@ -111,10 +112,14 @@ pub(crate) struct App {
     pub metrics: Metrics,
     pub warm: Warm,
     pub models: ModelIndex,
-    pub http: reqwest::Client,
     pub started: Instant,
     /// Uploads received at once ([`files::MAX_UPLOADS`]).
     pub uploads: tokio::sync::Semaphore,
+    /// The `Host` names requests may use (see [`security`]), from the address actually bound
+    /// (the configured port may be 0).
+    pub hosts: Option<Vec<String>>,
+    /// Where jobs' own webhooks may go.
+    pub webhooks: webhook::Policy,
 }
 
 impl App {
@@ -268,9 +273,17 @@ pub fn serve(config: ServeConfig) -> ExitCode {
                 stages: Mutex::new(vec![]),
             },
             models,
-            http: reqwest::Client::new(),
             started,
             uploads: tokio::sync::Semaphore::new(files::MAX_UPLOADS),
+            hosts: security::expected_hosts(addr, &config.allow_hosts),
+            webhooks: webhook::Policy {
+                allow: config
+                    .webhook_allow
+                    .iter()
+                    .filter_map(|e| webhook::AllowEntry::parse(e).ok())
+                    .collect(),
+                own: Some(addr),
+            },
             config,
         });
         app.warm.enter("warming", started);
@@ -301,14 +314,9 @@ pub fn serve(config: ServeConfig) -> ExitCode {
         tokio::spawn(scheduler::schedule(app.clone()));
         // No graceful drain: open WebSockets would hold it forever, and running jobs are
         // recovered by the restart policy (see the module docs).
+        let served_config = app.config.clone();
         tokio::select! {
-            served = axum::serve(listener, router) => match served {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("nova serve: {e}");
-                    ExitCode::from(EXIT_IO)
-                }
-            },
+            () = listen::serve(listener, router, &served_config) => ExitCode::SUCCESS,
             _ = shutdown_signal() => {
                 eprintln!("nova serve: stopping");
                 ExitCode::SUCCESS
