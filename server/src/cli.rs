@@ -123,8 +123,8 @@ struct ServeArgs {
     /// repeatable.
     #[arg(long, value_name = "HOST[:PORT]")]
     allow_host: Vec<String>,
-    /// Messages buffered per client before previews and progress are dropped for it.
-    #[arg(long, default_value_t = 256)]
+    /// Droppable messages (previews, progress) kept for clients that fall behind.
+    #[arg(long, default_value_t = 65536)]
     client_buffer: usize,
     /// Folder of the studio's built files (default: studio/dist when present).
     #[arg(long, env = "NOVA_STUDIO_DIR")]
@@ -799,7 +799,6 @@ fn serve_command(args: ServeArgs) -> ExitCode {
     c.allow_origins = args.allow_origin;
     c.allow_hosts = args.allow_host;
     c.client_buffer = args.client_buffer;
-    c.client_hard_limit = c.client_hard_limit.max(args.client_buffer * 4);
     c.studio_dir = args
         .studio_dir
         .or_else(|| Some(PathBuf::from("studio/dist")).filter(|d| d.is_dir()));

@@ -806,3 +806,96 @@ async fn job_webhooks_reach_only_what_the_operator_allows() {
     let w = webhooks_of(&http, &s, &ok).await;
     assert_eq!(w[0]["delivered"], true, "{w}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_websocket_clients_hold_nothing_and_a_fast_one_misses_nothing() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let data = data_dir("fanout");
+    // A noisy image, so that tile frames are real JPEGs of some size.
+    let (w, h) = (1024u32, 1024u32);
+    let mut seed = 0x9E3779B9u32;
+    let noise: Vec<u8> = (0..w * h * 3)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed >> 24) as u8
+        })
+        .collect();
+    image::RgbImage::from_raw(w, h, noise)
+        .unwrap()
+        .save(data.path().join("input/noise.png"))
+        .unwrap();
+    let s = Server::start(data.path(), &[]);
+    let http = reqwest::Client::new();
+    let flags = json!({"type": "feature_flags", "data": {"supports_preview_metadata": true, "nova_events": true}}).to_string();
+    // 199 clients of the same viewer that negotiate everything and then never read.
+    let mut idle = vec![];
+    for _ in 0..199 {
+        let mut c = ws(&s, "viewer").await;
+        c.send(Message::text(flags.clone())).await.unwrap();
+        idle.push(c);
+    }
+    let mut fast = ws(&s, "viewer").await;
+    fast.send(Message::text(flags)).await.unwrap();
+    let wf = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "noise.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "noise"}}
+    });
+    let id = submit(
+        &http,
+        &s,
+        json!({"prompt": wf, "client_id": "viewer", "extra_data": {"nova": {"tile_size": 16}}}),
+    )
+    .await;
+    let msgs = until_done(&mut fast, &id).await;
+    // Every tile, and every message a ComfyUI client needs.
+    let tiles: std::collections::BTreeSet<u64> = msgs
+        .iter()
+        .filter(|m| m["meta"]["nova"]["kind"] == "tile")
+        .map(|m| m["meta"]["nova"]["tile_index"].as_u64().unwrap())
+        .collect();
+    let total = msgs
+        .iter()
+        .find_map(|m| m["meta"]["nova"]["tiles"].as_u64())
+        .unwrap();
+    assert!(total >= 4096, "{total} tiles");
+    assert_eq!(tiles.len() as u64, total, "the fast client missed tiles");
+    for t in [
+        "execution_start",
+        "execution_cached",
+        "executed",
+        "execution_success",
+        "status",
+    ] {
+        assert!(msgs.iter().any(|m| m["type"] == t), "missed {t}");
+    }
+    for node in ["1", "2", "3"] {
+        assert!(
+            msgs.iter()
+                .any(|m| m["type"] == "executing" && m["data"]["node"] == node),
+            "missed executing {node}"
+        );
+    }
+    let last_progress = msgs
+        .iter()
+        .filter(|m| m["type"] == "progress" && m["data"]["node"] == "2")
+        .last()
+        .unwrap();
+    assert_eq!(last_progress["data"]["value"], last_progress["data"]["max"]);
+    // What the service holds for its 200 clients is one bounded log, not 200 queues.
+    let (_, stats) = get(&http, &s.url("/api/system/stats")).await;
+    assert_eq!(stats["clients"]["websocket"], 200, "{stats}");
+    let held = stats["clients"]["held_bytes"].as_u64().unwrap();
+    assert!(held <= 64 << 20, "held {held} bytes for clients");
+    // An idle client that reads at last still gets every result of the job, in order.
+    let got = until_done(&mut idle[0], &id).await;
+    let kinds: Vec<&str> = got
+        .iter()
+        .filter_map(|m| m["type"].as_str())
+        .filter(|t| ["execution_start", "executed", "execution_success"].contains(t))
+        .collect();
+    assert_eq!(kinds, ["execution_start", "executed", "execution_success"]);
+}

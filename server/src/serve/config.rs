@@ -81,11 +81,14 @@ pub struct ServeConfig {
     /// `localhost`/`127.0.0.1`/`[::1]`): a reverse proxy's name. Requests naming another host
     /// get 403 (DNS rebinding). Default none.
     pub allow_hosts: Vec<String>,
-    /// Messages buffered per WebSocket/SSE client before previews and progress are dropped for
-    /// it (results are never dropped; a client that falls [`ServeConfig::client_hard_limit`]
-    /// results behind is disconnected and can read `/history`). Default 256.
+    /// Droppable messages (progress, previews, partial outputs, telemetry) the service keeps
+    /// for clients that fall behind, in one log all clients share (and at most 64 MiB of
+    /// them); a client further behind skips ahead, getting the newest progress and preview of
+    /// each node. Results are never dropped: a client that falls
+    /// [`ServeConfig::client_hard_limit`] results behind is disconnected and can read
+    /// `/history`. Default 65536.
     pub client_buffer: usize,
-    /// See `client_buffer`. Default 4096.
+    /// See `client_buffer`. Default 16384.
     pub client_hard_limit: usize,
     /// Folder of the studio's built files, served at `/`. Default `studio/dist` when present;
     /// `NOVA_STUDIO_DIR`.
@@ -144,8 +147,8 @@ impl ServeConfig {
             reset_corrupt_queue: false,
             allow_origins: vec![],
             allow_hosts: vec![],
-            client_buffer: 256,
-            client_hard_limit: 4096,
+            client_buffer: 65536,
+            client_hard_limit: 16384,
             studio_dir: None,
             on_restart: RestartPolicy::Requeue,
             max_attempts: 2,
@@ -179,8 +182,8 @@ impl ServeConfig {
         if self.max_jobs == 0 {
             return Err("--max-jobs must be at least 1".into());
         }
-        if self.client_buffer == 0 || self.client_hard_limit < self.client_buffer {
-            return Err("--client-buffer must be at least 1 and at most the hard limit".into());
+        if self.client_buffer == 0 || self.client_hard_limit == 0 {
+            return Err("--client-buffer must be at least 1".into());
         }
         if let Some(w) = &self.webhook {
             super::webhook::check_url(w)?;

@@ -154,6 +154,7 @@ async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
         })
         .collect();
     let (ws, sse) = app.hub.counts();
+    let held = app.hub.held();
     let (ram_total, ram_free) = ram();
     let warm = app.warm.get();
     let optimizations: Vec<String> = warm
@@ -205,7 +206,10 @@ async fn stats(State(app): State<Arc<App>>) -> Json<Value> {
             "paused": app.sched.paused(),
         },
         "optimizations": optimizations,
-        "clients": { "websocket": ws, "sse": sse, "dropped_messages": app.hub.dropped() },
+        "clients": {
+            "websocket": ws, "sse": sse, "dropped_messages": app.hub.dropped(),
+            "held_messages": held.0 + held.1, "held_bytes": held.2,
+        },
     }))
 }
 
@@ -285,16 +289,23 @@ async fn events(
     );
     let guard = SseGuard { app, client };
     let stream = futures_util::stream::unfold(guard, |g| async move {
-        let out = g.client.outbox.pop().await?;
-        let Out::Text(t) = out else {
-            return Some((Ok(SseEvent::default().comment("binary")), g));
-        };
-        let name = serde_json::from_str::<Value>(t.as_str())
-            .ok()
-            .and_then(|v| v.get("type").and_then(|x| x.as_str()).map(str::to_string))
-            .unwrap_or_else(|| "message".into());
-        Some((Ok(SseEvent::default().event(name).data(t.as_str())), g))
+        let batch = g.app.hub.next_batch(&g.client, 64).await?;
+        let events: Vec<Result<SseEvent, Infallible>> = batch
+            .into_iter()
+            .map(|out| {
+                let Out::Text(t) = out else {
+                    return Ok(SseEvent::default().comment("binary"));
+                };
+                let name = serde_json::from_str::<Value>(t.as_str())
+                    .ok()
+                    .and_then(|v| v.get("type").and_then(|x| x.as_str()).map(str::to_string))
+                    .unwrap_or_else(|| "message".into());
+                Ok(SseEvent::default().event(name).data(t.as_str()))
+            })
+            .collect();
+        Some((futures_util::stream::iter(events), g))
     });
+    let stream = futures_util::StreamExt::flatten(stream);
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 

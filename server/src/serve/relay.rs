@@ -8,16 +8,21 @@
 //! - A job's end (`execution_success`/`_error`/`_interrupted`, then `status`, then
 //!   `executing: null`, as ComfyUI orders them) is relayed only after its history entry has
 //!   been committed, so a client that reacts by reading `/history/{id}` finds it.
-//! - Progress, previews and partial outputs are droppable for slow clients; everything else
-//!   is not (see [`super::hub`]).
+//! - Every message is built once and published once into the hub's shared log, whatever the
+//!   number of clients; JPEG tiles, frames and PCM chunks are encoded only when some client
+//!   negotiated them.
+//! - Progress, previews and partial outputs are droppable for clients that fall behind;
+//!   progress and previews are keyed per node, so such a client gets the newest of each
+//!   rather than a stale one; everything else is a result and is never dropped (see
+//!   [`super::hub`]).
 
 use super::comfy;
-use super::hub::{Audience, Client, Hub, Out};
+use super::hub::{Class, Hub, Out, To};
 use axum::body::Bytes;
+use axum::extract::ws::Utf8Bytes;
 use nova_dataflow::{Event, EventKind, Value};
 use serde_json::{json, Value as Json};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 
 /// Which job a message belongs to.
@@ -25,6 +30,27 @@ use std::sync::{mpsc, Arc, Mutex};
 pub(crate) struct JobTag {
     pub prompt_id: String,
     pub client_id: Option<String>,
+}
+
+impl JobTag {
+    fn cid(&self) -> Option<Arc<str>> {
+        self.client_id.as_deref().map(Arc::from)
+    }
+
+    /// The job's WebSocket audience.
+    fn job(&self) -> To {
+        To::Job(self.cid())
+    }
+
+    /// Those of them that negotiated NOVA's events.
+    fn nova(&self) -> To {
+        To::JobNova(self.cid())
+    }
+
+    /// Those that take metadata frames.
+    fn frames(&self) -> To {
+        To::JobNovaMeta(self.cid())
+    }
 }
 
 enum Msg {
@@ -118,18 +144,30 @@ fn comfy_native(kind: &EventKind) -> bool {
     )
 }
 
+/// A key for messages where only the newest matters to a reader that is behind: the
+/// progress of one node of one job, or its preview.
+fn latest_key(prompt_id: &str, node: &str, what: &str) -> Class {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (prompt_id, node, what).hash(&mut h);
+    Class::Latest(h.finish())
+}
+
 fn relay(hub: Arc<Hub>, rx: mpsc::Receiver<Msg>) {
     let mut jobs: HashMap<String, JobState> = HashMap::new();
     for m in rx {
         match m {
             Msg::Status(n) => {
-                let t = hub.ws_targets(Audience::All);
-                hub.send_all(&t, &Out::json(&comfy::status(n, None)), false);
+                hub.publish(
+                    To::AllWs,
+                    Class::Result,
+                    Out::json(&comfy::status(n, None)),
+                    None,
+                );
             }
             Msg::Deliver(tag, msgs) => {
-                let t = hub.ws_targets(Audience::Job(tag.client_id.as_deref()));
                 for m in &msgs {
-                    hub.send_all(&t, &Out::json(m), false);
+                    hub.publish(tag.job(), Class::Result, Out::json(m), None);
                 }
             }
             Msg::Event(tag, ev) => {
@@ -143,75 +181,84 @@ fn relay(hub: Arc<Hub>, rx: mpsc::Receiver<Msg>) {
                 fallback,
             } => {
                 let st = jobs.remove(&tag.prompt_id).unwrap_or_default();
-                let t = hub.ws_targets(Audience::Job(tag.client_id.as_deref()));
-                hub.send_all(&t, &Out::json(&last), false);
-                let all = hub.ws_targets(Audience::All);
-                hub.send_all(
-                    &all,
-                    &Out::json(&comfy::status(queue_remaining, None)),
-                    false,
+                hub.publish(tag.job(), Class::Result, Out::json(&last), None);
+                hub.publish(
+                    To::AllWs,
+                    Class::Result,
+                    Out::json(&comfy::status(queue_remaining, None)),
+                    None,
                 );
-                hub.send_all(
-                    &t,
-                    &Out::json(&comfy::executing(&tag.prompt_id, None)),
-                    false,
+                hub.publish(
+                    tag.job(),
+                    Class::Result,
+                    Out::json(&comfy::executing(&tag.prompt_id, None)),
+                    None,
                 );
-                let line = st.last_event.unwrap_or_else(|| fallback.to_string());
-                let sse = hub.sse_targets(&tag.prompt_id);
-                hub.send_all(&sse, &Out::Text(line.into()), false);
+                if hub.has_sse() {
+                    let line = st.last_event.unwrap_or_else(|| fallback.to_string());
+                    hub.publish(
+                        To::Sse(tag.prompt_id.as_str().into()),
+                        Class::Result,
+                        Out::Text(line.into()),
+                        None,
+                    );
+                }
             }
         }
     }
 }
 
 fn on_event(hub: &Hub, tag: &JobTag, st: &mut JobState, ev: &Event) {
-    let drop_ok = droppable(&ev.kind);
-    let line = ev.to_json_line();
+    let class = if droppable(&ev.kind) {
+        Class::Droppable
+    } else {
+        Class::Result
+    };
     // SSE: NOVA's schema, every event; the final one waits for the history.
     if matches!(
         ev.kind,
         EventKind::Success { .. } | EventKind::Error { .. } | EventKind::Interrupted { .. }
     ) {
-        st.last_event = Some(line);
+        st.last_event = Some(ev.to_json_line());
         return;
     }
-    let sse = hub.sse_targets(&tag.prompt_id);
-    if !sse.is_empty() {
-        hub.send_all(&sse, &Out::Text(line.clone().into()), drop_ok);
-    }
-    let targets = hub.ws_targets(Audience::Job(tag.client_id.as_deref()));
-    if targets.is_empty() {
-        return;
+    let line: Utf8Bytes = ev.to_json_line().into();
+    if hub.has_sse() {
+        hub.publish(
+            To::Sse(tag.prompt_id.as_str().into()),
+            class,
+            Out::Text(line.clone()),
+            None,
+        );
     }
     let pid = tag.prompt_id.as_str();
     // ComfyUI's messages.
     let comfy_msg = match &ev.kind {
-        EventKind::NodeStart { node, .. } => Some(comfy::executing(pid, Some(node))),
+        EventKind::NodeStart { node, .. } => Some((comfy::executing(pid, Some(node)), class)),
         EventKind::Chunk { node, chunks, .. } => {
             let d = st.done.entry(node.clone()).or_default();
             *d += 1;
-            Some(comfy::progress(pid, node, *d, *chunks as u64))
+            Some((
+                comfy::progress(pid, node, *d, *chunks as u64),
+                latest_key(pid, node, "progress"),
+            ))
         }
         EventKind::Step {
             node, step, steps, ..
-        } => Some(comfy::progress(pid, node, *step as u64, *steps as u64)),
-        EventKind::Executed { node, output } => Some(comfy::executed(pid, node, output)),
+        } => Some((
+            comfy::progress(pid, node, *step as u64, *steps as u64),
+            latest_key(pid, node, "progress"),
+        )),
+        EventKind::Executed { node, output } => Some((comfy::executed(pid, node, output), class)),
         _ => None,
     };
-    let nova: Vec<&Arc<Client>> = targets
-        .iter()
-        .filter(|c| c.nova_events.load(Ordering::Relaxed))
-        .collect();
     // NOVA's additive events go before ComfyUI's progress for the same fact, so a client
     // sees the telemetry first; ComfyUI clients never see them.
-    if !comfy_native(&ev.kind) && !nova.is_empty() {
-        let out = Out::Text(line.into());
-        for c in &nova {
-            hub.send(c, out.clone(), drop_ok);
-        }
+    if !comfy_native(&ev.kind) {
+        hub.publish(tag.nova(), class, Out::Text(line), None);
     }
-    if let Some(m) = comfy_msg {
-        hub.send_all(&targets, &Out::json(&m), drop_ok);
+    if let Some((m, class)) = comfy_msg {
+        hub.publish(tag.job(), class, Out::json(&m), None);
     }
     // Binary previews.
     match (&ev.kind, &ev.attachment) {
@@ -224,14 +271,12 @@ fn on_event(hub: &Hub, tag: &JobTag, st: &mut JobState, ev: &Event) {
                 &meta, &jpeg,
             )));
             let plain = Out::Binary(Bytes::from(comfy::preview_frame(&jpeg, true)));
-            for c in &targets {
-                let out = if c.preview_metadata.load(Ordering::Relaxed) {
-                    with_meta.clone()
-                } else {
-                    plain.clone()
-                };
-                hub.send(c, out, true);
-            }
+            hub.publish(
+                tag.job(),
+                latest_key(pid, node, "preview"),
+                with_meta,
+                Some(plain),
+            );
         }
         (
             EventKind::PartialImage {
@@ -247,8 +292,7 @@ fn on_event(hub: &Hub, tag: &JobTag, st: &mut JobState, ev: &Event) {
         ) => {
             // Tiles go to clients that asked for NOVA's events and metadata frames only: a
             // ComfyUI client would take a tile for a whole preview.
-            let want = metadata_clients(&nova);
-            if want.is_empty() {
+            if !hub.wants_frames() {
                 return;
             }
             let Some(jpeg) = encode_jpeg(v, usize::MAX) else {
@@ -258,7 +302,7 @@ fn on_event(hub: &Hub, tag: &JobTag, st: &mut JobState, ev: &Event) {
                                "tile_index": tile_index, "tiles": tiles, "width": width, "height": height });
             send_frame(
                 hub,
-                &want,
+                tag,
                 frame_meta(node, pid, "image/jpeg", Some(nova)),
                 &jpeg,
             );
@@ -277,8 +321,7 @@ fn on_event(hub: &Hub, tag: &JobTag, st: &mut JobState, ev: &Event) {
             Some(v),
         ) => {
             // Each final frame of the window as a JPEG (at most 512 px), for players.
-            let want = metadata_clients(&nova);
-            if want.is_empty() {
+            if !hub.wants_frames() {
                 return;
             }
             let Value::Image(t) = v else { return };
@@ -297,7 +340,7 @@ fn on_event(hub: &Hub, tag: &JobTag, st: &mut JobState, ev: &Event) {
                                    "pts": pts, "fps": fps });
                 send_frame(
                     hub,
-                    &want,
+                    tag,
                     frame_meta(node, pid, "image/jpeg", Some(nova)),
                     &jpeg,
                 );
@@ -316,8 +359,7 @@ fn on_event(hub: &Hub, tag: &JobTag, st: &mut JobState, ev: &Event) {
             Some(Value::Audio(a)),
         ) => {
             // The chunk's samples as interleaved 16-bit PCM, for players.
-            let want = metadata_clients(&nova);
-            if want.is_empty() {
+            if !hub.wants_frames() {
                 return;
             }
             let Ok(planar) = a.read_all() else { return };
@@ -328,7 +370,7 @@ fn on_event(hub: &Hub, tag: &JobTag, st: &mut JobState, ev: &Event) {
                                "sample_rate": sample_rate, "channels": channels });
             send_frame(
                 hub,
-                &want,
+                tag,
                 frame_meta(node, pid, "audio/pcm-s16le", Some(nova)),
                 &pcm,
             );
@@ -349,23 +391,13 @@ fn frame_meta(node: &str, pid: &str, image_type: &str, nova: Option<Json>) -> Js
     m
 }
 
-/// A type-4 frame of `meta` and `payload`, to each of `clients` (droppable).
-fn send_frame(hub: &Hub, clients: &[&Arc<Client>], meta: Json, payload: &[u8]) {
+/// A type-4 frame of `meta` and `payload` for the job's clients that take metadata frames
+/// (droppable).
+fn send_frame(hub: &Hub, tag: &JobTag, meta: Json, payload: &[u8]) {
     let out = Out::Binary(Bytes::from(comfy::preview_frame_with_metadata(
         &meta, payload,
     )));
-    for c in clients {
-        hub.send(c, out.clone(), true);
-    }
-}
-
-/// Clients that asked for NOVA's events and for metadata frames: the only ones that can tell
-/// a tile, a video frame or an audio chunk from a whole preview.
-fn metadata_clients<'a>(nova: &[&'a Arc<Client>]) -> Vec<&'a Arc<Client>> {
-    nova.iter()
-        .filter(|c| c.preview_metadata.load(Ordering::Relaxed))
-        .copied()
-        .collect()
+    hub.publish(tag.frames(), Class::Droppable, out, None);
 }
 
 /// Planar f32 samples in [-1, 1] as interleaved little-endian 16-bit PCM.

@@ -18,7 +18,6 @@ use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::Value;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 #[derive(Deserialize)]
@@ -67,12 +66,11 @@ async fn session(app: Arc<App>, sid: String, socket: WebSocket) {
     let mut first = true;
     while ok {
         tokio::select! {
-            out = client.outbox.pop() => match out {
-                // Whatever else is waiting goes in the same write: one flush (one syscall)
-                // for a burst of tiles rather than one each.
-                Some(o) => {
-                    ok = tx.feed(to_message(o)).await.is_ok();
-                    for o in client.outbox.take_ready(WRITE_BATCH) {
+            batch = app.hub.next_batch(&client, WRITE_BATCH) => match batch {
+                // Everything waiting goes in one write: one flush (one syscall) for a burst of
+                // tiles rather than one each.
+                Some(batch) => {
+                    for o in batch {
                         ok = ok && tx.feed(to_message(o)).await.is_ok();
                     }
                     ok = ok && tx.flush().await.is_ok();
@@ -102,16 +100,12 @@ fn negotiate(app: &App, client: &super::hub::Client, text: &str) -> Option<Value
         return None;
     }
     let data = v.get("data")?;
-    if data.get("supports_preview_metadata") == Some(&Value::Bool(true)) {
-        client.preview_metadata.store(true, Ordering::Relaxed);
-    }
+    let meta = data.get("supports_preview_metadata") == Some(&Value::Bool(true));
     let nova = match data.get("nova_events") {
         Some(Value::Bool(b)) => *b,
         Some(Value::Array(a)) => !a.is_empty(),
         _ => false,
     };
-    if nova {
-        client.nova_events.store(true, Ordering::Relaxed);
-    }
+    client.set_flags(&app.hub, meta, nova);
     Some(comfy::msg("feature_flags", super::api::features(app)))
 }
