@@ -162,6 +162,20 @@ pub trait ChunkedOp: Send + Sync {
     /// A fresh assembler for an output of shape `output`.
     fn merger(&self, output: &ValueInfo) -> Result<Box<dyn Merger>, NodeError>;
 
+    /// Device memory the merger holds for the whole run besides the output it assembles (an
+    /// encoder's frame buffers and lookahead, frames kept for stitching), for chunks of
+    /// `input`. The planner adds it to every chunked plan of the node, and the engine leases
+    /// it when it makes the merger, so the budget covers it. Default: none.
+    fn merger_memory(&self, _input: &ValueInfo) -> u64 {
+        0
+    }
+
+    /// Called once per run before any chunk is cut, with the run's accountant and the device
+    /// memory the plan leaves unused (`spare`: the limit less the forecast peak): a cache the
+    /// operator keeps across runs may hold at most `spare`, leased from `acct`. Default:
+    /// nothing to do.
+    fn attach(&self, _acct: &std::sync::Arc<crate::memory::Accountant>, _spare: u64) {}
+
     /// Device memory one chunk needs while it is processed.
     fn chunk_memory(&self, input: &ValueInfo, chunk: &ChunkSpec) -> ChunkMemory;
 }

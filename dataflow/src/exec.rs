@@ -489,7 +489,16 @@ fn build(
                 for (l, info) in n.links.iter().zip(&p.inputs) {
                     infos.insert(l.input, *info);
                 }
-                n.node.chunked(&n.args, &infos, env)
+                let c = n.node.chunked(&n.args, &infos, env);
+                if let Some(c) = &c {
+                    // What the plan leaves of the limit: caches across runs may use it.
+                    let spare = shared.acct.limit().0.saturating_sub(
+                        (plan.forecast_peak_bytes as f64 * (1.0 + plan.safety_margin.max(0.0)))
+                            .ceil() as u64,
+                    );
+                    c.op.attach(&shared.acct, spare);
+                }
+                c
             }
             _ => None,
         };
@@ -808,9 +817,11 @@ fn split<'s>(
                         );
                         return shared.fail(ix, NodeError::input(which, msg));
                     }
-                    // The output buffer first: without it no chunk can be kept.
+                    // The output buffer (and what the merger holds for the whole run) first:
+                    // without it no chunk can be kept.
                     let np = &plan.nodes[ix];
-                    let out_bytes = np.outputs.first().and_then(|o| o.bytes()).unwrap_or(0);
+                    let out_bytes = np.outputs.first().and_then(|o| o.bytes()).unwrap_or(0)
+                        + guarded(|| Ok(op.merger_memory(&value.info()))).unwrap_or(0);
                     match shared
                         .acct
                         .try_lease(out_bytes, &format!("output of node {}", np.node))
@@ -1079,7 +1090,9 @@ fn merge<'s>(
                             continue;
                         }
                         if merger.is_none() {
-                            let bytes = info.bytes().unwrap_or(0);
+                            let input = np.chunked_input.unwrap_or(ValueInfo::Unknown);
+                            let bytes = info.bytes().unwrap_or(0)
+                                + guarded(|| Ok(op.merger_memory(&input))).unwrap_or(0);
                             let what = format!("output of node {}", np.node);
                             let reserved = shared
                                 .output_leases

@@ -9,7 +9,8 @@
 //!
 //! Dependencies: `timely` (the dataflow runtime), `candle-core` (tensors), `serde`/`serde_json`
 //! (the workflow format and records), `thiserror` (typed errors), `libloading` (NVML, when
-//! present), `yaml-rust2` (ComfyUI's `extra_model_paths.yaml`, see [`model_paths`]).
+//! present), `yaml-rust2` (ComfyUI's `extra_model_paths.yaml`, see [`model_paths`]), `libc` (the host
+//! allocator's mmap threshold, see [`memory::return_large_blocks_to_the_system`]).
 //!
 //! ```
 //! use nova_dataflow::{workflow, JobEnv, NodeRegistry};

@@ -97,6 +97,24 @@ impl fmt::Display for Bytes {
     }
 }
 
+/// Makes the host allocator give large blocks back to the system when they are freed.
+///
+/// On the CPU device the budget is the process's own memory, so freed tensors must leave the
+/// resident set. glibc's malloc raises its mmap threshold each time a large block is freed
+/// (up to 32 MiB), after which frame-sized tensors come from the heap and freed ones stay
+/// resident: a video run under a 256 MiB budget grew the resident set 95 MiB past what the
+/// accountant tracked. Fixing the threshold at 4 MiB keeps blocks of that size and more (a
+/// 720p frame is 10 MiB as f32) mapped on their own and returned on free; smaller ones still
+/// come from the heap. The `nova` binary calls this first thing; a program using the library
+/// may too. Elsewhere than glibc it does nothing.
+pub fn return_large_blocks_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before other threads run.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
+}
+
 /// A lease the accountant refused: taking it would pass the limit.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("out of device memory: {what} needs {need}, {held} of {limit} already held")]
@@ -210,6 +228,11 @@ impl Lease {
     /// The bytes held.
     pub fn bytes(&self) -> Bytes {
         Bytes(self.bytes)
+    }
+
+    /// Whether this lease is held against `acct`.
+    pub fn of(&self, acct: &Arc<Accountant>) -> bool {
+        Arc::ptr_eq(&self.acct, acct)
     }
 }
 

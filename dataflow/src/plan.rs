@@ -481,6 +481,8 @@ pub fn plan(
                 let mut fitting: Vec<(f64, Choice)> = Vec::new();
                 let mut frugal: Option<Choice> = None;
                 let mut first = true;
+                let merger_bytes =
+                    guarded(|| Ok(chunking.op.merger_memory(&input))).map_err(fail)?;
                 'search: for serial in [false, true] {
                     if serial && !serial_too {
                         break;
@@ -531,7 +533,8 @@ pub fn plan(
                         let working = weights.device_bytes(users)
                             + output_bytes
                             + inflight * (mem.piece + mem.result + mem.workspace)
-                            + captured;
+                            + captured
+                            + merger_bytes;
                         let c = Choice {
                             mode: ExecMode::Tiled,
                             tile: Some(side),
@@ -714,7 +717,8 @@ fn streamed(
             let captured = if announced { inflight * mem.result } else { 0 };
             let working = weights.device_bytes(1)
                 + inflight * (mem.piece + mem.result + mem.workspace)
-                + captured;
+                + captured
+                + guarded(|| Ok(chunking.op.merger_memory(input)))?;
             let c = Choice {
                 mode: ExecMode::Streamed,
                 tile: None,

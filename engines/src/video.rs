@@ -21,8 +21,9 @@
 
 use candle_core::{Device, Tensor};
 use nova_dataflow::{
-    AudioStream, ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, Frame, FrameCursor,
-    MemoryFrames, Merger, NodeError, NodeOutput, Value, ValueInfo, VideoShape, VideoStream,
+    Accountant, AudioStream, ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, Frame,
+    FrameCursor, Lease, MemoryFrames, Merger, NodeError, NodeOutput, Value, ValueInfo, VideoShape,
+    VideoStream,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -85,15 +86,49 @@ pub type SinkFactory = Arc<
 
 /// Processed windows kept for reuse, by content: the source frames' identity and the chain's.
 /// Bounded in bytes; least recently used entries go first.
+///
+/// The cache lives within the device budget: a run that uses it first
+/// [`attaches`](TemporalCache::attach) with its accountant and the memory its plan leaves spare;
+/// the cache then keeps at most that much, each entry leased from that run's accountant (so
+/// the run's tracked peak includes it, and a run with no spare memory caches nothing).
 pub struct TemporalCache {
     inner: Mutex<CacheInner>,
+}
+
+struct Cached {
+    frames: Tensor,
+    pts: Vec<f64>,
+    bytes: u64,
+    /// The device memory this entry holds, on the accountant of the run that holds it.
+    lease: Option<Lease>,
 }
 
 struct CacheInner {
     capacity: u64,
     bytes: u64,
-    map: HashMap<u64, (Tensor, Vec<f64>, u64)>,
+    map: HashMap<u64, Cached>,
     order: VecDeque<u64>,
+    /// The accountant of the run the cache works for now, and what it may hold.
+    run: Option<(Arc<Accountant>, u64)>,
+}
+
+impl CacheInner {
+    fn evict_oldest(&mut self) -> bool {
+        let Some(old) = self.order.pop_front() else {
+            return false;
+        };
+        if let Some(c) = self.map.remove(&old) {
+            self.bytes -= c.bytes;
+        }
+        true
+    }
+
+    /// The most the cache may hold now.
+    fn limit(&self) -> u64 {
+        self.run
+            .as_ref()
+            .map_or(self.capacity, |(_, spare)| self.capacity.min(*spare))
+    }
 }
 
 impl TemporalCache {
@@ -105,6 +140,7 @@ impl TemporalCache {
                 bytes: 0,
                 map: HashMap::new(),
                 order: VecDeque::new(),
+                run: None,
             }),
         }
     }
@@ -125,10 +161,42 @@ impl TemporalCache {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Works for a run now: keeps the newest entries that fit in `spare`, moving their
+    /// leases to `acct` (those that do not fit the accountant go), and evicts the rest.
+    pub fn attach(&self, acct: &Arc<Accountant>, spare: u64) {
+        let mut c = self.lock();
+        if c.run
+            .as_ref()
+            .is_some_and(|(a, s)| Arc::ptr_eq(a, acct) && *s == spare)
+        {
+            return;
+        }
+        c.run = Some((acct.clone(), spare));
+        let limit = c.limit();
+        while c.bytes > limit && c.evict_oldest() {}
+        let keys: Vec<u64> = c.order.iter().rev().copied().collect();
+        for k in keys {
+            let Some(e) = c.map.get_mut(&k) else { continue };
+            if e.lease.as_ref().is_some_and(|l| l.of(acct)) {
+                continue;
+            }
+            e.lease = None;
+            match acct.try_lease(e.bytes, "temporal cache") {
+                Ok(l) => e.lease = Some(l),
+                Err(_) => {
+                    if let Some(gone) = c.map.remove(&k) {
+                        c.bytes -= gone.bytes;
+                    }
+                    c.order.retain(|x| *x != k);
+                }
+            }
+        }
+    }
+
     /// The processed window stored under `key`, if any.
     pub fn get(&self, key: u64) -> Option<(Tensor, Vec<f64>)> {
         let mut c = self.lock();
-        let hit = c.map.get(&key).map(|(t, p, _)| (t.clone(), p.clone()));
+        let hit = c.map.get(&key).map(|e| (e.frames.clone(), e.pts.clone()));
         if hit.is_some() {
             c.order.retain(|k| *k != key);
             c.order.push_back(key);
@@ -136,23 +204,33 @@ impl TemporalCache {
         hit
     }
 
-    /// Stores a processed window, evicting the least recently used past the capacity.
+    /// Stores a processed window, evicting the least recently used past what the cache may
+    /// hold; nothing is stored when the run's accountant has no room for it.
     pub fn put(&self, key: u64, frames: &Tensor, pts: &[f64]) {
         let bytes = (frames.elem_count() * frames.dtype().size_in_bytes()) as u64;
         let mut c = self.lock();
-        if bytes > c.capacity || c.map.contains_key(&key) {
+        let limit = c.limit();
+        if bytes > limit || c.map.contains_key(&key) {
             return;
         }
-        while c.bytes + bytes > c.capacity {
-            let Some(old) = c.order.pop_front() else {
-                break;
-            };
-            if let Some((_, _, b)) = c.map.remove(&old) {
-                c.bytes -= b;
-            }
-        }
+        while c.bytes + bytes > limit && c.evict_oldest() {}
+        let lease = match &c.run {
+            Some((acct, _)) => match acct.try_lease(bytes, "temporal cache") {
+                Ok(l) => Some(l),
+                Err(_) => return,
+            },
+            None => None,
+        };
         c.bytes += bytes;
-        c.map.insert(key, (frames.clone(), pts.to_vec(), bytes));
+        c.map.insert(
+            key,
+            Cached {
+                frames: frames.clone(),
+                pts: pts.to_vec(),
+                bytes,
+                lease,
+            },
+        );
         c.order.push_back(key);
     }
 
@@ -175,6 +253,8 @@ struct Decoder {
 /// The chunked form of a node that consumes a video window by window. See the module docs.
 pub struct VideoWindows {
     sink: SinkFactory,
+    /// What the sink holds for the whole run (an encoder's buffers), by output shape.
+    sink_memory: Option<Arc<dyn Fn(&VideoShape) -> u64 + Send + Sync>>,
     cache: Option<&'static TemporalCache>,
     /// Frames consecutive windows share at least (cross-faded), beyond the chain's own need.
     min_overlap: usize,
@@ -189,6 +269,7 @@ impl VideoWindows {
     pub fn new(sink: SinkFactory) -> VideoWindows {
         VideoWindows {
             sink,
+            sink_memory: None,
             cache: Some(TemporalCache::global()),
             min_overlap: 0,
             stream: Mutex::new(None),
@@ -202,6 +283,16 @@ impl VideoWindows {
             cache: None,
             ..VideoWindows::new(sink)
         }
+    }
+
+    /// The same with a sink that holds `memory(output shape)` bytes while it runs (an
+    /// encoder's frame buffers), which the plan and the accountant then count.
+    pub fn with_sink_memory(
+        mut self,
+        memory: impl Fn(&VideoShape) -> u64 + Send + Sync + 'static,
+    ) -> VideoWindows {
+        self.sink_memory = Some(Arc::new(memory));
+        self
     }
 
     /// The same with consecutive windows sharing at least `overlap` frames, cross-faded.
@@ -439,6 +530,20 @@ impl ChunkedOp for VideoWindows {
             next: 0,
             held: None,
         }))
+    }
+
+    /// The sink's own memory, and the frames the stitcher holds back for the next window's
+    /// cross-fade (the overlap), for the whole run.
+    fn merger_memory(&self, input: &ValueInfo) -> u64 {
+        let Ok(shape) = shape_of(input) else { return 0 };
+        let held = (shape.overlap as u64).max(self.min_overlap as u64) * shape.out.frame_bytes();
+        held + self.sink_memory.as_ref().map_or(0, |f| f(&shape))
+    }
+
+    fn attach(&self, acct: &Arc<Accountant>, spare: u64) {
+        if let Some(c) = self.cache {
+            c.attach(acct, spare);
+        }
     }
 
     fn chunk_memory(&self, input: &ValueInfo, chunk: &ChunkSpec) -> ChunkMemory {

@@ -9,8 +9,17 @@
 //!    and with it draining (jobs running on the same cores), against the same clients
 //!    calling `GET /prompt` (routing and JSON only).
 //!
-//! Run: `cargo bench -p nova-server --bench serve` (a release build). `NOVA_BENCH_ROUNDS`
-//! sets the submissions per client (default 20), `NOVA_BENCH_CLIENTS` the clients (default 100).
+//! 3. **Fan-out to slow clients**: the same tile-heavy jobs (a 1024x1024 image inverted in
+//!    32 px tiles, every tile announced as a frame) run back to back with one WebSocket
+//!    client reading everything, and with that client plus 199 more of the same viewer that
+//!    negotiate everything and never read; alternated round by round, each round on a fresh
+//!    service. Reported: jobs per second, and the service's CPU time and minor page faults
+//!    per job, with the ratio of the two setups (goal: fan-out costs the engine nothing per
+//!    slow client, a ratio near 1).
+//!
+//! Run: `cargo bench -p nova-server --bench serve` (a release build); a filter argument
+//! (`startup`, `prompt`, `fanout`) runs one part. `NOVA_BENCH_ROUNDS` sets the submissions
+//! per client (default 20), `NOVA_BENCH_CLIENTS` the clients (default 100).
 
 use serde_json::json;
 use std::io::{BufRead, BufReader};
@@ -217,6 +226,158 @@ fn prompt_latency() {
     }
 }
 
+/// (CPU seconds, minor faults) of process `pid`.
+fn usage_of(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|s| s.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ((num(11) + num(12)) / 100.0, num(7) as u64)
+}
+
+/// One round: a fresh service, `idle` clients that never read, one that reads; `jobs` jobs
+/// back to back. Returns (jobs per second, CPU s per job, minor faults per job).
+fn fanout_round(rt: &tokio::runtime::Runtime, idle: usize, jobs: usize) -> (f64, f64, f64) {
+    use futures_util::{SinkExt, StreamExt};
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir_all(dir.path().join("input")).expect("input dir");
+    let (w, h) = (1024u32, 1024u32);
+    let mut seed = 0x2545F491u32;
+    let noise: Vec<u8> = (0..w * h * 3)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed >> 24) as u8
+        })
+        .collect();
+    image::RgbImage::from_raw(w, h, noise)
+        .expect("image")
+        .save(dir.path().join("input/noise.png"))
+        .expect("save");
+    let (mut child, addr, _) = start(dir.path());
+    let pid = child.id();
+    let flags = json!({"type": "feature_flags", "data": {"supports_preview_metadata": true, "nova_events": true}}).to_string();
+    let wf = json!({"prompt": {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "noise.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}
+    }, "client_id": "viewer", "extra_data": {"nova": {"tile_size": 32}}});
+    let out = rt.block_on(async {
+        let url = format!("ws://{addr}/ws?clientId=viewer");
+        let mut sleepers = vec![];
+        for _ in 0..idle {
+            let (mut c, _) = tokio_tungstenite::connect_async(&url).await.expect("ws");
+            c.send(tokio_tungstenite::tungstenite::Message::text(flags.clone()))
+                .await
+                .expect("flags");
+            sleepers.push(c);
+        }
+        let (mut reader, _) = tokio_tungstenite::connect_async(&url).await.expect("ws");
+        reader
+            .send(tokio_tungstenite::tungstenite::Message::text(flags.clone()))
+            .await
+            .expect("flags");
+        let http = reqwest::Client::new();
+        // A warm-up job (registry, first allocations), not counted.
+        let submit = |http: reqwest::Client| {
+            let wf = wf.clone();
+            let url = format!("http://{addr}/prompt");
+            async move {
+                let v: serde_json::Value = http
+                    .post(&url)
+                    .json(&wf)
+                    .send()
+                    .await
+                    .expect("submit")
+                    .json()
+                    .await
+                    .expect("json");
+                v["prompt_id"].as_str().expect("id").to_string()
+            }
+        };
+        let mut until_done = |id: String| {
+            let reader = &mut reader;
+            async move {
+                while let Some(Ok(m)) = reader.next().await {
+                    if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+                        let v: serde_json::Value =
+                            serde_json::from_str(t.as_str()).unwrap_or_default();
+                        if v["type"] == "executing"
+                            && v["data"]["node"].is_null()
+                            && v["data"]["prompt_id"] == id.as_str()
+                        {
+                            return;
+                        }
+                    }
+                }
+                panic!("socket closed");
+            }
+        };
+        let id = submit(http.clone()).await;
+        until_done(id).await;
+        let (c0, f0) = usage_of(pid);
+        let t = Instant::now();
+        for _ in 0..jobs {
+            let id = submit(http.clone()).await;
+            until_done(id).await;
+        }
+        let wall = t.elapsed().as_secs_f64();
+        let (c1, f1) = usage_of(pid);
+        drop(sleepers);
+        (
+            jobs as f64 / wall,
+            (c1 - c0) / jobs as f64,
+            (f1 - f0) as f64 / jobs as f64,
+        )
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    out
+}
+
+fn fanout() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (rounds, jobs) = (4, 5);
+    let (mut one, mut many) = (vec![], vec![]);
+    for r in 0..rounds {
+        if r % 2 == 0 {
+            one.push(fanout_round(&rt, 0, jobs));
+            many.push(fanout_round(&rt, 199, jobs));
+        } else {
+            many.push(fanout_round(&rt, 199, jobs));
+            one.push(fanout_round(&rt, 0, jobs));
+        }
+    }
+    let med =
+        |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| median(v.iter().map(f).collect());
+    println!("fan-out: {jobs} tile-heavy jobs per round, {rounds} alternated rounds (medians)");
+    println!(
+        "  {:<42} {:>9} {:>12} {:>14}",
+        "", "jobs/s", "CPU s/job", "faults/job"
+    );
+    for (name, v) in [
+        ("1 reading client", &one),
+        ("1 reading + 199 that never read", &many),
+    ] {
+        println!(
+            "  {name:<42} {:>9.2} {:>12.3} {:>14.0}",
+            med(v, |x| x.0),
+            med(v, |x| x.1),
+            med(v, |x| x.2)
+        );
+    }
+    println!(
+        "  throughput ratio (200 clients / 1)     {:>9.2}   CPU ratio {:.2}",
+        med(&many, |x| x.0) / med(&one, |x| x.0),
+        med(&many, |x| x.1) / med(&one, |x| x.1)
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects one part.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
@@ -226,5 +387,8 @@ fn main() {
     }
     if want("prompt") {
         prompt_latency();
+    }
+    if want("fanout") {
+        fanout();
     }
 }

@@ -280,6 +280,8 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
+    // On the CPU device the budget is this process's memory: freed frames must leave it.
+    nova_dataflow::memory::return_large_blocks_to_the_system();
     // Kernel panics are caught and reported as node errors; keep their text off the terminal.
     std::panic::set_hook(Box::new(|_| {}));
     let cli = match Cli::try_parse_from(args) {

@@ -805,3 +805,64 @@ fn events_to_a_pipe_nobody_reads_do_not_hold_the_process() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_video_upscale_stays_within_its_budget_in_process_memory() {
+    // 48 frames of 320x240 upscaled 3x by lanczos into H.264 (x264's default preset, whose
+    // lookahead holds dozens of frames), under a 256 MiB budget: the process's resident
+    // memory may grow by no more than the budget over a run that does almost nothing.
+    let s = Setup::new("videorss");
+    let st = Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x240:rate=24:duration=2",
+            "-pix_fmt",
+            "yuv420p",
+        ])
+        .arg(s.dir.join("input/clip.mp4"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let up = s.workflow(
+        "up3.json",
+        r#"{"1": {"class_type": "LoadVideo", "inputs": {"file": "clip.mp4"}},
+            "2": {"class_type": "ImageScaleBy", "inputs": {"image": ["1", 0], "upscale_method": "lanczos", "scale_by": 3.0}},
+            "3": {"class_type": "SaveVideo", "inputs": {"video": ["2", 0], "filename_prefix": "up", "format": "mp4", "codec": "h264"}}}"#,
+    );
+    let tiny = s.workflow(
+        "tiny.json",
+        r#"{"1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "t"}}}"#,
+    );
+    let budget = 256.0 * 1048576.0;
+    let rss = |wf: &str| {
+        let out = nova(
+            &["run", wf, "--vram-budget", "256MiB", "--workers", "2"],
+            &s.dir,
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        (peak_rss(&stderr), stderr)
+    };
+    let (base, _) = rss(&tiny);
+    let (video, stderr) = rss(&up);
+    let growth = video - base;
+    eprintln!(
+        "video 3x under 256 MiB: peak RSS {:.1} MiB, {:.1} MiB over a trivial run",
+        video / 1048576.0,
+        growth / 1048576.0
+    );
+    assert!(
+        growth <= budget,
+        "grew {growth} B over a {budget} B budget: {stderr}"
+    );
+    let written = std::fs::metadata(s.dir.join("output/up_00001_.mp4"))
+        .unwrap()
+        .len();
+    assert!(written > 0);
+}

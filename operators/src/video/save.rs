@@ -166,6 +166,15 @@ fn factory(
     })
 }
 
+/// What an encoding sink holds for the whole run: the encoder's frames (its lookahead,
+/// references and threads, [`VideoCodec::encoder_memory`]) and one frame on its way in (the
+/// f32 frame read back, its 8-bit RGB, the converted YUV).
+fn sink_memory(codec: VideoCodec, preset: Option<&str>, shape: &VideoShape) -> u64 {
+    let (w, h) = (shape.out.width as u64, shape.out.height as u64);
+    let frame_in = w * h * (3 * 4 + 3) + w * h * 3 / 2;
+    codec.encoder_memory(w as u32, h as u32, preset) + frame_in
+}
+
 /// The node.
 pub struct SaveVideo {
     schema: NodeSchema,
@@ -235,7 +244,11 @@ impl SaveVideo {
 
     fn op(args: &Args, env: &JobEnv) -> Result<VideoWindows, NodeError> {
         let overlap = args.int("overlap").unwrap_or(0).max(0) as usize;
-        Ok(VideoWindows::new(Self::sinks(args, env)?).with_overlap(overlap))
+        let (_, codec) = choose(args.string("format")?, args.string("codec")?)?;
+        let (_, preset) = Self::settings(args);
+        Ok(VideoWindows::new(Self::sinks(args, env)?)
+            .with_overlap(overlap)
+            .with_sink_memory(move |shape| sink_memory(codec, preset.as_deref(), shape)))
     }
 }
 
