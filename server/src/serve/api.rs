@@ -720,7 +720,7 @@ async fn upload_image(State(app): State<Arc<App>>, mut form: Multipart) -> Respo
         let mut field = match form.next_field().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
-            Err(e) => return (e.status(), e.body_text()).into_response(),
+            Err(e) => return multipart_error(e),
         };
         let name = field.name().unwrap_or("").to_string();
         if name == "image" {
@@ -756,7 +756,7 @@ async fn upload_image(State(app): State<Arc<App>>, mut form: Multipart) -> Respo
                         }
                     }
                     Ok(None) => break,
-                    Err(e) => return (e.status(), e.body_text()).into_response(),
+                    Err(e) => return multipart_error(e),
                 }
             }
             if let Err(e) = tokio::io::AsyncWriteExt::flush(&mut out).await {
@@ -776,7 +776,7 @@ async fn upload_image(State(app): State<Arc<App>>, mut form: Multipart) -> Respo
                     }
                 }
                 Ok(None) => break,
-                Err(e) => return (e.status(), e.body_text()).into_response(),
+                Err(e) => return multipart_error(e),
             }
         }
         let text = String::from_utf8_lossy(&text).to_string();
@@ -817,6 +817,22 @@ async fn upload_image(State(app): State<Arc<App>>, mut form: Multipart) -> Respo
         Ok(Err((code, m))) => (code, m).into_response(),
         Err(e) => internal(e),
     }
+}
+
+/// A form that could not be read: the client's body (cut short, badly framed) is a 400,
+/// a body over the limit a 413.
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> Response {
+    let status = e.status();
+    let status = if status.is_server_error() {
+        StatusCode::BAD_REQUEST
+    } else {
+        status
+    };
+    (
+        status,
+        format!("the upload form could not be read: {}", e.body_text()),
+    )
+        .into_response()
 }
 
 /// A failed write of the service's own files: 507 for a full disk, 500 otherwise.

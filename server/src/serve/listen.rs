@@ -104,6 +104,9 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, config: &ServeC
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_timeout)
+                // A client that shuts its sending side after the request still gets the
+                // answer (hyper would otherwise drop the connection at that end of input).
+                .half_close(true)
                 .keep_alive(true);
             let _ = builder.serve_connection(io, service).with_upgrades().await;
             drop(slot);
