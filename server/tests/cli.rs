@@ -866,3 +866,39 @@ fn a_video_upscale_stays_within_its_budget_in_process_memory() {
         .len();
     assert!(written > 0);
 }
+
+#[test]
+fn ffmpeg_speaks_only_through_nova_s_log_at_the_level_chosen() {
+    let s = Setup::new("ffmpeglog");
+    let clip = s.dir.join("input/clip.mp4");
+    let st = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=64x48:rate=8:duration=2", "-pix_fmt", "yuv420p"])
+        .arg(&clip)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Damage the middle of the stream so the decoder complains while the run goes on.
+    let mut bytes = std::fs::read(&clip).unwrap();
+    let n = bytes.len();
+    for b in &mut bytes[n / 3..n / 3 + n / 6] {
+        *b = 0x5a;
+    }
+    std::fs::write(s.dir.join("input/damaged.mp4"), &bytes).unwrap();
+    let wf = s.workflow(
+        "damaged.json",
+        r#"{"1": {"class_type": "LoadVideo", "inputs": {"file": "damaged.mp4"}},
+            "2": {"class_type": "SaveVideo", "inputs": {"video": ["1", 0], "filename_prefix": "v", "format": "mkv", "codec": "ffv1"}}}"#,
+    );
+    for (level, expect_ffmpeg) in [("warning", true), ("quiet", false)] {
+        let out = nova_with_env(&["run", &wf], &s.dir, &[("NOVA_FFMPEG_LOG", level)]);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+            assert!(line.starts_with("nova"), "{level}: a line not from NOVA's log: {line:?}");
+        }
+        assert_eq!(
+            stderr.contains("nova: ffmpeg "),
+            expect_ffmpeg,
+            "{level}: {stderr}"
+        );
+    }
+}

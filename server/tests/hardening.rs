@@ -899,3 +899,65 @@ async fn slow_websocket_clients_hold_nothing_and_a_fast_one_misses_nothing() {
         .collect();
     assert_eq!(kinds, ["execution_start", "executed", "execution_success"]);
 }
+
+/// The resident and peak resident memory of process `pid`, in bytes.
+fn rss_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_stream_to_disk_instead_of_memory() {
+    let data = data_dir("bigupload");
+    let s = Server::start(data.path(), &[]);
+    let http = reqwest::Client::new();
+    get(&http, &s.url("/system_stats")).await;
+    // A WAV of 90 MiB of silence: a real file of its kind, large.
+    let samples: u32 = 90 << 20;
+    let mut wav = Vec::with_capacity(samples as usize + 44);
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + samples).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    wav.extend_from_slice(&16u32.to_le_bytes());
+    wav.extend_from_slice(&1u16.to_le_bytes());
+    wav.extend_from_slice(&2u16.to_le_bytes());
+    wav.extend_from_slice(&48000u32.to_le_bytes());
+    wav.extend_from_slice(&(48000u32 * 4).to_le_bytes());
+    wav.extend_from_slice(&4u16.to_le_bytes());
+    wav.extend_from_slice(&16u16.to_le_bytes());
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&samples.to_le_bytes());
+    wav.resize(samples as usize + 44, 0);
+    let (before, _) = rss_of(s.child.id());
+    let uploads = (0..4).map(|i| {
+        let form = reqwest::multipart::Form::new().part(
+            "image",
+            reqwest::multipart::Part::bytes(wav.clone()).file_name(format!("quiet{i}.wav")),
+        );
+        http.post(s.url("/upload/image")).multipart(form).send()
+    });
+    for r in futures_util::future::join_all(uploads).await {
+        let r = r.unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    }
+    let (_, peak) = rss_of(s.child.id());
+    let grew = peak.saturating_sub(before);
+    assert!(
+        grew < 64 << 20,
+        "4 uploads of 90 MiB grew the service by {} MiB",
+        grew >> 20
+    );
+    for i in 0..4 {
+        let got = std::fs::metadata(data.path().join(format!("input/quiet{i}.wav"))).unwrap();
+        assert_eq!(got.len(), wav.len() as u64);
+    }
+}
