@@ -234,6 +234,14 @@ impl TemporalCache {
         c.order.push_back(key);
     }
 
+    /// Evicts the least recently used entries until at most `bytes` are held: what a job
+    /// that does not use the cache needs of the memory it holds (the service calls this before
+    /// it starts any job, with what that job's plan leaves free).
+    pub fn shrink_to(&self, bytes: u64) {
+        let mut c = self.lock();
+        while c.bytes > bytes && c.evict_oldest() {}
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> u64 {
         self.lock().bytes

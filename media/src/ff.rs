@@ -66,9 +66,15 @@ fn level_name(level: i32) -> &'static str {
 /// (FFmpeg's own `[component @ 0x...]` prefix kept inside the text), so FFmpeg never writes
 /// to the terminal by itself.
 pub(crate) fn log_line(level: i32, text: &str) {
+    use std::io::Write;
     let text = text.trim_end();
     if !text.is_empty() {
-        eprintln!("nova: ffmpeg {}: {text}", level_name(level));
+        // Never panics (this runs inside FFmpeg's C callback): a closed stderr drops the line.
+        let _ = writeln!(
+            std::io::stderr(),
+            "nova: ffmpeg {}: {text}",
+            level_name(level)
+        );
     }
 }
 

@@ -26,8 +26,11 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The `nova` binary this bench built, or `NOVA_BENCH_BIN` (another build to compare).
 fn nova() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_nova"))
+    Command::new(
+        std::env::var_os("NOVA_BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_nova").into()),
+    )
 }
 
 /// Spawns `nova serve` and waits for its address.
@@ -235,10 +238,30 @@ fn usage_of(pid: u32) -> (f64, u64) {
     ((num(11) + num(12)) / 100.0, num(7) as u64)
 }
 
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Reads until ComfyUI's end of job `id` (`executing` with `node: null`).
+async fn until_done(reader: &mut Socket, id: &str) {
+    use futures_util::StreamExt;
+    while let Some(Ok(m)) = reader.next().await {
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+            let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
+            if v["type"] == "executing"
+                && v["data"]["node"].is_null()
+                && v["data"]["prompt_id"] == id
+            {
+                return;
+            }
+        }
+    }
+    panic!("socket closed");
+}
+
 /// One round: a fresh service, `idle` clients that never read, one that reads; `jobs` jobs
 /// back to back. Returns (jobs per second, CPU s per job, minor faults per job).
 fn fanout_round(rt: &tokio::runtime::Runtime, idle: usize, jobs: usize) -> (f64, f64, f64) {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::SinkExt;
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::create_dir_all(dir.path().join("input")).expect("input dir");
     let (w, h) = (1024u32, 1024u32);
@@ -296,31 +319,13 @@ fn fanout_round(rt: &tokio::runtime::Runtime, idle: usize, jobs: usize) -> (f64,
                 v["prompt_id"].as_str().expect("id").to_string()
             }
         };
-        let mut until_done = |id: String| {
-            let reader = &mut reader;
-            async move {
-                while let Some(Ok(m)) = reader.next().await {
-                    if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
-                        let v: serde_json::Value =
-                            serde_json::from_str(t.as_str()).unwrap_or_default();
-                        if v["type"] == "executing"
-                            && v["data"]["node"].is_null()
-                            && v["data"]["prompt_id"] == id.as_str()
-                        {
-                            return;
-                        }
-                    }
-                }
-                panic!("socket closed");
-            }
-        };
         let id = submit(http.clone()).await;
-        until_done(id).await;
+        until_done(&mut reader, &id).await;
         let (c0, f0) = usage_of(pid);
         let t = Instant::now();
         for _ in 0..jobs {
             let id = submit(http.clone()).await;
-            until_done(id).await;
+            until_done(&mut reader, &id).await;
         }
         let wall = t.elapsed().as_secs_f64();
         let (c1, f1) = usage_of(pid);

@@ -872,7 +872,17 @@ fn ffmpeg_speaks_only_through_nova_s_log_at_the_level_chosen() {
     let s = Setup::new("ffmpeglog");
     let clip = s.dir.join("input/clip.mp4");
     let st = Command::new("ffmpeg")
-        .args(["-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=64x48:rate=8:duration=2", "-pix_fmt", "yuv420p"])
+        .args([
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=64x48:rate=8:duration=2",
+            "-pix_fmt",
+            "yuv420p",
+        ])
         .arg(&clip)
         .status()
         .unwrap();
@@ -893,7 +903,10 @@ fn ffmpeg_speaks_only_through_nova_s_log_at_the_level_chosen() {
         let out = nova_with_env(&["run", &wf], &s.dir, &[("NOVA_FFMPEG_LOG", level)]);
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
-            assert!(line.starts_with("nova"), "{level}: a line not from NOVA's log: {line:?}");
+            assert!(
+                line.starts_with("nova"),
+                "{level}: a line not from NOVA's log: {line:?}"
+            );
         }
         assert_eq!(
             stderr.contains("nova: ffmpeg "),

@@ -593,7 +593,7 @@ async fn half_sent_requests_cannot_make_the_service_unreachable() {
         data.path(),
         &["--header-timeout", "30", "--max-connections", "20"],
     );
-    let _held = half_sent(&s.addr, 20).await;
+    let held = half_sent(&s.addr, 20).await;
     let r = reqwest::Client::new()
         .get(s.url("/system_stats"))
         .send()
@@ -601,6 +601,38 @@ async fn half_sent_requests_cannot_make_the_service_unreachable() {
     match r {
         Ok(r) => assert_eq!(r.status(), 503),
         Err(e) => assert!(e.is_connect() || e.is_request(), "{e}"),
+    }
+    // WebSockets count too, for as long as they are open.
+    drop(held);
+    drop(s);
+    let s = Server::start(data.path(), &["--max-connections", "20"]);
+    let mut sockets = vec![];
+    for i in 0..20 {
+        sockets.push(ws(&s, &format!("c{i}")).await);
+    }
+    let r = reqwest::Client::new()
+        .get(s.url("/system_stats"))
+        .send()
+        .await;
+    match r {
+        Ok(r) => assert_eq!(r.status(), 503),
+        Err(e) => assert!(e.is_connect() || e.is_request(), "{e}"),
+    }
+    drop(sockets);
+    let t = Instant::now();
+    loop {
+        let r = reqwest::Client::new()
+            .get(s.url("/system_stats"))
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "slots never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -114,11 +114,12 @@ fn client_number(v: &Value) -> Result<i64, String> {
         }
         _ => None,
     };
-    n.filter(|n| n.abs() <= MAX_CLIENT_NUMBER).ok_or_else(|| {
-        format!(
+    n.filter(|n| n.unsigned_abs() <= MAX_CLIENT_NUMBER as u64)
+        .ok_or_else(|| {
+            format!(
             "number {v} must be an integer between -{MAX_CLIENT_NUMBER} and {MAX_CLIENT_NUMBER}"
         )
-    })
+        })
 }
 
 async fn get_prompt(State(app): State<Arc<App>>) -> Json<Value> {
@@ -706,11 +707,32 @@ async fn view(State(app): State<Arc<App>>, Query(q): Query<ViewQuery>, req: Requ
 /// ComfyUI's `/upload/image` (also used for audio and video): a multipart form with the file
 /// as `image` and optional `overwrite`, `subfolder` and `type`. The file streams to disk and is
 /// accepted only if it is what its name claims (see [`super::files`]).
-async fn upload_image(State(app): State<Arc<App>>, mut form: Multipart) -> Response {
-    let _permit = match app.uploads.acquire().await {
-        Ok(p) => p,
-        Err(_) => return internal("the upload limiter is closed"),
+async fn upload_image(State(app): State<Arc<App>>, form: Multipart) -> Response {
+    let waited = tokio::time::timeout(super::files::UPLOAD_WAIT, app.uploads.acquire()).await;
+    let _permit = match waited {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => return internal("the upload limiter is closed"),
+        Err(_) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "5")],
+                "too many uploads in progress; retry shortly",
+            )
+                .into_response()
+        }
     };
+    match tokio::time::timeout(super::files::UPLOAD_DEADLINE, receive_upload(&app, form)).await {
+        Ok(r) => r,
+        Err(_) => (
+            StatusCode::REQUEST_TIMEOUT,
+            "the upload took longer than its deadline",
+        )
+            .into_response(),
+    }
+}
+
+/// Receives, checks and places one upload (see [`upload_image`]).
+async fn receive_upload(app: &Arc<App>, mut form: Multipart) -> Response {
     let mut file: Option<(String, super::files::TempUpload)> = None;
     let mut overwrite = false;
     let mut subfolder = String::new();
@@ -790,7 +812,7 @@ async fn upload_image(State(app): State<Arc<App>>, mut form: Multipart) -> Respo
     let Some((name, mut tmp)) = file else {
         return (StatusCode::BAD_REQUEST, "no 'image' file in the form").into_response();
     };
-    let Some(base) = folder_of(&app, &kind) else {
+    let Some(base) = folder_of(app, &kind) else {
         return (StatusCode::BAD_REQUEST, format!("unknown type '{kind}'")).into_response();
     };
     let path = tmp.path.clone();
@@ -867,6 +889,8 @@ mod tests {
             json!(null),
             json!(MAX_CLIENT_NUMBER + 1),
             json!(f64::MAX),
+            json!(i64::MIN),
+            json!(u64::MAX),
         ] {
             assert!(client_number(&bad).is_err(), "{bad}");
         }

@@ -7,8 +7,11 @@
 //!   and video by FFmpeg's probe (the demuxer must be the claimed one and find a stream of the
 //!   claimed kind). A file that only resembles a signature (an XHTML page that starts
 //!   `<!--ftyp-->`) or claims a type that is not media is refused with 415. The body streams to
-//!   a temporary file beside the destination and is renamed into place once checked: an upload
-//!   is never held whole in memory, and at most [`MAX_UPLOADS`] are received at once.
+//!   a temporary file in the temp folder and is moved into place once checked (by a rename, or
+//!   when the folders are on different file systems a copy made beside the destination first):
+//!   an upload is never held whole in memory, a name is never taken by two uploads at once (the
+//!   second gets `name (1).ext`), and at most [`MAX_UPLOADS`] are received at once, each within
+//!   [`UPLOAD_DEADLINE`].
 //! - **Serving** (`/view`). The type comes from an allow-list of media extensions; everything
 //!   else is `application/octet-stream` with `Content-Disposition: attachment`. Every served
 //!   file carries `X-Content-Type-Options: nosniff` and [`CSP`], which allows no script, no
@@ -23,8 +26,14 @@ use std::path::{Path, PathBuf};
 pub(crate) const CSP: &str =
     "default-src 'none'; img-src 'self' data: blob:; media-src 'self' blob:; style-src 'unsafe-inline'; sandbox";
 
-/// Uploads received at once; more wait their turn.
+/// Uploads received at once; more wait their turn, up to [`UPLOAD_WAIT`].
 pub(crate) const MAX_UPLOADS: usize = 8;
+
+/// How long an upload waits for its turn before it is answered 503.
+pub(crate) const UPLOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The longest one upload may take to arrive, however steadily it trickles.
+pub(crate) const UPLOAD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What a file claims to be, by its extension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -363,41 +372,79 @@ pub(crate) fn place_upload(
         .map_err(|e| format!("cannot create the folder: {e}"))?;
     // Re-check now that the folder exists: a link on the way must not lead out.
     super::security::resolve(base, subfolder, name)?;
-    let mut final_name = name.to_string();
-    if !overwrite {
+    // On the destination's file system: moved by a rename or a link from here on.
+    let local = beside(tmp, &dir).map_err(|e| format!("cannot write the file: {e}"))?;
+    let result = (|| {
+        if overwrite {
+            if path
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink())
+            {
+                return Err(format!("'{name}' is a link; it is not written through"));
+            }
+            // A rename replaces the name itself, never what a link would point to.
+            std::fs::rename(&local, &path).map_err(|e| format!("cannot write the file: {e}"))?;
+            return Ok(name.to_string());
+        }
         let (stem, ext) = match name.rsplit_once('.') {
             Some((s, e)) => (s.to_string(), format!(".{e}")),
             None => (name.to_string(), String::new()),
         };
-        let mut i = 1;
-        while path.symlink_metadata().is_ok() {
-            if path.is_file() && same_content(&path, tmp) {
-                let _ = std::fs::remove_file(tmp);
-                return Ok(final_name);
+        let mut final_name = name.to_string();
+        for i in 1u32.. {
+            if path.symlink_metadata().is_ok() {
+                if path.is_file() && same_content(&path, &local) {
+                    let _ = std::fs::remove_file(&local);
+                    return Ok(final_name);
+                }
+            } else {
+                // A hard link creates the name only if nothing holds it yet: two uploads of
+                // one name at once get two names, never one file overwriting the other.
+                match std::fs::hard_link(&local, &path) {
+                    Ok(()) => {
+                        let _ = std::fs::remove_file(&local);
+                        return Ok(final_name);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(format!("cannot write the file: {e}")),
+                }
             }
             final_name = format!("{stem} ({i}){ext}");
             path = dir.join(&final_name);
-            i += 1;
         }
-    } else if path
-        .symlink_metadata()
-        .is_ok_and(|m| m.file_type().is_symlink())
-    {
-        return Err(format!("'{name}' is a link; it is not written through"));
+        Err("no free name".into())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&local);
     }
-    move_file(tmp, &path).map_err(|e| format!("cannot write the file: {e}"))?;
-    Ok(final_name)
+    result
 }
 
-/// Renames `from` to `to`, copying when they are on different file systems.
-fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
-    match std::fs::rename(from, to) {
-        Ok(()) => Ok(()),
-        Err(_) => {
-            let r = std::fs::copy(from, to).map(|_| ());
-            let _ = std::fs::remove_file(from);
-            r
+/// `tmp` on `dir`'s file system: moved there by a rename, or, across file systems, copied
+/// into a new file in `dir` (a `.part` name no other upload uses) and the original removed.
+fn beside(tmp: &Path, dir: &Path) -> std::io::Result<PathBuf> {
+    let name = tmp
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "upload".into());
+    let local = dir.join(format!("{name}.part"));
+    match std::fs::rename(tmp, &local) {
+        Ok(()) => Ok(local),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let copied = (|| {
+                let mut out = nova_dataflow::output::create_new(&local)?;
+                let mut inp = std::fs::File::open(tmp)?;
+                std::io::copy(&mut inp, &mut out)?;
+                out.sync_all()
+            })();
+            let _ = std::fs::remove_file(tmp);
+            if let Err(e) = copied {
+                let _ = std::fs::remove_file(&local);
+                return Err(e);
+            }
+            Ok(local)
         }
+        Err(e) => Err(e),
     }
 }
 
@@ -527,5 +574,23 @@ mod tests {
         assert_eq!(put("a.png", "s", other, true).unwrap(), "a.png");
         assert!(put("a.png", "../x", png, false).is_err());
         assert!(put("../a.png", "", png, false).is_err());
+        // Eight different files under one name at once: eight names, nothing overwritten.
+        let names: Vec<String> = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..8u8)
+                .map(|i| sc.spawn(move || put("same.png", "race", &[b'P', i], false).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let distinct: std::collections::BTreeSet<&String> = names.iter().collect();
+        assert_eq!(distinct.len(), 8, "{names:?}");
+        let mut contents: Vec<Vec<u8>> = names
+            .iter()
+            .map(|n| std::fs::read(dir.path().join("race").join(n)).unwrap())
+            .collect();
+        contents.sort();
+        assert_eq!(
+            contents,
+            (0..8u8).map(|i| vec![b'P', i]).collect::<Vec<_>>()
+        );
     }
 }

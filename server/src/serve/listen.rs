@@ -8,9 +8,10 @@
 //!   WebSocket connections, once upgraded, are not subject to it.
 //! - Request bodies time out when no data arrives for [`ServeConfig::body_timeout`] (the
 //!   router's `RequestBodyTimeoutLayer`).
-//! - At most [`ServeConfig::max_connections`] connections are open at once; one more is
-//!   answered `503 Service Unavailable` with `Retry-After` and closed at once, so a client
-//!   learns to retry instead of waiting in the accept queue.
+//! - At most [`ServeConfig::max_connections`] connections are open at once, WebSockets
+//!   included (an upgraded session keeps its connection's slot); one more is answered
+//!   `503 Service Unavailable` with `Retry-After` and closed at once, so a client learns to
+//!   retry instead of waiting in the accept queue.
 //! - At start-up the soft limit on open files is raised to the hard limit (Linux's default
 //!   soft limit, 1024, is fewer than the connection cap), and the cap is lowered to fit below
 //!   it with room for the files jobs open.
@@ -61,6 +62,11 @@ pub(crate) fn connection_cap(config: &ServeConfig) -> usize {
     }
 }
 
+/// A connection's place under the cap; held by the connection and by the WebSocket session
+/// it may become (see [`super::ws`]).
+#[derive(Clone)]
+pub(crate) struct Slot(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
 /// What an over-cap connection is told before it is closed.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: 40\r\nConnection: close\r\n\r\ntoo many connections; retry in a second\n";
 
@@ -97,7 +103,18 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, config: &ServeC
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = service.clone();
+        // The slot lives as long as the connection, and as long as a WebSocket it was
+        // upgraded to: each request carries a handle the upgraded session keeps.
+        let slot = Slot(Arc::new(slot));
+        let service = {
+            let (service, slot) = (service.clone(), slot.clone());
+            hyper::service::service_fn(
+                move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(slot.clone());
+                    hyper::service::Service::call(&service, req)
+                },
+            )
+        };
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
             let mut builder = hyper::server::conn::http1::Builder::new();

@@ -1,5 +1,5 @@
 //! NOVA's own routes (described in `server/openapi.json`, served at `/openapi.json`):
-//! `GET /api/system/stats`, `POST /api/system/cleanup`, `GET /health/vram`,
+//! `GET /api/system/stats`, `POST /api/system/cleanup`, `GET /health`, `GET /health/vram`,
 //! `GET /api/events` (Server-Sent Events), `GET /api/jobs/{id}`, `POST /api/plan`,
 //! `POST /api/optimize` (Auto-Optimize, see [`crate::optimize`]),
 //! `GET /api/model_index`, `POST /api/model_index/refresh`, `POST /api/queue/pause`,
@@ -526,6 +526,7 @@ mod tests {
         for p in [
             "/api/system/stats",
             "/api/system/cleanup",
+            "/health",
             "/health/vram",
             "/api/events",
             "/api/jobs/{id}",

@@ -156,9 +156,23 @@ async fn admit_what_fits(app: &Arc<App>) {
             });
         match decision {
             Decision::Wait => return,
-            Decision::Fail { message, kind } => fail_unstarted(app, rec, &message, kind).await,
+            Decision::Fail { message, kind } => {
+                if !fail_unstarted(app, rec, &message, kind).await {
+                    // Not recorded (the database cannot take writes): look again later, not
+                    // at once.
+                    return;
+                }
+            }
             Decision::Admit(prepared) => {
                 let reserved = prepared.plan.forecast_peak_bytes;
+                // Video windows cached by earlier jobs stay in memory: they may keep only what
+                // this job's plan leaves of the memory it was planned against.
+                if let Some(limit) = prepared.plan.limit_bytes {
+                    let need = (reserved as f64 * (1.0 + prepared.plan.safety_margin.max(0.0)))
+                        .ceil() as u64;
+                    nova_engines::video::TemporalCache::global()
+                        .shrink_to(limit.saturating_sub(need));
+                }
                 let started = match app.store.start(key, Some(reserved)).await {
                     Ok(Some(r)) => r,
                     Ok(None) => continue, // cancelled meanwhile
@@ -238,8 +252,9 @@ fn decide(app: &App, rec: &JobRecord) -> Decision {
     }
 }
 
-/// Ends a job that could not start (it became invalid or cannot fit).
-async fn fail_unstarted(app: &Arc<App>, mut rec: JobRecord, message: &str, kind: &str) {
+/// Ends a job that could not start (it became invalid or cannot fit); `false` when its end
+/// could not be recorded (it stays queued).
+async fn fail_unstarted(app: &Arc<App>, mut rec: JobRecord, message: &str, kind: &str) -> bool {
     let ts = timestamp_ms();
     let last = comfy::execution_error(
         &rec.id,
@@ -259,7 +274,7 @@ async fn fail_unstarted(app: &Arc<App>, mut rec: JobRecord, message: &str, kind:
     if let Err(e) = app.store.finish(rec.clone()).await {
         // Still queued in the database: it is looked at again once writes commit.
         tracing_error(&format!("recording job {}: {e}", rec.id));
-        return;
+        return false;
     }
     let tag = Arc::new(JobTag {
         prompt_id: rec.id.clone(),
@@ -270,6 +285,7 @@ async fn fail_unstarted(app: &Arc<App>, mut rec: JobRecord, message: &str, kind:
     app.relay.end(&tag, last, app.queue_remaining(), fallback);
     app.metrics.job_finished("error", 0.0);
     super::webhook::spawn(app.clone(), rec);
+    true
 }
 
 /// Commits a job's end. While the database cannot take writes (a full disk) the job keeps its

@@ -20,7 +20,9 @@
 //!   matches its job (left by an older version) is removed when met, never retried forever.
 //! - Writes go through one writer thread that commits whatever is waiting in one transaction
 //!   (group commit): under many concurrent submissions the fsync cost is shared instead of
-//!   serialised, which keeps `/prompt` acceptance latency flat.
+//!   serialised, which keeps `/prompt` acceptance latency flat. Each write does everything
+//!   that can fail (decoding, encoding, checks) before its first change, so one that fails
+//!   changes nothing in the batch it shares (a storage error fails the whole commit anyway).
 //! - **Degraded mode.** A failed commit (a full disk, an I/O error) leaves redb refusing every
 //!   later transaction until the file is closed and opened again. The writer then closes the
 //!   database (waiting for readers to let go), reports the service degraded ([`Store::health`]:
@@ -692,13 +694,16 @@ impl Store {
             }
             let mut queue = txn.open_table(QUEUE).map_err(s)?;
             let mut meta = txn.open_table(META).map_err(s)?;
+            // Every fallible step before the first change: a write that fails changes nothing
+            // (the batch it shares a commit with goes on).
+            let mut next_number = None;
             rec.number = match number {
                 Number::Client(n) => n.clamp(-MAX_CLIENT_NUMBER, MAX_CLIENT_NUMBER),
                 Number::Next { front } => {
                     let n = meta_get(&meta, "number")?
                         .unwrap_or(0)
                         .min(MAX_CLIENT_NUMBER as u64);
-                    meta.insert("number", n + 1).map_err(s)?;
+                    next_number = Some(n + 1);
                     if front {
                         -(n as i64)
                     } else {
@@ -707,10 +712,13 @@ impl Store {
                 }
             };
             rec.seq = meta_get(&meta, "seq")?.unwrap_or(0);
+            let bytes = encode(&rec)?;
+            if let Some(n) = next_number {
+                meta.insert("number", n).map_err(s)?;
+            }
             meta.insert("seq", rec.seq + 1).map_err(s)?;
             queue.insert(rec.queue_key(), rec.id.as_str()).map_err(s)?;
-            jobs.insert(rec.id.as_str(), encode(&rec)?.as_slice())
-                .map_err(s)?;
+            jobs.insert(rec.id.as_str(), bytes.as_slice()).map_err(s)?;
             Ok(Enqueued::Queued(rec.number))
         })
         .await
@@ -735,11 +743,11 @@ impl Store {
             else {
                 return Ok(None);
             };
+            // An unreadable record cannot run: its entry is gone, the record is kept.
             let rec = jobs
                 .get(id.as_str())
                 .map_err(s)?
-                .map(|v| decode(v.value()))
-                .transpose()?;
+                .and_then(|v| decode(v.value()).ok());
             let Some(mut rec) =
                 rec.filter(|r| r.state == JobState::Queued && r.queue_key() == key.0)
             else {
@@ -749,9 +757,9 @@ impl Store {
             rec.attempts += 1;
             rec.started_ms = Some(now_ms());
             rec.forecast_peak_bytes = forecast_peak_bytes;
+            let bytes = encode(&rec)?;
             running.insert(id.as_str(), now_ms()).map_err(s)?;
-            jobs.insert(id.as_str(), encode(&rec)?.as_slice())
-                .map_err(s)?;
+            jobs.insert(id.as_str(), bytes.as_slice()).map_err(s)?;
             Ok(Some(rec))
         })
         .await
@@ -795,20 +803,17 @@ impl Store {
                 if ids.as_ref().is_some_and(|want| !want.contains(&id)) {
                     continue;
                 }
-                queue.remove(key).map_err(s)?;
-                let bytes = jobs
+                let rec = jobs
                     .get(id.as_str())
                     .map_err(s)?
-                    .map(|v| v.value().to_vec());
-                if let Some(bytes) = bytes {
-                    let mut rec = decode(&bytes)?;
-                    if rec.state == JobState::Queued {
-                        rec.state = JobState::Cancelled;
-                        rec.finished_ms = Some(now_ms());
-                        jobs.insert(id.as_str(), encode(&rec)?.as_slice())
-                            .map_err(s)?;
-                        done.push(id);
-                    }
+                    .and_then(|v| decode(v.value()).ok());
+                queue.remove(key).map_err(s)?;
+                if let Some(mut rec) = rec.filter(|r| r.state == JobState::Queued) {
+                    rec.state = JobState::Cancelled;
+                    rec.finished_ms = Some(now_ms());
+                    let bytes = encode(&rec)?;
+                    jobs.insert(id.as_str(), bytes.as_slice()).map_err(s)?;
+                    done.push(id);
                 }
             }
             Ok(done)
@@ -1033,13 +1038,25 @@ fn recover(
         else {
             continue;
         };
-        let mut rec = decode(&bytes)?;
+        // A record that does not decode is left out of the queue (and said so), rather than
+        // making a healthy file look corrupt.
+        let mut rec = match decode(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("nova serve: job {id} was running but its record is unreadable ({e}); it is dropped from the queue");
+                continue;
+            }
+        };
         if policy == RestartPolicy::Requeue && rec.attempts < max_attempts {
             rec.state = JobState::Queued;
             rec.messages.push((
                 "nova_requeued".into(),
                 serde_json::json!({"prompt_id": rec.id, "attempts": rec.attempts, "timestamp": now_ms()}),
             ));
+            // A fresh sequence: a record from before schema 2 has none, and another job may
+            // hold its old key.
+            rec.seq = meta_get(&meta, "seq")?.unwrap_or(0);
+            meta.insert("seq", rec.seq + 1).map_err(s)?;
             queue.insert(rec.queue_key(), id.as_str()).map_err(s)?;
             recovery.requeued.push(id.clone());
         } else {
@@ -1071,6 +1088,10 @@ fn recover(
 }
 
 fn finish_in(txn: &WriteTransaction, rec: &mut JobRecord) -> Result<(), String> {
+    if rec.finished_ms.is_none() {
+        rec.finished_ms = Some(now_ms());
+    }
+    let bytes = encode(rec)?;
     let mut jobs = txn.open_table(JOBS).map_err(s)?;
     let mut queue = txn.open_table(QUEUE).map_err(s)?;
     let mut running = txn.open_table(RUNNING).map_err(s)?;
@@ -1078,13 +1099,9 @@ fn finish_in(txn: &WriteTransaction, rec: &mut JobRecord) -> Result<(), String> 
     let mut meta = txn.open_table(META).map_err(s)?;
     running.remove(rec.id.as_str()).map_err(s)?;
     queue.remove(rec.queue_key()).map_err(s)?;
-    if rec.finished_ms.is_none() {
-        rec.finished_ms = Some(now_ms());
-    }
     let seq = next_history(&mut meta)?;
     history.insert(seq, rec.id.as_str()).map_err(s)?;
-    jobs.insert(rec.id.as_str(), encode(rec)?.as_slice())
-        .map_err(s)?;
+    jobs.insert(rec.id.as_str(), bytes.as_slice()).map_err(s)?;
     Ok(())
 }
 

@@ -10,9 +10,9 @@
 //!   matches. The URL is parsed as browsers parse it, so `2130706433`, `0x7f.0.0.1` and
 //!   `127.1` are the address they spell, 127.0.0.1, and must be allowed as that.
 //! - **Checked after DNS.** At delivery the host is resolved and every address is checked: a
-//!   name the list allows must not resolve to a loopback, unspecified, link-local or multicast
-//!   address unless an address entry allows it, and a name matched only by address entries
-//!   must resolve inside them. The connection goes to the address that was checked (the
+//!   name the list allows must not resolve to a loopback, unspecified, link-local, IPv6
+//!   unique-local or multicast address unless an address entry allows it, and a name matched
+//!   only by address entries must resolve inside them. The connection goes to the address that was checked (the
 //!   resolution is pinned), never to a second lookup's answer.
 //! - **Never the service itself**: its own listening address and port are refused whatever
 //!   the list says.
@@ -173,6 +173,8 @@ fn internal(a: IpAddr) -> bool {
                 || v.is_unspecified()
                 || v.is_multicast()
                 || (v.segments()[0] & 0xffc0) == 0xfe80
+                // Unique-local fc00::/7, where clouds put their metadata services.
+                || (v.segments()[0] & 0xfe00) == 0xfc00
         }
     }
 }

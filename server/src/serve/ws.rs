@@ -29,6 +29,7 @@ pub(crate) struct WsQuery {
 pub(crate) async fn handler(
     State(app): State<Arc<App>>,
     Query(q): Query<WsQuery>,
+    slot: Option<axum::Extension<super::listen::Slot>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     let sid = q
@@ -41,11 +42,20 @@ pub(crate) async fn handler(
         })
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     ws.max_message_size(1 << 20)
-        .on_upgrade(move |socket| session(app, sid, socket))
+        .on_upgrade(move |socket| async move {
+            // The connection's slot under the cap stays taken while the session lasts.
+            let _slot = slot;
+            session(app, sid, socket).await
+        })
 }
 
 /// Messages written to a socket before it is flushed.
 const WRITE_BATCH: usize = 64;
+
+/// How long a write may wait for a client that takes no data before the session is closed:
+/// a client that stops reading holds nothing of the engine's (see the hub), and after this
+/// it holds no connection either; it can read what it missed from `/history`.
+const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn to_message(o: Out) -> Message {
     match o {
@@ -70,10 +80,13 @@ async fn session(app: Arc<App>, sid: String, socket: WebSocket) {
                 // Everything waiting goes in one write: one flush (one syscall) for a burst of
                 // tiles rather than one each.
                 Some(batch) => {
-                    for o in batch {
-                        ok = ok && tx.feed(to_message(o)).await.is_ok();
-                    }
-                    ok = ok && tx.flush().await.is_ok();
+                    let write = async {
+                        for o in batch {
+                            tx.feed(to_message(o)).await?;
+                        }
+                        tx.flush().await
+                    };
+                    ok = matches!(tokio::time::timeout(WRITE_STALL, write).await, Ok(Ok(())));
                 }
                 None => break,
             },
