@@ -347,7 +347,7 @@ fn fanout() {
         .enable_all()
         .build()
         .expect("runtime");
-    let (rounds, jobs) = (4, 5);
+    let (rounds, jobs) = (6, 5);
     let (mut one, mut many) = (vec![], vec![]);
     for r in 0..rounds {
         if r % 2 == 0 {

@@ -63,9 +63,33 @@ pub(crate) fn connection_cap(config: &ServeConfig) -> usize {
 }
 
 /// A connection's place under the cap; held by the connection and by the WebSocket session
-/// it may become (see [`super::ws`]).
+/// it may become (see [`super::ws`]), which can also size its socket's send buffer.
 #[derive(Clone)]
-pub(crate) struct Slot(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+pub(crate) struct Slot {
+    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    /// The connection's socket; open while any clone of the slot is held (the connection, or
+    /// the session it was upgraded to, owns it).
+    fd: std::os::fd::RawFd,
+}
+
+impl Slot {
+    /// Caps the kernel's send buffer of this connection at `bytes`: what a client that stops
+    /// reading can absorb before its session blocks (and costs nothing more).
+    pub(crate) fn limit_send_buffer(&self, bytes: usize) {
+        let v = bytes as libc::c_int;
+        // SAFETY: the socket is open while this slot is held (see `fd`); setsockopt reads
+        // `size_of::<c_int>()` bytes from `v`.
+        unsafe {
+            libc::setsockopt(
+                self.fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
 
 /// What an over-cap connection is told before it is closed.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: 40\r\nConnection: close\r\n\r\ntoo many connections; retry in a second\n";
@@ -105,7 +129,10 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, config: &ServeC
         let _ = stream.set_nodelay(true);
         // The slot lives as long as the connection, and as long as a WebSocket it was
         // upgraded to: each request carries a handle the upgraded session keeps.
-        let slot = Slot(Arc::new(slot));
+        let slot = Slot {
+            _permit: Arc::new(slot),
+            fd: std::os::fd::AsRawFd::as_raw_fd(&stream),
+        };
         let service = {
             let (service, slot) = (service.clone(), slot.clone());
             hyper::service::service_fn(

@@ -43,7 +43,11 @@ pub(crate) async fn handler(
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     ws.max_message_size(1 << 20)
         .on_upgrade(move |socket| async move {
-            // The connection's slot under the cap stays taken while the session lasts.
+            // The connection's slot under the cap stays taken while the session lasts, and a
+            // client that stops reading can hold only a small send buffer in the kernel.
+            if let Some(axum::Extension(s)) = &slot {
+                s.limit_send_buffer(SEND_BUFFER);
+            }
             let _slot = slot;
             session(app, sid, socket).await
         })
@@ -51,6 +55,10 @@ pub(crate) async fn handler(
 
 /// Messages written to a socket before it is flushed.
 const WRITE_BATCH: usize = 64;
+
+/// The kernel send buffer of a WebSocket (Linux doubles it for bookkeeping): enough for a
+/// burst of tiles to a client that reads, little for one that does not.
+const SEND_BUFFER: usize = 256 << 10;
 
 /// How long a write may wait for a client that takes no data before the session is closed:
 /// a client that stops reading holds nothing of the engine's (see the hub), and after this
