@@ -576,6 +576,19 @@ fn write_tone_wav(path: &Path, seconds: usize) {
     w.finish().unwrap();
 }
 
+/// Writes an H.264 MP4 of FFmpeg's test pattern (`testsrc2=...`) at `path`, with the ffmpeg
+/// command line (an independent peer).
+fn make_clip(path: &Path, testsrc: &str) {
+    let st = Command::new("ffmpeg")
+        .args([
+            "-v", "error", "-y", "-f", "lavfi", "-i", testsrc, "-pix_fmt", "yuv420p",
+        ])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success(), "ffmpeg made {}", path.display());
+}
+
 /// The "process peak RSS" figure of `nova run`'s closing line, in bytes.
 fn peak_rss(stderr: &str) -> f64 {
     let text = stderr
@@ -713,22 +726,10 @@ fn settings_that_cannot_be_written_fail_before_any_work_and_leave_no_file() {
                  "2": {{"class_type": "SaveVideo", "inputs": {{"video": ["1", 0], "filename_prefix": "v", "format": "auto", "codec": "{codec}"{extra}}}}}}}"#
         )
     };
-    let st = std::process::Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=64x48:rate=8:duration=1",
-            "-pix_fmt",
-            "yuv420p",
-            "-y",
-        ])
-        .arg(s.dir.join("input/clip.mp4"))
-        .status()
-        .unwrap();
-    assert!(st.success());
+    make_clip(
+        &s.dir.join("input/clip.mp4"),
+        "testsrc2=size=64x48:rate=8:duration=1",
+    );
     let cases = [
         ("nul", save(r#""a\u0000b""#), "filename_prefix"),
         (
@@ -812,22 +813,10 @@ fn a_video_upscale_stays_within_its_budget_in_process_memory() {
     // lookahead holds dozens of frames), under a 256 MiB budget: the process's resident
     // memory may grow by no more than the budget over a run that does almost nothing.
     let s = Setup::new("videorss");
-    let st = Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=320x240:rate=24:duration=2",
-            "-pix_fmt",
-            "yuv420p",
-        ])
-        .arg(s.dir.join("input/clip.mp4"))
-        .status()
-        .unwrap();
-    assert!(st.success());
+    make_clip(
+        &s.dir.join("input/clip.mp4"),
+        "testsrc2=size=320x240:rate=24:duration=2",
+    );
     let up = s.workflow(
         "up3.json",
         r#"{"1": {"class_type": "LoadVideo", "inputs": {"file": "clip.mp4"}},
@@ -871,22 +860,7 @@ fn a_video_upscale_stays_within_its_budget_in_process_memory() {
 fn ffmpeg_speaks_only_through_nova_s_log_at_the_level_chosen() {
     let s = Setup::new("ffmpeglog");
     let clip = s.dir.join("input/clip.mp4");
-    let st = Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=64x48:rate=8:duration=2",
-            "-pix_fmt",
-            "yuv420p",
-        ])
-        .arg(&clip)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    make_clip(&clip, "testsrc2=size=64x48:rate=8:duration=2");
     // Damage the middle of the stream so the decoder complains while the run goes on.
     let mut bytes = std::fs::read(&clip).unwrap();
     let n = bytes.len();

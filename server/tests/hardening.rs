@@ -536,6 +536,18 @@ async fn planning_large_graphs_does_not_hold_up_other_requests() {
     }
 }
 
+/// A request over the connection cap: answered 503 at once (or closed).
+async fn assert_busy(s: &Server) {
+    match reqwest::Client::new()
+        .get(s.url("/system_stats"))
+        .send()
+        .await
+    {
+        Ok(r) => assert_eq!(r.status(), 503),
+        Err(e) => assert!(e.is_connect() || e.is_request(), "{e}"),
+    }
+}
+
 /// Opens `n` connections that each send half a request and then nothing.
 async fn half_sent(addr: &str, n: usize) -> Vec<tokio::net::TcpStream> {
     use tokio::io::AsyncWriteExt;
@@ -594,14 +606,7 @@ async fn half_sent_requests_cannot_make_the_service_unreachable() {
         &["--header-timeout", "30", "--max-connections", "20"],
     );
     let held = half_sent(&s.addr, 20).await;
-    let r = reqwest::Client::new()
-        .get(s.url("/system_stats"))
-        .send()
-        .await;
-    match r {
-        Ok(r) => assert_eq!(r.status(), 503),
-        Err(e) => assert!(e.is_connect() || e.is_request(), "{e}"),
-    }
+    assert_busy(&s).await;
     // WebSockets count too, for as long as they are open.
     drop(held);
     drop(s);
@@ -610,14 +615,7 @@ async fn half_sent_requests_cannot_make_the_service_unreachable() {
     for i in 0..20 {
         sockets.push(ws(&s, &format!("c{i}")).await);
     }
-    let r = reqwest::Client::new()
-        .get(s.url("/system_stats"))
-        .send()
-        .await;
-    match r {
-        Ok(r) => assert_eq!(r.status(), 503),
-        Err(e) => assert!(e.is_connect() || e.is_request(), "{e}"),
-    }
+    assert_busy(&s).await;
     drop(sockets);
     let t = Instant::now();
     loop {
@@ -845,20 +843,7 @@ async fn slow_websocket_clients_hold_nothing_and_a_fast_one_misses_nothing() {
     use tokio_tungstenite::tungstenite::Message;
     let data = data_dir("fanout");
     // A noisy image, so that tile frames are real JPEGs of some size.
-    let (w, h) = (1024u32, 1024u32);
-    let mut seed = 0x9E3779B9u32;
-    let noise: Vec<u8> = (0..w * h * 3)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            (seed >> 24) as u8
-        })
-        .collect();
-    image::RgbImage::from_raw(w, h, noise)
-        .unwrap()
-        .save(data.path().join("input/noise.png"))
-        .unwrap();
+    noise_png(&data.path().join("input/noise.png"), 1024, 1024, 0x9E3779B9);
     let s = Server::start(data.path(), &[]);
     let http = reqwest::Client::new();
     let flags = json!({"type": "feature_flags", "data": {"supports_preview_metadata": true, "nova_events": true}}).to_string();

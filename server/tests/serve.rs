@@ -163,20 +163,7 @@ async fn a_comfyui_client_runs_the_core_example_and_gets_nova_run_s_output() {
 async fn a_slow_websocket_client_does_not_slow_the_engine_or_other_clients() {
     let data = data_dir("slow");
     // A noisy image, so that tile previews are big and fill the slow client's socket.
-    let (w, h) = (1536u32, 1536u32);
-    let mut seed = 0x2545F491u32;
-    let noise: Vec<u8> = (0..w * h * 3)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            (seed >> 24) as u8
-        })
-        .collect();
-    image::RgbImage::from_raw(w, h, noise)
-        .unwrap()
-        .save(data.path().join("input/noise.png"))
-        .unwrap();
+    noise_png(&data.path().join("input/noise.png"), 1536, 1536, 0x2545F491);
     let s = Server::start(data.path(), &["--client-buffer", "16"]);
     let http = reqwest::Client::new();
     let flags = json!({"type": "feature_flags", "data": {"supports_preview_metadata": true, "nova_events": true}}).to_string();

@@ -117,6 +117,24 @@ pub fn data_dir(tag: &str) -> tempfile::TempDir {
     d
 }
 
+/// Writes a `w`x`h` RGB PNG of noise (xorshift from `seed`) at `path`: tiles of it encode to
+/// real JPEGs of some size, so previews fill sockets.
+pub fn noise_png(path: &Path, w: u32, h: u32, seed: u32) {
+    let mut s = seed.max(1);
+    let noise: Vec<u8> = (0..w * h * 3)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s >> 24) as u8
+        })
+        .collect();
+    image::RgbImage::from_raw(w, h, noise)
+        .unwrap()
+        .save(path)
+        .unwrap();
+}
+
 pub fn example() -> Value {
     let text =
         std::fs::read_to_string(repo().join("examples/workflows/sharpen_upscale.json")).unwrap();
