@@ -75,7 +75,7 @@ fn interleaved() {
     let mut big_ms = vec![];
     let (mut big_cpu, mut big_faults, mut small_cpu, mut small_faults) = (0.0, 0, 0.0, 0);
     for round in 0..rounds {
-        let mut one = |wf: &Value, times: usize| {
+        let one = |wf: &Value, times: usize| {
             let (c0, f0) = usage();
             let t = Instant::now();
             for _ in 0..times {

@@ -258,11 +258,14 @@ struct Decoder {
     ended: bool,
 }
 
+/// What a sink holds for the whole run, by output shape.
+pub type SinkMemory = Arc<dyn Fn(&VideoShape) -> u64 + Send + Sync>;
+
 /// The chunked form of a node that consumes a video window by window. See the module docs.
 pub struct VideoWindows {
     sink: SinkFactory,
     /// What the sink holds for the whole run (an encoder's buffers), by output shape.
-    sink_memory: Option<Arc<dyn Fn(&VideoShape) -> u64 + Send + Sync>>,
+    sink_memory: Option<SinkMemory>,
     cache: Option<&'static TemporalCache>,
     /// Frames consecutive windows share at least (cross-faded), beyond the chain's own need.
     min_overlap: usize,

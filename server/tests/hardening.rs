@@ -286,7 +286,7 @@ async fn a_full_disk_degrades_the_service_and_it_recovers_when_space_is_back() {
     assert_eq!((c, h["status"].as_str()), (503, Some("degraded")), "{h}");
     assert!(h["queue_db"]["reason"].is_string(), "{h}");
     let (_, stats) = get(&http, &s.url("/system_stats")).await;
-    assert_eq!(stats["system"].is_object(), true);
+    assert!(stats["system"].is_object());
     assert_eq!(stats["nova"]["status"], "degraded", "{stats}");
     // Space comes back: the service recovers without a restart.
     std::fs::remove_file(&filler).unwrap();
@@ -898,8 +898,7 @@ async fn slow_websocket_clients_hold_nothing_and_a_fast_one_misses_nothing() {
     }
     let last_progress = msgs
         .iter()
-        .filter(|m| m["type"] == "progress" && m["data"]["node"] == "2")
-        .last()
+        .rfind(|m| m["type"] == "progress" && m["data"]["node"] == "2")
         .unwrap();
     assert_eq!(last_progress["data"]["value"], last_progress["data"]["max"]);
     // What the service holds for its 200 clients is one bounded log, not 200 queues.

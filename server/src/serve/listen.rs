@@ -49,7 +49,7 @@ fn raise_nofile() -> Option<u64> {
             }
         }
     }
-    Some(lim.rlim_cur as u64)
+    Some(lim.rlim_cur)
 }
 
 /// The connection cap in force: the configured one, lowered to fit the open-files limit.
