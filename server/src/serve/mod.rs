@@ -11,11 +11,15 @@
 //! recorded as running, and the next start applies the restart policy to them exactly as after
 //! a crash, so there is one recovery path.
 //!
-//! Dependencies: `tokio` and `axum` (HTTP/WebSocket, the field's standard), `tower-http`
-//! (static files with ranges and traversal checks), `redb` (the embedded, crash-safe queue
-//! database: pure Rust, ACID, no server), `uuid` (ComfyUI's prompt ids), `sha2` (model hashes
-//! as hubs publish them), `prometheus-client` (metrics), `reqwest` (webhook delivery; also the
-//! tests' HTTP client), `futures-util` (SSE streams).
+//! Dependencies: `tokio` and `axum` (HTTP/WebSocket, the field's standard), `hyper` and
+//! `hyper-util` (axum's own HTTP/1 server, used directly for its header read timeout, which
+//! `axum::serve` does not set), `tower-http` (static files with ranges and traversal checks;
+//! request body timeouts), `redb` (the embedded, crash-safe queue database: pure Rust, ACID,
+//! no server), `uuid` (ComfyUI's prompt ids), `sha2` (model hashes as hubs publish them),
+//! `prometheus-client` (metrics), `reqwest` (webhook delivery; also the tests' HTTP client),
+//! `url` (browsers' parsing of webhook hosts), `libc` (the open-files limit, socket buffer
+//! sizes), `futures-util` (SSE streams), `nova-media` (uploads checked by FFmpeg's probe) and
+//! `nova-engines` (the temporal cache the scheduler keeps within the budget).
 
 pub mod config;
 
