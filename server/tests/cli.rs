@@ -13,12 +13,17 @@ const MEMORY_ENV: [&str; 6] = [
     "NOVA_TILE_SIZE",
 ];
 
+/// The `nova` binary under test: this build's, or `NOVA_TEST_BIN` (another build).
+fn nova_bin() -> std::ffi::OsString {
+    std::env::var_os("NOVA_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_nova").into())
+}
+
 fn nova(args: &[&str], cwd: &Path) -> Output {
     nova_with_env(args, cwd, &[])
 }
 
 fn nova_with_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nova"));
+    let mut cmd = Command::new(nova_bin());
     cmd.args(args).current_dir(cwd).env("RUST_BACKTRACE", "1");
     for k in MEMORY_ENV {
         cmd.env_remove(k);
@@ -762,7 +767,7 @@ fn events_to_a_pipe_nobody_reads_do_not_hold_the_process() {
             "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "t"}}}"#,
     );
     let (reader, writer) = std::io::pipe().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nova"))
+    let mut child = Command::new(nova_bin())
         .args(["run", &wf, "--events", "-", "--tile-size", "16"])
         .current_dir(&s.dir)
         .stdout(writer)
@@ -790,7 +795,7 @@ fn events_to_a_pipe_nobody_reads_do_not_hold_the_process() {
         "the run itself finished: {err}"
     );
     // A reader that goes away (a broken pipe) is exit 5 too.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nova"))
+    let mut child = Command::new(nova_bin())
         .args(["run", &wf, "--events", "-", "--tile-size", "16"])
         .current_dir(&s.dir)
         .stdout(std::process::Stdio::piped())

@@ -160,7 +160,7 @@ async fn workflows_over_the_node_cap_get_413_naming_the_cap() {
 
 /// Starts `nova serve` on `data`, expecting it to stop at once: (exit code, stderr).
 fn serve_exits(data: &std::path::Path, extra: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_nova"))
+    let out = Command::new(nova_bin())
         .args(serve_args(data))
         .args(extra)
         .output()
@@ -233,7 +233,7 @@ async fn a_truncated_or_empty_queue_file_is_exit_5_naming_it_and_can_be_moved_as
 /// the test can fill the disk. The data folder's files are reached from outside through
 /// `/proc/<pid>/root`.
 fn serve_on_small_disk(data: &std::path::Path, size: &str) -> Server {
-    let nova = env!("CARGO_BIN_EXE_nova");
+    let nova = nova_bin();
     let script = format!(
         "mount -t tmpfs -o size={size} nova-test \"$0\" && mkdir -p \"$0/input\" && cp \"$1\" \"$0/input/\" && shift && exec \"$@\""
     );

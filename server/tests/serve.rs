@@ -118,7 +118,7 @@ async fn a_comfyui_client_runs_the_core_example_and_gets_nova_run_s_output() {
     let cli = tempfile::tempdir().unwrap();
     let wf = cli.path().join("wf.json");
     std::fs::write(&wf, example().to_string()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_nova"))
+    let out = Command::new(nova_bin())
         .arg("run")
         .arg(&wf)
         .arg("--input-dir")
@@ -438,7 +438,7 @@ async fn declared_length_status(s: &Server, path: &str, content_type: &str, leng
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_is_required_off_loopback_and_checked_when_set() {
     // Not loopback without a token: refused at start, exit 2.
-    let out = Command::new(env!("CARGO_BIN_EXE_nova"))
+    let out = Command::new(nova_bin())
         .args(["serve", "--listen", "0.0.0.0:0", "--print-config"])
         .env_remove("NOVA_API_TOKEN")
         .output()

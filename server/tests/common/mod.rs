@@ -26,6 +26,12 @@ pub struct Server {
     pub log: Arc<Mutex<String>>,
 }
 
+/// The `nova` binary under test: this build's, or `NOVA_TEST_BIN` (another build, e.g. an
+/// older one to see a defect a test reproduces, or a release build).
+pub fn nova_bin() -> std::ffi::OsString {
+    std::env::var_os("NOVA_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_nova").into())
+}
+
 /// `serve` on an ephemeral loopback port with `data` as its data folder, two workers.
 pub fn serve_args(data: &Path) -> Vec<std::ffi::OsString> {
     let mut v: Vec<std::ffi::OsString> = ["serve", "--listen", "127.0.0.1:0", "--data-dir"]
@@ -39,7 +45,7 @@ pub fn serve_args(data: &Path) -> Vec<std::ffi::OsString> {
 
 impl Server {
     pub fn start(data: &Path, args: &[&str]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nova"));
+        let mut cmd = Command::new(nova_bin());
         cmd.args(serve_args(data)).args(args);
         Server::spawn(cmd)
     }
