@@ -382,9 +382,25 @@ function OutputView(props: { file: OutputFile }) {
 
 function App() {
   const [info, setInfo] = useState<Record<string, NodeInfo>>({});
-  const [template, setTemplate] = useState<Template>(TEMPLATES[0]);
-  const [tile, setTile] = useState<number>(TEMPLATES[0].tile);
-  const [wf, setWf] = useState<ApiWorkflow>(TEMPLATES[0].workflow);
+  const [template, setTemplateState] = useState<Template>(TEMPLATES[0]);
+  const [tile, setTileState] = useState<number>(TEMPLATES[0].tile);
+  const [wf, setWfState] = useState<ApiWorkflow>(TEMPLATES[0].workflow);
+  // The latest edits, read by handlers: two edits before a re-render (a user, or a test,
+  // typing faster than the page paints) must build on each other, and a button pressed right
+  // after an edit must act on it, not on the state its render saw.
+  const latest = useRef({ template: TEMPLATES[0], tile: TEMPLATES[0].tile, wf: TEMPLATES[0].workflow });
+  const setTemplate = (t: Template) => {
+    latest.current.template = t;
+    setTemplateState(t);
+  };
+  const setTile = (t: number) => {
+    latest.current.tile = t;
+    setTileState(t);
+  };
+  const setWf = (w: ApiWorkflow) => {
+    latest.current.wf = w;
+    setWfState(w);
+  };
   const [plan, setPlan] = useState<Plan | null>(null);
   const [planError, setPlanError] = useState<string | null>(null);
   const [changes, setChanges] = useState<Change[] | null>(null);
@@ -455,14 +471,16 @@ function App() {
     setChanges(null);
   };
   const change = (id: string, input: string, value: unknown) => {
-    const inputs = { ...wf[id].inputs, [input]: value };
+    const cur = latest.current.wf;
+    if (!cur[id]) return;
+    const inputs = { ...cur[id].inputs, [input]: value };
     if (value === undefined) delete inputs[input];
-    edited({ ...wf, [id]: { ...wf[id], inputs } });
+    edited({ ...cur, [id]: { ...cur[id], inputs } });
   };
   const remove = (id: string) => {
     // The node goes, and so do the links that took its outputs.
     const next: ApiWorkflow = {};
-    for (const [k, n] of Object.entries(wf)) {
+    for (const [k, n] of Object.entries(latest.current.wf)) {
       if (k === id) continue;
       const inputs = Object.fromEntries(
         Object.entries(n.inputs).filter(([, v]) => !(Array.isArray(v) && v[0] === id && v.length === 2)),
@@ -472,9 +490,10 @@ function App() {
     edited(next);
   };
   const add = (cls: string) => {
-    const ids = Object.keys(wf).map(Number).filter(Number.isFinite);
+    const cur = latest.current.wf;
+    const ids = Object.keys(cur).map(Number).filter(Number.isFinite);
     const id = String((ids.length ? Math.max(...ids) : 0) + 1);
-    edited({ ...wf, [id]: { class_type: cls, inputs: defaults(info[cls]) } });
+    edited({ ...cur, [id]: { class_type: cls, inputs: defaults(info[cls]) } });
   };
   const toggle = (id: string) => {
     const next = new Set(selected);
@@ -485,6 +504,7 @@ function App() {
   const fail = (e: unknown) => setPlanError(e instanceof ApiError ? e.message : String(e));
   const doPlan = async () => {
     try {
+      const { wf, template, tile } = latest.current;
       setPlan(await api.plan(wf, extraData(template, tile)));
       setPlanError(null);
     } catch (e) {
@@ -494,6 +514,7 @@ function App() {
   };
   const optimize = async () => {
     try {
+      const { wf, template, tile } = latest.current;
       const o = await api.optimize(wf, extraData(template, tile));
       setWf(o.prompt);
       const t = Number(o.extra_data.nova?.tile_size);
@@ -507,6 +528,7 @@ function App() {
   };
   const submit = async () => {
     // Web Audio wants a user gesture: this click, for workflows that make sound.
+    const { wf, template, tile } = latest.current;
     if (Object.values(wf).some((n) => /Audio/.test(n.class_type))) audio.unlock();
     try {
       const r = await api.submit(wf, clientId, extraData(template, tile));
@@ -520,7 +542,7 @@ function App() {
   };
   const save = () => {
     const a = document.createElement("a");
-    a.href = URL.createObjectURL(new Blob([JSON.stringify(wf, null, 2)], { type: "application/json" }));
+    a.href = URL.createObjectURL(new Blob([JSON.stringify(latest.current.wf, null, 2)], { type: "application/json" }));
     a.download = "workflow.json";
     a.click();
   };
