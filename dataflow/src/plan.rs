@@ -936,4 +936,59 @@ mod tests {
         }
         assert_eq!(p.total_chunks(), 5);
     }
+
+    /// CPU time of this thread: what the work took, whatever else the machine is doing.
+    fn thread_cpu() -> std::time::Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec for the call to fill.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    /// Validating and planning a chain of `n` nodes: the least thread CPU time of three runs.
+    fn chain_cost(n: usize) -> std::time::Duration {
+        let env = JobEnv::new("i", "o", "t");
+        let mut wf = serde_json::Map::new();
+        wf.insert(
+            "1".into(),
+            serde_json::json!({"class_type": "Pass", "inputs": {}}),
+        );
+        for i in 2..=n {
+            let class = if i == n { "Out" } else { "Pass" };
+            wf.insert(
+                i.to_string(),
+                serde_json::json!({"class_type": class, "inputs": {"image": [(i - 1).to_string(), 0]}}),
+            );
+        }
+        let text = serde_json::Value::Object(wf).to_string();
+        let registry = registry();
+        (0..3)
+            .map(|_| {
+                let t = thread_cpu();
+                let wf = workflow::load(&text, &registry, &env).unwrap();
+                let p = plan(&wf, &env, &PlanOptions::default()).unwrap();
+                assert_eq!(p.nodes.len(), n);
+                thread_cpu() - t
+            })
+            .min()
+            .unwrap()
+    }
+
+    #[test]
+    fn validating_and_planning_grow_linearly_with_nodes() {
+        // Ten times the nodes: about ten times the work when linear, a hundred when quadratic
+        // (a 4,000-node chain once took 25 times a 1,000-node one). CPU time of this thread,
+        // not wall time, so a loaded machine does not change the ratio.
+        let small = chain_cost(1_000);
+        let large = chain_cost(10_000);
+        let ratio = large.as_secs_f64() / small.as_secs_f64().max(1e-6);
+        eprintln!("1,000 nodes {small:?}, 10,000 nodes {large:?}: ratio {ratio:.1}");
+        assert!(
+            ratio < 50.0,
+            "10,000 nodes took {ratio:.1} times 1,000 nodes ({large:?} against {small:?})"
+        );
+    }
 }

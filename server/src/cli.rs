@@ -100,6 +100,12 @@ struct ServeArgs {
     /// Largest upload.
     #[arg(long, value_name = "SIZE", value_parser = Bytes::parse, default_value = "100MiB")]
     max_upload: Bytes,
+    /// Uploads received at once (more wait their turn).
+    #[arg(long, default_value_t = 8)]
+    max_uploads: usize,
+    /// Seconds an upload waits for its turn before it is answered 503.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    upload_wait: f64,
     /// Seconds a client has to send a request's headers before the connection is closed.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     header_timeout: f64,
@@ -778,6 +784,7 @@ fn serve_command(args: ServeArgs) -> ExitCode {
     c.max_body = args.max_body;
     c.max_upload = args.max_upload;
     c.max_nodes = args.max_nodes;
+    c.max_uploads = args.max_uploads;
     c.max_connections = args.max_connections;
     for (secs, field, flag) in [
         (
@@ -786,6 +793,7 @@ fn serve_command(args: ServeArgs) -> ExitCode {
             "--header-timeout",
         ),
         (args.body_timeout, &mut c.body_timeout, "--body-timeout"),
+        (args.upload_wait, &mut c.upload_wait, "--upload-wait"),
     ] {
         match std::time::Duration::try_from_secs_f64(secs) {
             Ok(d) if !d.is_zero() => *field = d,

@@ -515,11 +515,13 @@ async fn planning_large_graphs_does_not_hold_up_other_requests() {
     let s = Server::start(data.path(), &["--max-nodes", "20000"]);
     get(&http, &s.url("/object_info")).await;
     let body = json!({"prompt": invert_chain(10_000)});
-    // Four plans of 10,000 nodes at once (more than the service has async threads), and a
-    // stats request just behind them: it is answered before any of the plans.
+    // Plans of 10,000 nodes at once, more than the service has async threads (one per core)
+    // on any machine, and a stats request just behind them: it is answered before any of the
+    // plans.
+    let n = std::thread::available_parallelism().map_or(2, |n| n.get()) + 2;
     let url = s.url("/api/plan");
     let mut plans: futures_util::stream::FuturesUnordered<_> =
-        (0..4).map(|_| post(&http, &url, &body)).collect();
+        (0..n).map(|_| post(&http, &url, &body)).collect();
     let stats = async {
         tokio::time::sleep(Duration::from_millis(20)).await;
         get(&http, &s.url("/system_stats")).await
@@ -976,4 +978,119 @@ async fn uploads_stream_to_disk_instead_of_memory() {
         let got = std::fs::metadata(data.path().join(format!("input/quiet{i}.wav"))).unwrap();
         assert_eq!(got.len(), wav.len() as u64);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_stops_arriving_is_closed() {
+    use tokio::io::AsyncWriteExt;
+    let data = data_dir("slowbody");
+    let s = Server::start(data.path(), &["--body-timeout", "1"]);
+    let http = reqwest::Client::new();
+    get(&http, &s.url("/system_stats")).await;
+    // Whole headers of a 1,000-byte workflow, eleven bytes of it, then nothing: the header
+    // timeout is behind it, so only the body's own timeout can free the connection.
+    let mut c = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
+    c.write_all(
+        format!(
+            "POST /prompt HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"prompt\": ",
+            s.addr
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        closed_by_server(&mut c).await,
+        "a stalled body held its connection for 30 s"
+    );
+    // The service is still there for everyone else.
+    assert_eq!(get(&http, &s.url("/system_stats")).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_over_the_cap_wait_their_turn_and_then_get_503() {
+    use tokio::io::AsyncWriteExt;
+    let data = data_dir("uploadcap");
+    let s = Server::start(
+        data.path(),
+        &[
+            "--max-uploads",
+            "2",
+            "--upload-wait",
+            "1",
+            "--body-timeout",
+            "60",
+        ],
+    );
+    let http = reqwest::Client::new();
+    get(&http, &s.url("/system_stats")).await;
+    let png = data.path().join("small.png");
+    noise_png(&png, 16, 16, 7);
+    let png = std::fs::read(&png).unwrap();
+    let upload = |name: &str| {
+        let form = reqwest::multipart::Form::new().part(
+            "image",
+            reqwest::multipart::Part::bytes(png.clone()).file_name(name.to_string()),
+        );
+        http.post(s.url("/upload/image")).multipart(form).send()
+    };
+    // Two uploads that send their headers and the start of a large file, then stall: they
+    // hold both slots.
+    let mut stalled = vec![];
+    for i in 0..2 {
+        let mut c = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
+        let head = format!(
+            "--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"slow{i}.png\"\r\nContent-Type: image/png\r\n\r\n"
+        );
+        c.write_all(
+            format!(
+                "POST /upload/image HTTP/1.1\r\nHost: {}\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 10000000\r\n\r\n{head}",
+                s.addr
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        c.write_all(&png[..8]).await.unwrap();
+        stalled.push(c);
+    }
+    // A third waits its turn for --upload-wait, then is told to come back.
+    let t = Instant::now();
+    let mut refused = None;
+    for k in 0.. {
+        if t.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        let name = format!("third{k}.png");
+        let r = upload(&name).await.unwrap();
+        if r.status() == 503 {
+            refused = Some((r, name));
+            break;
+        }
+        // The stalled uploads' requests may not have reached their handlers yet.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (r, name) = refused.expect("an upload over the cap was never refused");
+    assert_eq!(
+        r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("5")
+    );
+    assert!(!data.path().join("input").join(name).exists());
+    // Once the stalled ones go, their slots come back.
+    drop(stalled);
+    let t = Instant::now();
+    let placed = loop {
+        let r = upload("fourth.png").await.unwrap();
+        if r.status() == 200 {
+            break r.json::<Value>().await.unwrap();
+        }
+        assert_eq!(r.status(), 503);
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "slots never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(placed["name"], "fourth.png", "{placed}");
+    assert!(data.path().join("input/fourth.png").exists(), "{placed}");
 }

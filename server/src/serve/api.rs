@@ -708,7 +708,7 @@ async fn view(State(app): State<Arc<App>>, Query(q): Query<ViewQuery>, req: Requ
 /// as `image` and optional `overwrite`, `subfolder` and `type`. The file streams to disk and is
 /// accepted only if it is what its name claims (see [`super::files`]).
 async fn upload_image(State(app): State<Arc<App>>, form: Multipart) -> Response {
-    let waited = tokio::time::timeout(super::files::UPLOAD_WAIT, app.uploads.acquire()).await;
+    let waited = tokio::time::timeout(app.config.upload_wait, app.uploads.acquire()).await;
     let _permit = match waited {
         Ok(Ok(p)) => p,
         Ok(Err(_)) => return internal("the upload limiter is closed"),

@@ -52,6 +52,11 @@ pub struct ServeConfig {
     pub max_jobs: usize,
     /// Worker threads per job. Default: the machine's cores.
     pub workers: usize,
+    /// Uploads received at once; more wait their turn. Default 8.
+    pub max_uploads: usize,
+    /// How long an upload waits for its turn before it is answered 503. Default 30 s.
+    #[serde(with = "millis")]
+    pub upload_wait: Duration,
     /// Largest request body (workflows, JSON). Default 16 MiB.
     pub max_body: Bytes,
     /// Largest upload. Default 100 MiB (ComfyUI's).
@@ -140,6 +145,8 @@ impl ServeConfig {
             workers: nova_dataflow::exec::default_workers(),
             max_body: Bytes::mib(16),
             max_upload: Bytes::mib(100),
+            max_uploads: 8,
+            upload_wait: Duration::from_secs(30),
             max_nodes: 10_000,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
@@ -175,6 +182,9 @@ impl ServeConfig {
         }
         if self.header_timeout.is_zero() || self.body_timeout.is_zero() {
             return Err("--header-timeout and --body-timeout must be more than 0".into());
+        }
+        if self.max_uploads == 0 {
+            return Err("--max-uploads must be at least 1".into());
         }
         if self.max_nodes == 0 {
             return Err("--max-nodes must be at least 1".into());

@@ -10,7 +10,8 @@
 //!   a temporary file in the temp folder and is moved into place once checked (by a rename, or
 //!   when the folders are on different file systems a copy made beside the destination first):
 //!   an upload is never held whole in memory, a name is never taken by two uploads at once (the
-//!   second gets `name (1).ext`), and at most [`MAX_UPLOADS`] are received at once, each within
+//!   second gets `name (1).ext`), and at most `--max-uploads` (default 8) are received at once (more wait up to `--upload-wait`,
+//!   default 30 s, then get 503), each within
 //!   [`UPLOAD_DEADLINE`].
 //! - **Serving** (`/view`). The type comes from an allow-list of media extensions; everything
 //!   else is `application/octet-stream` with `Content-Disposition: attachment`. Every served
@@ -25,12 +26,6 @@ use std::path::{Path, PathBuf};
 /// The Content-Security-Policy of every served user file.
 pub(crate) const CSP: &str =
     "default-src 'none'; img-src 'self' data: blob:; media-src 'self' blob:; style-src 'unsafe-inline'; sandbox";
-
-/// Uploads received at once; more wait their turn, up to [`UPLOAD_WAIT`].
-pub(crate) const MAX_UPLOADS: usize = 8;
-
-/// How long an upload waits for its turn before it is answered 503.
-pub(crate) const UPLOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The longest one upload may take to arrive, however steadily it trickles.
 pub(crate) const UPLOAD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);

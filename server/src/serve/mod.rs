@@ -117,7 +117,7 @@ pub(crate) struct App {
     pub warm: Warm,
     pub models: ModelIndex,
     pub started: Instant,
-    /// Uploads received at once ([`files::MAX_UPLOADS`]).
+    /// Uploads received at once ([`ServeConfig::max_uploads`]).
     pub uploads: tokio::sync::Semaphore,
     /// The `Host` names requests may use (see [`security`]), from the address actually bound
     /// (the configured port may be 0).
@@ -278,7 +278,7 @@ pub fn serve(config: ServeConfig) -> ExitCode {
             },
             models,
             started,
-            uploads: tokio::sync::Semaphore::new(files::MAX_UPLOADS),
+            uploads: tokio::sync::Semaphore::new(config.max_uploads),
             hosts: security::expected_hosts(addr, &config.allow_hosts),
             webhooks: webhook::Policy {
                 allow: config
