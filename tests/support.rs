@@ -170,6 +170,7 @@ pub fn run_plan(
             job_id: "test".into(),
             cancel,
             budget,
+            runtime: None,
         },
         emitter,
     );

@@ -203,10 +203,22 @@ fn tiled_dataflow_run_saves_the_same_pixels_as_the_untiled_run() {
             .plan
             .nodes
             .iter()
-            .filter(|n| n.mode == ExecMode::Tiled)
+            .filter(|n| n.mode == ExecMode::Tiled && n.class_type != "SaveImage")
             .count(),
         5,
         "every local operator ran tiled"
+    );
+    // The five form one pipeline region, and SaveImage takes its tiles as they come.
+    let region = tiled
+        .plan
+        .units
+        .iter()
+        .find(|u| u.kind == nova_dataflow::UnitKind::Pipeline)
+        .expect("a pipeline region");
+    assert_eq!(region.nodes.len(), 5, "{:#?}", tiled.plan.units);
+    assert_eq!(
+        region.sink.map(|s| tiled.plan.nodes[s].node.as_str()),
+        Some("7")
     );
     assert!(whole.plan.nodes.iter().all(|n| n.mode == ExecMode::Atomic));
     let tiled_file = reported_files(tiled.result.as_ref().unwrap(), "7").remove(0);

@@ -178,4 +178,66 @@ pub trait ChunkedOp: Send + Sync {
 
     /// Device memory one chunk needs while it is processed.
     fn chunk_memory(&self, input: &ValueInfo, chunk: &ChunkSpec) -> ChunkMemory;
+
+    /// The operator as a stage of a pipeline region, when its pieces compose with its
+    /// neighbours' (see [`LocalOp`]). Default: it does not; it runs as a region of its own.
+    fn local(&self) -> Option<&dyn LocalOp> {
+        None
+    }
+}
+
+/// A chunked operator that is *local*: any region of its output depends on a known region of
+/// its input (its receptive field, clipped to the input), and it can compute an output region
+/// from any piece of the input that covers that region. Consecutive local operators form a
+/// pipeline region: the planner walks each output piece back through the stages to the region
+/// of the first stage's input it needs (receptive fields and scale factors compose), the input
+/// is cut once, and every stage computes its part of the piece from the previous stage's.
+///
+/// Invariant: [`LocalOp::process_within`] gives, for every output region, exactly the values
+/// the whole-input run gives there, whatever covering piece it was handed, so a pipeline run
+/// equals the node-by-node run bit for bit.
+pub trait LocalOp: Send + Sync {
+    /// The region of the input (inside its bounds) that output region `out` reads.
+    fn input_region(&self, input: &ValueInfo, out: &ChunkRegion) -> Result<ChunkRegion, NodeError>;
+
+    /// Cuts `region` (inside the input's bounds) out of the whole input.
+    fn crop(&self, input: &Value, region: &ChunkRegion) -> Result<Value, NodeError>;
+
+    /// Computes output region `out` from `have`, the part `have_region` of an input of shape
+    /// `input` (covering [`Self::input_region`] of `out`).
+    fn process_within(
+        &self,
+        input: &ValueInfo,
+        out: &ChunkRegion,
+        have_region: &ChunkRegion,
+        have: &Value,
+    ) -> Result<Value, NodeError>;
+
+    /// Device memory while output region `out` is computed from the piece `have_region`.
+    fn region_memory(
+        &self,
+        input: &ValueInfo,
+        out: &ChunkRegion,
+        have_region: &ChunkRegion,
+    ) -> ChunkMemory;
+}
+
+/// An output node that consumes its input piece by piece as the pieces become final (a PNG
+/// written row band by row band, frames handed to an encoder), so its input never has to
+/// exist whole. See [`crate::node::Node::sink`].
+pub trait SinkOp: Send + Sync {
+    /// Memory the sink holds (buffers, encoder state) while the pieces `chunks` of an input of
+    /// shape `input` arrive, at most `inflight` of them ahead of the first one it lacks.
+    fn memory(&self, input: &ValueInfo, chunks: &[ChunkSpec], inflight: usize) -> u64;
+
+    /// Opens the sink for an input of shape `input` arriving as `chunks` (in any order): the
+    /// [`Merger::add`] of each piece writes what became final, [`Merger::finish_output`] ends
+    /// the output and gives the node's UI record. A sink dropped before it finished leaves
+    /// nothing behind.
+    fn open(
+        &self,
+        input: &ValueInfo,
+        chunks: &[ChunkSpec],
+        ctx: &crate::node::ExecContext,
+    ) -> Result<Box<dyn Merger>, NodeError>;
 }

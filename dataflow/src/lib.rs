@@ -22,6 +22,8 @@
 //! ```
 
 pub mod chunk;
+pub mod compute;
+mod driver;
 pub mod error;
 pub mod event;
 pub mod exec;
@@ -39,7 +41,10 @@ pub mod timing;
 pub mod value;
 pub mod workflow;
 
-pub use chunk::{ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, Merger, Rect};
+pub use chunk::{
+    ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, LocalOp, Merger, Rect, SinkOp,
+};
+pub use compute::{Runtime, RuntimeGone};
 pub use error::{ValidationErrors, WorkflowError};
 pub use event::{
     Emitter, Event, EventKind, EventSink, Lifecycle, NodeTimingEvent, RunTiming,
@@ -50,15 +55,17 @@ pub use memory::{Accountant, Bytes, Lease, OutOfMemory};
 pub use model_paths::{ModelPaths, ModelPathsError};
 pub use node::{
     Args, Chunking, ExecContext, Inputs, JobEnv, Node, NodeError, NodeId, NodeOutput, NodeRegistry,
-    PreviewMethod, StepPreview, Stepper,
+    PreviewMethod, Sinking, StepPreview, Stepper,
 };
-pub use plan::{plan, ExecutionPlan, NodePlan, PlanError, PlanOptions, WeightPlan, MIN_TILE};
+pub use plan::{
+    plan, ExecutionPlan, NodePlan, PlanError, PlanOptions, UnitKind, UnitPlan, WeightPlan, MIN_TILE,
+};
 pub use profile::{
     Admission, Detection, MemoryConfig, MemoryOverrides, Precision, Profile, ProfileId,
 };
 pub use residency::{
-    Asset, AssetState, DeviceWeights, Registry, RegistryLimits, ResidencyDelta, WeightContext,
-    WeightMode, WeightSource,
+    Asset, AssetState, DeviceWeights, Phase, Registry, RegistryLimits, ResidencyDelta,
+    WeightContext, WeightMode, WeightSource, WorkNotes,
 };
 pub use schema::{
     ExecMode, FileFolder, InputKind, InputSpec, MemoryEstimate, MemoryQuery, NodeMeta, NodeSchema,
@@ -68,6 +75,6 @@ pub use stream::{
     AudioGraph, AudioMeta, AudioPull, AudioStream, Frame, FrameCursor, FrameOp, FrameSource,
     MemoryFrames, Planar, Temporal, VideoMeta, VideoShape, VideoStream,
 };
-pub use timing::{NodeTiming, TimeSplit};
+pub use timing::TimeSplit;
 pub use value::{DataType, ImageInfo, ModelInfo, ModelRef, TensorBox, Value, ValueInfo};
 pub use workflow::{ValidatedWorkflow, WorkflowNode};

@@ -31,7 +31,7 @@ impl fmt::Display for NodeId {
 }
 
 /// Why a node could not do its work. The engine adds the node id and type.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum NodeError {
     #[error("input '{input}': {reason}")]
     Input { input: String, reason: String },
@@ -393,6 +393,13 @@ pub struct Chunking {
     pub max_tile: Option<usize>,
 }
 
+/// How an output node takes its input piece by piece: which input, and the sink.
+#[derive(Clone)]
+pub struct Sinking {
+    pub input: &'static str,
+    pub op: Arc<dyn crate::chunk::SinkOp>,
+}
+
 /// A preview of an iterative node's state after one step: an image (`[1, h, w, 3]`, host
 /// memory) and how it was made (`taesd`, `latent2rgb`).
 #[derive(Clone, Debug)]
@@ -452,6 +459,13 @@ pub trait Node: Send + Sync + 'static {
         _inputs: &Inputs<ValueInfo>,
         _env: &JobEnv,
     ) -> Option<Chunking> {
+        None
+    }
+
+    /// For output nodes that can take their input piece by piece as it becomes final: the
+    /// input and the sink ([`crate::chunk::SinkOp`]). The planner uses it when the node's input
+    /// comes from a tiled region and nothing else reads it, so the whole input never exists.
+    fn sink(&self, _args: &Args, _inputs: &Inputs<ValueInfo>, _env: &JobEnv) -> Option<Sinking> {
         None
     }
 

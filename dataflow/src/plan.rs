@@ -1,37 +1,64 @@
 //! The control plane: the execution plan of a job, fitted to a device-memory budget.
 //!
-//! For each node the plan fixes its mode, its chunks (tiles) and the shapes it sees, and
-//! forecasts the device memory held while it runs; admission ([`admit`]) compares the
-//! forecast with the budget. Planning is pure: a function of the validated workflow, the shapes
-//! nodes infer, and the options.
+//! For each node the plan fixes its mode, its chunks (tiles, windows, steps) and the shapes it
+//! sees, groups nodes into *units* that run as one (a node alone, or a pipeline region), orders
+//! the units into *waves* that run at once, and forecasts the device memory held while each
+//! wave runs; admission ([`admit`]) compares the forecast with the budget. Planning is pure: a
+//! function of the validated workflow, the shapes nodes infer, and the options.
+//!
+//! # Units
+//! - **Whole**: a node that runs on whole values (atomic, or iterative: a sampler's steps).
+//! - **Chunked**: a node cut into chunks on its own (split, process, merge): tiles of a node
+//!   that is not local (a tiled VAE that blends seams), the windows and chunks of a stream.
+//! - **Pipeline region**: consecutive *local* image operators (each output pixel depends on a
+//!   known neighbourhood of its input: blur, sharpen, scale, invert, Real-ESRGAN), each feeding
+//!   only the next. The tile grid is cut over the last stage's output; each piece is walked
+//!   back through the stages ([`LocalOp::input_region`](crate::chunk::LocalOp)) to the region
+//!   of every stage's input it needs, so receptive fields and scale factors compose and the
+//!   input is cut once. Every stage stays its own operator with its own chunks (its part of
+//!   each piece), so per-node telemetry keeps its meaning.
+//!
+//! A chunked or pipeline unit over images ends in a merge (the last stage's output assembled
+//! whole), or, when its only reader is an output node that takes pieces
+//! ([`Node::sink`](crate::node::Node::sink), e.g. `SaveImage` writing PNG rows), in that sink:
+//! then the whole output never exists.
 //!
 //! # The memory model
-//! Nodes run one after another in plan order (a node's chunks run in parallel across
-//! workers), so the device holds, while node `n` runs:
-//! - every value produced earlier whose last consumer is `n` or later (`live_bytes`), and
-//! - `n`'s working set: for an atomic node its outputs and workspace; for a tiled node its
-//!   output (assembled as chunks arrive) and, for each chunk in flight (`workers + prefetch`,
-//!   cut ahead of the workers), its piece plus the result and workspace set aside for it when
-//!   it was cut; and, if an output node consumes it, the results kept until announced.
+//! Units run in waves; the units of a wave run at once (independent branches), the waves one
+//! after another. While wave `w` runs the device holds:
+//! - every value produced in an earlier wave whose last reader is in wave `w` or later
+//!   (`live_bytes`), and
+//! - each unit's working set: for a whole node, its outputs and workspace (and its weights);
+//!   for a chunked node, its output (or its sink's buffers) and, for each chunk in flight
+//!   (`workers + prefetch`, cut ahead of the workers), its piece plus the result and workspace
+//!   set aside when it was cut, and, if an output node shows it, the results kept until they
+//!   are announced; for a pipeline region, its stages' weights, its exit (the merged output,
+//!   or the sink's buffers), and per piece in flight the most any one stage holds for it
+//!   (input piece, result and workspace: a piece is at one stage at a time, and the memory
+//!   set aside when it was cut travels with it to the exit).
 //!
-//! Setting memory aside when a chunk is cut, rather than when a worker happens to pick it up,
+//! Setting memory aside when a piece is cut, rather than when a worker happens to pick it up,
 //! makes the held memory depend on the plan and not on thread scheduling: the measured peak
-//! then tracks the forecast closely, and a chunk is never started without its memory.
+//! then tracks the forecast closely, and a piece is never started without its memory.
 //!
-//! The forecast peak is the largest such sum. The planner gives each tileable node the largest
-//! tile (from the configured size down by halves to the smallest) whose forecast, plus the
-//! safety margin, fits the limit (the budget minus headroom).
+//! Each unit is first sized as if it ran alone after the units before it (units in order of
+//! their depth in the graph): the largest tile (from the configured size down by halves to
+//! the smallest) whose forecast, plus the safety margin, fits the limit (the budget minus
+//! headroom). Waves are then formed greedily in that order: a unit joins the current wave when
+//! it reads nothing the wave produces and the wave's forecast with it still fits; otherwise it
+//! starts the next wave. So independent branches run concurrently when their forecasts fit
+//! together, and one after another when they do not. The forecast peak is the largest wave's.
 //!
 //! # Timestamps
-//! Records carry a `u64` time. Node `n`'s input time is node `n-1`'s output time (0 for the
-//! first), which is at least every producer's; chunk `i` of a node travels at `input time + i`;
-//! its output at `input time + chunks - 1`. So along any path times never decrease, and a
-//! probe that sees the frontier pass a chunk's time knows that chunk — and every earlier one —
-//! is final.
+//! Records carry a `u64` time. Wave `w` starts at time `T(w)`: chunk (piece, step) `i` of every
+//! unit in it travels at `T(w) + i`, its output at `T(w) + count - 1`, and `T(w + 1)` is the
+//! latest output time of wave `w`. So along any link times never decrease, and a probe that
+//! sees the frontier pass a chunk's time knows that chunk, and every earlier one, is final.
+//! Every unit of wave `w + 1` waits (a gate that carries no data) for every unit of wave `w`.
 
-use crate::chunk::{ChunkMemory, ChunkSize, ChunkSpec};
+use crate::chunk::{ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec};
 use crate::memory::Bytes;
-use crate::node::{guarded, Inputs, JobEnv, NodeError};
+use crate::node::{guarded, Chunking, Inputs, JobEnv, NodeError, Sinking};
 use crate::residency::WeightMode;
 use crate::schema::{ExecMode, MemoryEstimate, MemoryQuery};
 use crate::value::ValueInfo;
@@ -63,8 +90,9 @@ pub struct PlanOptions {
     /// rather than failing an allocation mid-run.
     pub max_value_bytes: u64,
     /// The baseline executor of the KPI harness (`--executor naive`): every node whole (no
-    /// tiles, one window per video stream, one chunk per audio stream) and weights resident,
-    /// whatever the limit; used only for comparisons and A/B checks.
+    /// tiles, no pipeline regions or sinks, one window per video stream, one chunk per audio
+    /// stream), weights resident, one node at a time, whatever the limit; used only for
+    /// comparisons and A/B checks.
     pub naive: bool,
 }
 
@@ -155,11 +183,13 @@ impl WeightPlan {
 /// The memory forecast of one node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct NodeForecast {
-    /// Earlier values still held while the node runs (its inputs among them).
+    /// Values of earlier waves still held while the node's wave runs (its inputs among them).
     pub live_bytes: u64,
-    /// The node's own working set.
+    /// The node's own working set (for a stage of a pipeline region, its share of the
+    /// region's).
     pub working_bytes: u64,
-    /// `live_bytes + working_bytes`.
+    /// What the device holds while the node's wave runs: `live_bytes` plus the working sets
+    /// of every unit of the wave.
     pub peak_bytes: u64,
     /// Whether the peak plus the safety margin fits the limit.
     pub fits: bool,
@@ -173,13 +203,17 @@ pub struct NodePlan {
     pub mode: ExecMode,
     /// Tile side of a tiled node.
     pub tile: Option<usize>,
-    /// The chunks of a tiled node; empty for an atomic one.
+    /// The chunks of a chunked node: for a pipeline stage, its own part of each piece (a
+    /// region of its output); for a sink, the pieces it takes. Empty for an atomic node.
     pub chunks: Vec<ChunkSpec>,
+    /// For a stage of a pipeline region: per piece, the region of its input the piece carries
+    /// when it reaches the stage (for the first stage, what is cut from the whole input).
+    pub pieces_in: Vec<ChunkRegion>,
     /// Steps of an iterative node (a sampler), each its own time; 0 for other nodes.
     pub steps: u32,
-    /// Shape of the input that is cut into chunks (tiled nodes).
+    /// Shape of the input that is cut into chunks (chunked nodes).
     pub chunked_input: Option<ValueInfo>,
-    /// Memory of the largest chunk (tiled nodes).
+    /// Memory of the largest chunk (chunked nodes).
     pub chunk_memory: Option<ChunkMemory>,
     /// Shapes of the linked inputs, in link order.
     pub inputs: Vec<ValueInfo>,
@@ -189,13 +223,15 @@ pub struct NodePlan {
     pub memory: MemoryEstimate,
     /// Where the node's weights live while it runs.
     pub weights: WeightPlan,
-    /// Chunks cut but not yet finished at once (tiled nodes): workers plus prefetch, or one
+    /// Chunks cut but not yet finished at once (chunked nodes): workers plus prefetch, or one
     /// when only serial processing fits.
     pub inflight: usize,
     /// What the device holds while the node runs, in the chosen mode.
     pub forecast: NodeForecast,
     /// The forecast had the node run atomic (the naive plan).
     pub atomic_peak_bytes: u64,
+    /// The unit the node runs in ([`ExecutionPlan::units`]).
+    pub unit: usize,
     /// Time of the node's inputs.
     pub in_time: u64,
     /// Time of the node's outputs.
@@ -203,7 +239,7 @@ pub struct NodePlan {
 }
 
 impl NodePlan {
-    /// Number of units of work: chunks of a tiled node, steps of an iterative one, else 1.
+    /// Number of units of work: chunks of a chunked node, steps of an iterative one, else 1.
     pub fn chunk_count(&self) -> u32 {
         if self.steps > 0 {
             self.steps
@@ -221,18 +257,72 @@ impl NodePlan {
     }
 }
 
+/// How a unit runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnitKind {
+    /// One node on whole values (atomic or iterative).
+    Whole,
+    /// One node cut into chunks: split, process, merge (or sink).
+    Chunked,
+    /// A pipeline region: the input cut once, every piece through every stage, then merged
+    /// or sunk.
+    Pipeline,
+}
+
+/// A unit of execution: one node, or a pipeline region (see the module docs).
+#[derive(Clone, Debug, Serialize)]
+pub struct UnitPlan {
+    pub kind: UnitKind,
+    /// The node, or the region's stages in order.
+    pub nodes: Vec<usize>,
+    /// The output node that takes the last stage's pieces, if any.
+    pub sink: Option<usize>,
+    /// The wave the unit runs in.
+    pub wave: usize,
+    /// Pieces of a chunked or pipeline unit; steps of an iterative node; else 1.
+    pub pieces: u32,
+    /// Device memory set aside per piece when it is cut (pipeline regions).
+    pub reserve_bytes: u64,
+    /// The unit's working set (see the module docs).
+    pub working_bytes: u64,
+    /// Nodes whose output must be complete before the unit may start: the producers of its
+    /// inputs, and the last node of every unit of the previous wave.
+    pub after: Vec<usize>,
+    pub in_time: u64,
+    pub out_time: u64,
+}
+
+impl UnitPlan {
+    /// The node whose completion ends the unit: its sink, or its last stage.
+    pub fn last(&self) -> usize {
+        self.sink
+            .or_else(|| self.nodes.last().copied())
+            .expect("a unit has nodes")
+    }
+
+    /// Every node of the unit, the sink last.
+    pub fn members(&self) -> impl Iterator<Item = usize> + '_ {
+        self.nodes.iter().copied().chain(self.sink)
+    }
+}
+
 /// The plan of a whole job.
 #[derive(Clone, Debug, Serialize)]
 pub struct ExecutionPlan {
     pub nodes: Vec<NodePlan>,
-    /// The largest node forecast: the most the device holds at once.
+    /// Units in the order they run; a unit's nodes refer to [`Self::nodes`].
+    pub units: Vec<UnitPlan>,
+    /// Number of waves.
+    pub waves: usize,
+    /// The largest wave forecast: the most the device holds at once.
     pub forecast_peak_bytes: u64,
-    /// The same for the naive plan that runs every node whole.
+    /// The same for the naive plan that runs every node whole, one after another.
     pub naive_peak_bytes: u64,
     /// The limit the plan was fitted to (budget minus headroom), if any.
     pub limit_bytes: Option<u64>,
     pub safety_margin: f64,
-    /// Whether every node's forecast fits the limit.
+    /// Whether every wave's forecast fits the limit.
     pub fits: bool,
     /// Worker threads the plan was fitted to (chunks processed at once).
     pub workers: usize,
@@ -253,9 +343,16 @@ impl ExecutionPlan {
         (self.workers.max(1) + self.prefetch).min(chunks.max(1))
     }
 
-    /// The node with the largest forecast.
+    /// The node with the largest forecast (the largest working set among equal peaks).
     pub fn peak_node(&self) -> Option<&NodePlan> {
-        self.nodes.iter().max_by_key(|n| n.forecast.peak_bytes)
+        self.nodes
+            .iter()
+            .max_by_key(|n| (n.forecast.peak_bytes, n.forecast.working_bytes))
+    }
+
+    /// The unit node `ix` runs in.
+    pub fn unit_of(&self, ix: usize) -> &UnitPlan {
+        &self.units[self.nodes[ix].unit]
     }
 }
 
@@ -268,39 +365,123 @@ pub struct PlanError {
     pub error: NodeError,
 }
 
-/// Plans a validated workflow.
+/// What the first pass learns of a node.
+struct Shaped {
+    inputs: Vec<ValueInfo>,
+    outputs: Vec<ValueInfo>,
+    memory: MemoryEstimate,
+    named: Inputs<ValueInfo>,
+    /// Activations of an atomic run: outputs and workspace (inputs are held anyway).
+    activations: u64,
+}
+
+/// How a node may be cut.
+enum Cut {
+    /// It runs whole.
+    None,
+    /// Windows or chunks of a stream (its chunked input's shape).
+    Stream(Chunking, ValueInfo),
+    /// Tiles of an image or latent; `local` when its pieces compose ([`crate::chunk::LocalOp`]).
+    Tiles {
+        chunking: Chunking,
+        input: ValueInfo,
+        local: bool,
+    },
+}
+
+/// A unit being formed.
+struct Draft {
+    kind: UnitKind,
+    nodes: Vec<usize>,
+    sink: Option<(usize, Sinking)>,
+}
+
+impl Draft {
+    fn members(&self) -> impl Iterator<Item = usize> + '_ {
+        self.nodes
+            .iter()
+            .copied()
+            .chain(self.sink.as_ref().map(|s| s.0))
+    }
+}
+
+/// What the planner chose for one node.
+#[derive(Clone)]
+struct NodeChoice {
+    mode: ExecMode,
+    tile: Option<usize>,
+    chunks: Vec<ChunkSpec>,
+    pieces_in: Vec<ChunkRegion>,
+    chunked_input: Option<ValueInfo>,
+    chunk_memory: Option<ChunkMemory>,
+    weights: WeightPlan,
+    inflight: usize,
+    /// The node's own working set (its share, in a region).
+    working: u64,
+    steps: u32,
+}
+
+impl NodeChoice {
+    fn whole(weights: WeightPlan, working: u64) -> NodeChoice {
+        NodeChoice {
+            mode: ExecMode::Atomic,
+            tile: None,
+            chunks: Vec::new(),
+            pieces_in: Vec::new(),
+            chunked_input: None,
+            chunk_memory: None,
+            weights,
+            inflight: 1,
+            working,
+            steps: 0,
+        }
+    }
+}
+
+/// What the planner chose for one unit.
+struct Sized {
+    nodes: Vec<(usize, NodeChoice)>,
+    pieces: u32,
+    reserve: u64,
+    working: u64,
+}
+
+/// Plans a validated workflow. See the module docs.
 pub fn plan(
     wf: &ValidatedWorkflow,
     env: &JobEnv,
     opts: &PlanOptions,
 ) -> Result<ExecutionPlan, PlanError> {
     let count = wf.nodes.len();
-    // Pass 1: shapes, and each node's own estimate.
-    let mut shapes: Vec<(Vec<ValueInfo>, Vec<ValueInfo>, MemoryEstimate)> =
-        Vec::with_capacity(count);
-    let mut named: Vec<Inputs<ValueInfo>> = Vec::with_capacity(count);
-    for n in &wf.nodes {
-        let fail = |error: NodeError| PlanError {
+    let fail_at = |ix: usize| {
+        let n = &wf.nodes[ix];
+        move |error: NodeError| PlanError {
             node: n.id.0.clone(),
             class_type: n.class_type.to_string(),
             error,
-        };
-        let mut infos = Inputs::new();
-        let mut input_list = Vec::new();
+        }
+    };
+    // Pass 1: shapes, each node's own estimate, and how it may be cut.
+    let mut shaped: Vec<Shaped> = Vec::with_capacity(count);
+    let mut cuts: Vec<Cut> = Vec::with_capacity(count);
+    for (ix, n) in wf.nodes.iter().enumerate() {
+        let fail = fail_at(ix);
+        let mut named = Inputs::new();
+        let mut inputs = Vec::new();
         for l in &n.links {
-            let info = shapes[l.from]
-                .1
+            let info = shaped[l.from]
+                .outputs
                 .get(l.output)
                 .copied()
                 .unwrap_or(ValueInfo::Unknown);
-            infos.insert(l.input, info);
-            input_list.push(info);
+            named.insert(l.input, info);
+            inputs.push(info);
         }
         // Every call into node code is guarded: a node bug fails the plan, not the process.
         let outputs = if n.lifted.is_empty() {
-            guarded(|| n.node.infer(&n.args, &infos, env)).map_err(fail)?
+            guarded(|| n.node.infer(&n.args, &named, env)).map_err(&fail)?
         } else {
-            guarded(|| crate::lift::infer(n, &infos, env)).map_err(fail)?
+            guarded(|| crate::lift::infer(n, &named, env)).map_err(&fail)?
         };
         for (i, o) in outputs.iter().enumerate() {
             if let Some(b) = o.bytes().filter(|b| *b > opts.max_value_bytes) {
@@ -320,20 +501,81 @@ pub fn plan(
                 Ok(n.node.memory(
                     &n.args,
                     &MemoryQuery {
-                        inputs: &input_list,
+                        inputs: &inputs,
                         outputs: &outputs,
                         bytes_per_element: opts.bytes_per_element,
                     },
                 ))
             })
-            .map_err(fail)?
+            .map_err(&fail)?
         };
-        shapes.push((input_list, outputs, memory));
-        named.push(infos);
+        let mut linked: Vec<(usize, usize)> = n.links.iter().map(|l| (l.from, l.output)).collect();
+        linked.sort_unstable();
+        linked.dedup();
+        let input_bytes: u64 = linked
+            .iter()
+            .map(|&(f, o)| {
+                shaped[f]
+                    .outputs
+                    .get(o)
+                    .and_then(|i| i.bytes())
+                    .unwrap_or(0)
+            })
+            .sum();
+        let activations = memory
+            .total()
+            .saturating_sub(memory.weights)
+            .saturating_sub(input_bytes);
+        let meta = n.node.meta();
+        let chunking = if n.lifted.is_empty()
+            && (meta.supports(ExecMode::Tiled) || meta.supports(ExecMode::Streamed))
+        {
+            guarded(|| Ok(n.node.chunked(&n.args, &named, env))).map_err(&fail)?
+        } else {
+            None
+        };
+        let cut = match chunking {
+            None => Cut::None,
+            Some(c) => {
+                let input = n
+                    .links
+                    .iter()
+                    .position(|l| l.input == c.input)
+                    .map(|i| inputs[i]);
+                match input {
+                    Some(i @ (ValueInfo::Video(_) | ValueInfo::Audio(_)))
+                        if meta.supports(ExecMode::Streamed) =>
+                    {
+                        Cut::Stream(c, i)
+                    }
+                    Some(i) if i.image().is_some() || matches!(i, ValueInfo::Latent { .. }) => {
+                        let local = i.image().is_some()
+                            && guarded(|| Ok(c.op.local().is_some())).unwrap_or(false);
+                        Cut::Tiles {
+                            chunking: c,
+                            input: i,
+                            local,
+                        }
+                    }
+                    _ => Cut::None,
+                }
+            }
+        };
+        shaped.push(Shaped {
+            inputs,
+            outputs,
+            memory,
+            named,
+            activations,
+        });
+        cuts.push(cut);
     }
 
-    // Pass 2: liveness. A value (node, port) is held from its node until its last consumer.
-    let mut last_use: Vec<Vec<usize>> = (0..count).map(|ix| vec![ix; shapes[ix].1.len()]).collect();
+    // The naive forecast: every node whole, one after another in the workflow's order; a
+    // value is held from its node to its last reader.
+    let mut last_use: Vec<Vec<usize>> = (0..count)
+        .map(|ix| vec![ix; shaped[ix].outputs.len()])
+        .collect();
     for (ix, n) in wf.nodes.iter().enumerate() {
         for l in &n.links {
             if let Some(u) = last_use[l.from].get_mut(l.output) {
@@ -341,288 +583,222 @@ pub fn plan(
             }
         }
     }
-    // Value (p, o) is held while node ix runs when p < ix <= its last use. With `produced[i]`
-    // the bytes of every output of nodes before i and `released[i]` those whose last use is
-    // before i (all produced before i too), the bytes held are their difference: linear, not
-    // a scan of every earlier node for every node.
-    let mut produced = vec![0u64; count + 1];
-    let mut released = vec![0u64; count + 1];
-    for p in 0..count {
-        produced[p + 1] = produced[p];
-        for (o, &u) in shapes[p].1.iter().zip(&last_use[p]) {
-            let b = o.bytes().unwrap_or(0);
-            produced[p + 1] += b;
-            released[u + 1] += b;
-        }
-    }
-    for i in 0..count {
-        released[i + 1] += released[i];
-    }
-    let live_before = |ix: usize| -> u64 { produced[ix] - released[ix] };
-
-    // Pass 3: modes and sizes.
+    let atomic_live = held_before(
+        count,
+        (0..count).flat_map(|p| {
+            let shaped = &shaped;
+            shaped[p]
+                .outputs
+                .iter()
+                .zip(&last_use[p])
+                .map(move |(o, &u)| (p, u, o.bytes().unwrap_or(0)))
+        }),
+    );
+    let atomic_peak: Vec<u64> = (0..count)
+        .map(|ix| atomic_live[ix] + shaped[ix].memory.weights + shaped[ix].activations)
+        .collect();
     let limit = opts.limit.map(|b| b.0);
     let fits = |peak: u64| limit.is_none_or(|l| opts.with_margin(peak) <= l);
-    let mut plans: Vec<NodePlan> = Vec::with_capacity(count);
-    let mut time = 0u64;
-    for (ix, n) in wf.nodes.iter().enumerate() {
-        let fail = |error: NodeError| PlanError {
-            node: n.id.0.clone(),
-            class_type: n.class_type.to_string(),
-            error,
-        };
-        let (input_list, outputs, memory) = shapes[ix].clone();
-        let live = live_before(ix);
-        // Inputs are part of `live`; an atomic run adds its outputs and workspace.
-        let mut linked: Vec<(usize, usize)> = n.links.iter().map(|l| (l.from, l.output)).collect();
-        linked.sort_unstable();
-        linked.dedup();
-        let input_bytes: u64 = linked
-            .iter()
-            .map(|&(f, o)| shapes[f].1.get(o).and_then(|i| i.bytes()).unwrap_or(0))
-            .sum();
-        // Activations of an atomic run: outputs and workspace (inputs are part of `live`).
-        let activations = memory
-            .total()
-            .saturating_sub(memory.weights)
-            .saturating_sub(input_bytes);
-        let atomic_peak = live + memory.weights + activations;
-        let feeds_output = wf
-            .consumers(ix)
-            .iter()
-            .any(|&c| wf.nodes[c].node.schema().output_node);
-        let meta = n.node.meta();
-        let chunking = if n.lifted.is_empty()
-            && (meta.supports(ExecMode::Tiled) || meta.supports(ExecMode::Streamed))
-        {
-            guarded(|| Ok(n.node.chunked(&n.args, &named[ix], env))).map_err(fail)?
-        } else {
-            None
-        };
-        let input = chunking.as_ref().and_then(|c| {
-            n.links
-                .iter()
-                .position(|l| l.input == c.input)
-                .map(|i| input_list[i])
-                .filter(|i| i.image().is_some() || matches!(i, ValueInfo::Latent { .. }))
-        });
-        // Where the weights can live: all resident, or else streamed block by block.
-        let mut weight_options = vec![WeightPlan::resident(memory.weights)];
-        if !opts.naive
-            && memory.weights > 0
-            && memory.weight_block > 0
-            && memory.weight_block < memory.weights
-        {
-            weight_options.push(WeightPlan::streamed(
-                opts.prefetch,
-                memory.weight_block,
-                memory.weights,
-            ));
-        }
-        let stream_input = chunking.as_ref().and_then(|c| {
-            n.links
-                .iter()
-                .position(|l| l.input == c.input)
-                .map(|i| input_list[i])
-                .filter(|i| matches!(i, ValueInfo::Video(_) | ValueInfo::Audio(_)))
-        });
-        let mut chosen: Option<Choice> = None;
-        if let (Some(chunking), Some(sin), true) =
-            (&chunking, stream_input, meta.supports(ExecMode::Streamed))
-        {
-            let weights = WeightPlan::resident(memory.weights);
-            chosen = Some(
-                streamed(
-                    chunking,
-                    &sin,
-                    weights,
-                    live,
-                    opts,
-                    &fits,
-                    feeds_output || n.node.schema().output_node,
-                )
-                .map_err(fail)?,
-            );
-        }
-        let decided = chosen.is_some();
-        for weights in weight_options.into_iter().filter(|_| !decided) {
-            let users = opts.workers.max(1) as u64;
-            let atomic = Choice {
-                mode: ExecMode::Atomic,
-                tile: None,
-                chunks: Vec::new(),
-                chunked_input: None,
-                chunk_memory: None,
-                working: weights.device_bytes(1) + activations,
-                weights,
-                inflight: 1,
-            };
-            let mut choice = atomic.clone();
-            // A node that prefers running whole (its tiles only approximate it, e.g. a VAE
-            // decode that blends overlaps) is tiled only when whole does not fit.
-            let whole_first = meta.modes.first() == Some(&ExecMode::Atomic);
-            let tile_it = !(whole_first && fits(live + atomic.working));
-            if let (Some(chunking), Some(input), true) = (&chunking, input, tile_it) {
-                let output_bytes = outputs.first().and_then(|o| o.bytes()).unwrap_or(0);
-                let serial_too = opts.inflight(usize::MAX) > 1;
-                let sizes: Vec<usize> = opts
-                    .tile_sizes()
-                    .into_iter()
-                    .map(|t| chunking.max_tile.map_or(t, |m| t.min(m.max(opts.min_tile))))
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                // Candidates: every tile size with the profile's chunks in flight, then one
-                // at a time. The largest tile at full concurrency is taken when it fits (the
-                // configured preference); otherwise the fitting candidate with the least
-                // estimated work per worker (halos make small tiles costly), and if none
-                // fits, the most frugal.
-                let mut fitting: Vec<(f64, Choice)> = Vec::new();
-                let mut frugal: Option<Choice> = None;
-                let mut first = true;
-                let merger_bytes =
-                    guarded(|| Ok(chunking.op.merger_memory(&input))).map_err(fail)?;
-                'search: for serial in [false, true] {
-                    if serial && !serial_too {
-                        break;
-                    }
-                    for &side in &sizes {
-                        let size = ChunkSize::Tile {
-                            width: side,
-                            height: side,
-                        };
-                        let chunks = guarded(|| chunking.op.plan(&input, size)).map_err(fail)?;
-                        if chunks.len() <= 1 {
-                            // One tile covers the whole output: run it whole if that fits, else
-                            // try smaller tiles.
-                            if !serial && fits(live + atomic.working) {
-                                break 'search;
-                            }
-                            continue;
-                        }
-                        let (mem, pieces) = guarded(|| {
-                            Ok(chunks
-                                .iter()
-                                .fold((ChunkMemory::default(), 0u64), |(m, t), c| {
-                                    let x = chunking.op.chunk_memory(&input, c);
-                                    (
-                                        ChunkMemory {
-                                            piece: m.piece.max(x.piece),
-                                            result: m.result.max(x.result),
-                                            workspace: m.workspace.max(x.workspace),
-                                        },
-                                        t + x.piece,
-                                    )
-                                }))
-                        })
-                        .map_err(fail)?;
-                        let inflight = if serial {
-                            1
-                        } else {
-                            opts.inflight(chunks.len())
-                        };
-                        let parallel = inflight.min(opts.workers.max(1)).min(chunks.len()) as f64;
-                        let users = users.min(inflight as u64);
-                        let inflight = inflight as u64;
-                        let captured = if feeds_output {
-                            inflight * mem.result
-                        } else {
-                            0
-                        };
-                        let working = weights.device_bytes(users)
-                            + output_bytes
-                            + inflight * (mem.piece + mem.result + mem.workspace)
-                            + captured
-                            + merger_bytes;
-                        let c = Choice {
-                            mode: ExecMode::Tiled,
-                            tile: Some(side),
-                            chunks,
-                            chunked_input: Some(input),
-                            chunk_memory: Some(mem),
-                            working,
-                            weights,
-                            inflight: inflight as usize,
-                        };
-                        if fits(live + working) {
-                            if first {
-                                fitting = vec![(0.0, c)];
-                                break 'search;
-                            }
-                            fitting.push((pieces as f64 / parallel, c));
-                        } else if frugal.as_ref().is_none_or(|f| working < f.working) {
-                            frugal = Some(c);
-                        }
-                        first = false;
-                    }
-                }
-                let best = fitting
-                    .into_iter()
-                    .min_by(|a, b| a.0.total_cmp(&b.0))
-                    .map(|(_, c)| c)
-                    .or(frugal);
-                if let Some(b) = best {
-                    // Otherwise prefer tiles (partial outputs, bounded workspace) over a
-                    // whole run that fits, except where one tile would cover everything.
-                    choice = b;
-                }
-            }
-            let ok = fits(live + choice.working);
-            let frugal = chosen.as_ref().is_none_or(|c| choice.working < c.working);
-            if ok || frugal {
-                chosen = Some(choice);
-            }
-            if ok {
-                break;
-            }
-        }
-        let choice = chosen.expect("at least the resident option was tried");
-        // An iterative node runs whole, one time per step.
-        let steps = if choice.mode == ExecMode::Atomic {
-            guarded(|| Ok(n.node.steps(&n.args))).map_err(fail)?
-        } else {
-            0
-        };
-        let peak = live + choice.working;
-        plans.push(NodePlan {
-            node: n.id.0.clone(),
-            class_type: n.class_type,
-            mode: choice.mode,
-            tile: choice.tile,
-            chunks: choice.chunks,
-            steps,
-            chunked_input: choice.chunked_input,
-            chunk_memory: choice.chunk_memory,
-            inputs: input_list,
-            outputs,
-            memory,
-            weights: choice.weights,
-            inflight: choice.inflight,
-            forecast: NodeForecast {
-                live_bytes: live,
-                working_bytes: choice.working,
-                peak_bytes: peak,
-                fits: fits(peak),
-            },
-            atomic_peak_bytes: atomic_peak,
-            in_time: time,
-            out_time: time,
-        });
-        if let Some(np) = plans.last_mut() {
-            np.out_time = np.in_time + np.chunk_count() as u64 - 1;
-            time = np.out_time;
+
+    // Pass 2: units.
+    let drafts = form_units(wf, &shaped, &cuts, &atomic_peak, &fits, env, opts)
+        .map_err(|(ix, e)| fail_at(ix)(e))?;
+    let mut unit_of = vec![0usize; count];
+    for (u, d) in drafts.iter().enumerate() {
+        for m in d.members() {
+            unit_of[m] = u;
         }
     }
-    let forecast_peak_bytes = plans
+    // Order: by depth in the graph of units, then by the workflow's order. Deps point to
+    // units whose nodes all come earlier in the workflow, so ordering by the last node first
+    // lets depths be computed in one pass.
+    let deps: Vec<Vec<usize>> = drafts
         .iter()
-        .map(|p| p.forecast.peak_bytes)
+        .enumerate()
+        .map(|(u, d)| {
+            let mut v: Vec<usize> = d
+                .members()
+                .flat_map(|m| wf.nodes[m].links.iter().map(|l| unit_of[l.from]))
+                .filter(|&p| p != u)
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        })
+        .collect();
+    let last_node = |d: &Draft| d.members().max().unwrap_or(0);
+    let mut by_last: Vec<usize> = (0..drafts.len()).collect();
+    by_last.sort_by_key(|&u| last_node(&drafts[u]));
+    let mut depth = vec![0usize; drafts.len()];
+    for &u in &by_last {
+        depth[u] = deps[u].iter().map(|&p| depth[p] + 1).max().unwrap_or(0);
+    }
+    let mut order = by_last;
+    if opts.naive {
+        // One node after another, as the naive executor runs them.
+    } else {
+        order.sort_by_key(|&u| (depth[u], last_node(&drafts[u])));
+    }
+    let mut pos = vec![0usize; drafts.len()];
+    for (p, &u) in order.iter().enumerate() {
+        pos[u] = p;
+    }
+
+    // Pass 3: liveness by unit position. A node's outputs exist whole unless it feeds the
+    // next stage of its region or a sink.
+    let internal = |ix: usize| {
+        let d = &drafts[unit_of[ix]];
+        d.sink.as_ref().is_some_and(|(s, _)| *s == ix)
+            || (d.nodes.contains(&ix) && (d.nodes.last() != Some(&ix) || d.sink.is_some()))
+    };
+    let mut values: Vec<(usize, usize, u64)> = Vec::new();
+    for ix in 0..count {
+        if internal(ix) && !matches!(drafts[unit_of[ix]].kind, UnitKind::Whole) {
+            continue;
+        }
+        for (port, o) in shaped[ix].outputs.iter().enumerate() {
+            let readers = wf
+                .consumers(ix)
+                .iter()
+                .filter(|&&c| {
+                    unit_of[c] != unit_of[ix]
+                        && wf.nodes[c]
+                            .links
+                            .iter()
+                            .any(|l| l.from == ix && l.output == port)
+                })
+                .map(|&c| pos[unit_of[c]]);
+            let p = pos[unit_of[ix]];
+            values.push((p, readers.max().unwrap_or(p), o.bytes().unwrap_or(0)));
+        }
+    }
+    let live_at = held_before(drafts.len(), values.iter().copied());
+
+    // Pass 4: each unit sized as if it ran alone at its position.
+    let mut sized: Vec<Option<Sized>> = (0..drafts.len()).map(|_| None).collect();
+    for &u in &order {
+        let live = live_at[pos[u]];
+        let fits_here = |working: u64| fits(live + working);
+        let s = size_unit(wf, &drafts[u], &shaped, &cuts, &fits_here, opts)
+            .map_err(|(ix, e)| fail_at(ix)(e))?;
+        sized[u] = Some(s);
+    }
+    let sized: Vec<Sized> = sized
+        .into_iter()
+        .map(|s| s.expect("every unit was sized"))
+        .collect();
+
+    // Pass 5: waves, in order; a unit joins the current wave when it reads nothing the wave
+    // produces and the wave still fits with it.
+    let mut wave_of = vec![0usize; drafts.len()];
+    let mut waves: Vec<Vec<usize>> = Vec::new();
+    let mut wave_live: Vec<u64> = Vec::new();
+    let mut wave_working: Vec<u64> = Vec::new();
+    for &u in &order {
+        let join = !opts.naive
+            && waves.last().is_some_and(|w| {
+                let wi = waves.len() - 1;
+                !deps[u].iter().any(|d| w.contains(d))
+                    && fits(wave_live[wi] + wave_working[wi] + sized[u].working)
+            });
+        if join {
+            let wi = waves.len() - 1;
+            waves[wi].push(u);
+            wave_working[wi] += sized[u].working;
+        } else {
+            waves.push(vec![u]);
+            wave_live.push(live_at[pos[u]]);
+            wave_working.push(sized[u].working);
+        }
+        wave_of[u] = waves.len() - 1;
+    }
+
+    // Times and forecasts.
+    let mut units: Vec<UnitPlan> = Vec::with_capacity(drafts.len());
+    let mut new_index = vec![0usize; drafts.len()];
+    let mut node_plans: Vec<Option<NodePlan>> = (0..count).map(|_| None).collect();
+    let mut time = 0u64;
+    let mut previous_wave_lasts: Vec<usize> = Vec::new();
+    for (wi, wave) in waves.iter().enumerate() {
+        let peak = wave_live[wi] + wave_working[wi];
+        let mut next_time = time;
+        let mut lasts = Vec::new();
+        for &u in wave {
+            let d = &drafts[u];
+            let s = &sized[u];
+            let in_time = time;
+            let out_time = in_time + s.pieces.max(1) as u64 - 1;
+            next_time = next_time.max(out_time);
+            let mut after: Vec<usize> = d
+                .members()
+                .flat_map(|m| wf.nodes[m].links.iter().map(|l| l.from))
+                .filter(|&p| unit_of[p] != u)
+                .chain(previous_wave_lasts.iter().copied())
+                .collect();
+            after.sort_unstable();
+            after.dedup();
+            new_index[u] = units.len();
+            for (ix, c) in &s.nodes {
+                let sh = &shaped[*ix];
+                node_plans[*ix] = Some(NodePlan {
+                    node: wf.nodes[*ix].id.0.clone(),
+                    class_type: wf.nodes[*ix].class_type,
+                    mode: c.mode,
+                    tile: c.tile,
+                    chunks: c.chunks.clone(),
+                    pieces_in: c.pieces_in.clone(),
+                    steps: c.steps,
+                    chunked_input: c.chunked_input,
+                    chunk_memory: c.chunk_memory,
+                    inputs: sh.inputs.clone(),
+                    outputs: sh.outputs.clone(),
+                    memory: sh.memory,
+                    weights: c.weights,
+                    inflight: c.inflight,
+                    forecast: NodeForecast {
+                        live_bytes: wave_live[wi],
+                        working_bytes: c.working,
+                        peak_bytes: peak,
+                        fits: fits(peak),
+                    },
+                    atomic_peak_bytes: atomic_peak[*ix],
+                    unit: units.len(),
+                    in_time,
+                    out_time,
+                });
+            }
+            let plan = UnitPlan {
+                kind: d.kind,
+                nodes: d.nodes.clone(),
+                sink: d.sink.as_ref().map(|s| s.0),
+                wave: wi,
+                pieces: s.pieces.max(1),
+                reserve_bytes: s.reserve,
+                working_bytes: s.working,
+                after,
+                in_time,
+                out_time,
+            };
+            lasts.push(plan.last());
+            units.push(plan);
+        }
+        previous_wave_lasts = lasts;
+        time = next_time;
+    }
+    let nodes: Vec<NodePlan> = node_plans
+        .into_iter()
+        .map(|n| n.expect("every node is in a unit"))
+        .collect();
+    let forecast_peak_bytes = (0..waves.len())
+        .map(|w| wave_live[w] + wave_working[w])
         .max()
         .unwrap_or(0);
-    let naive_peak_bytes = plans.iter().map(|p| p.atomic_peak_bytes).max().unwrap_or(0);
+    let naive_peak_bytes = atomic_peak.iter().copied().max().unwrap_or(0);
     Ok(ExecutionPlan {
-        fits: plans.iter().all(|p| p.forecast.fits),
-        nodes: plans,
+        fits: nodes.iter().all(|p| p.forecast.fits),
+        nodes,
+        units,
+        waves: waves.len(),
         forecast_peak_bytes,
         naive_peak_bytes,
         limit_bytes: limit,
@@ -630,6 +806,705 @@ pub fn plan(
         workers: opts.workers.max(1),
         prefetch: opts.prefetch,
         min_tile: opts.min_tile.max(MIN_TILE),
+    })
+}
+
+/// For `n` positions and values `(produced at, last read at, bytes)`, the bytes held before
+/// each position runs: every value produced earlier and read there or later. Linear: prefix
+/// sums of what was produced and what was released, not a scan of earlier values per position.
+fn held_before(n: usize, values: impl Iterator<Item = (usize, usize, u64)>) -> Vec<u64> {
+    let mut produced = vec![0u64; n + 1];
+    let mut released = vec![0u64; n + 1];
+    for (p, u, b) in values {
+        produced[p + 1] += b;
+        released[u.max(p) + 1] += b;
+    }
+    for i in 0..n {
+        produced[i + 1] += produced[i];
+        released[i + 1] += released[i];
+    }
+    (0..n).map(|i| produced[i] - released[i]).collect()
+}
+
+/// Groups nodes into units: a node alone, or consecutive local image operators (each read
+/// only by the next) as one pipeline region, with an output node that takes the last stage's
+/// pieces as its sink. A tiled unit whose tile grid is a single tile at the largest size, or
+/// that prefers running whole and fits whole, runs whole instead.
+fn form_units(
+    wf: &ValidatedWorkflow,
+    shaped: &[Shaped],
+    cuts: &[Cut],
+    atomic_peak: &[u64],
+    fits: &dyn Fn(u64) -> bool,
+    env: &JobEnv,
+    opts: &PlanOptions,
+) -> Result<Vec<Draft>, (usize, NodeError)> {
+    let count = wf.nodes.len();
+    // Links out of each node, over all its ports.
+    let mut out_links = vec![0usize; count];
+    for n in &wf.nodes {
+        for l in &n.links {
+            out_links[l.from] += 1;
+        }
+    }
+    let top = opts.tile_sizes().first().copied();
+    let smallest = opts.tile_sizes().last().copied();
+    let pieces_at = |ix: usize, size: usize| -> usize {
+        match &cuts[ix] {
+            Cut::Tiles {
+                chunking, input, ..
+            } => {
+                let size = chunking
+                    .max_tile
+                    .map_or(size, |m| size.min(m.max(opts.min_tile)));
+                guarded(|| {
+                    chunking.op.plan(
+                        input,
+                        ChunkSize::Tile {
+                            width: size,
+                            height: size,
+                        },
+                    )
+                })
+                .map_or(0, |c| c.len())
+            }
+            _ => 0,
+        }
+    };
+    let mut drafts: Vec<Draft> = Vec::new();
+    let mut unit_of: Vec<Option<usize>> = vec![None; count];
+    for (ix, n) in wf.nodes.iter().enumerate() {
+        // The sole reader of a tiled region's last stage, taking its pieces.
+        let sinking = (!opts.naive && n.node.schema().output_node && n.lifted.is_empty())
+            .then(|| guarded(|| Ok(n.node.sink(&n.args, &shaped[ix].named, env))).ok())
+            .flatten()
+            .flatten();
+        if let Some(s) = sinking {
+            let feeds = n.links.iter().find(|l| l.input == s.input);
+            let only_link = n.links.len() == 1;
+            if let (Some(l), true) = (feeds, only_link) {
+                if let Some(u) = unit_of[l.from] {
+                    let d = &drafts[u];
+                    let open = d.kind != UnitKind::Whole
+                        && d.sink.is_none()
+                        && d.nodes.last() == Some(&l.from)
+                        && out_links[l.from] == 1
+                        && l.output == 0
+                        && matches!(cuts[l.from], Cut::Tiles { local: true, .. });
+                    if open {
+                        drafts[u].sink = Some((ix, s));
+                        unit_of[ix] = Some(u);
+                        continue;
+                    }
+                }
+            }
+        }
+        match &cuts[ix] {
+            Cut::Tiles {
+                chunking,
+                local: true,
+                ..
+            } if !opts.naive => {
+                // Extend the region its tiled input comes from, when that input's node feeds
+                // nothing else.
+                let from = n.links.iter().find(|l| l.input == chunking.input);
+                let extend = from.and_then(|l| {
+                    let u = unit_of[l.from]?;
+                    let d = &drafts[u];
+                    (d.kind != UnitKind::Whole
+                        && d.sink.is_none()
+                        && d.nodes.last() == Some(&l.from)
+                        && out_links[l.from] == 1
+                        && l.output == 0
+                        && matches!(cuts[l.from], Cut::Tiles { local: true, .. }))
+                    .then_some(u)
+                });
+                match extend {
+                    Some(u) => {
+                        drafts[u].nodes.push(ix);
+                        drafts[u].kind = UnitKind::Pipeline;
+                        unit_of[ix] = Some(u);
+                    }
+                    None => {
+                        unit_of[ix] = Some(drafts.len());
+                        drafts.push(Draft {
+                            kind: UnitKind::Chunked,
+                            nodes: vec![ix],
+                            sink: None,
+                        });
+                    }
+                }
+            }
+            Cut::None => {
+                unit_of[ix] = Some(drafts.len());
+                drafts.push(Draft {
+                    kind: UnitKind::Whole,
+                    nodes: vec![ix],
+                    sink: None,
+                });
+            }
+            _ => {
+                unit_of[ix] = Some(drafts.len());
+                drafts.push(Draft {
+                    kind: UnitKind::Chunked,
+                    nodes: vec![ix],
+                    sink: None,
+                });
+            }
+        }
+    }
+    // Units that gain nothing from tiles run whole: no tile size at all, a single tile at the
+    // largest size when that fits, or a node that prefers running whole and fits whole.
+    let mut out: Vec<Draft> = Vec::with_capacity(drafts.len());
+    for d in drafts {
+        let tiled = d.kind != UnitKind::Whole
+            && d.nodes
+                .iter()
+                .all(|&ix| matches!(cuts[ix], Cut::Tiles { .. }));
+        let dissolve = tiled && {
+            let all_fit = d.members().all(|m| fits(atomic_peak[m]));
+            let last = *d.nodes.last().expect("a unit has nodes");
+            let single = top.is_none_or(|t| pieces_at(last, t) <= 1);
+            // Not even the smallest tile cuts it in two: tiles cannot help.
+            let uncuttable = smallest.is_none_or(|t| pieces_at(last, t) <= 1);
+            let whole_first = d.nodes.len() == 1
+                && wf.nodes[last].node.meta().modes.first() == Some(&ExecMode::Atomic);
+            uncuttable || (single && all_fit) || (whole_first && all_fit)
+        };
+        if dissolve {
+            for m in d.members() {
+                out.push(Draft {
+                    kind: UnitKind::Whole,
+                    nodes: vec![m],
+                    sink: None,
+                });
+            }
+        } else {
+            out.push(d);
+        }
+    }
+    Ok(out)
+}
+
+/// Sizes one unit for the memory its position leaves (`fits` says whether a working set fits
+/// with what is held there).
+fn size_unit(
+    wf: &ValidatedWorkflow,
+    d: &Draft,
+    shaped: &[Shaped],
+    cuts: &[Cut],
+    fits: &dyn Fn(u64) -> bool,
+    opts: &PlanOptions,
+) -> Result<Sized, (usize, NodeError)> {
+    let first = d.nodes[0];
+    let at = |e: NodeError| (first, e);
+    match (d.kind, &cuts[first]) {
+        (UnitKind::Whole, _) | (_, Cut::None) => {
+            let c = size_whole(wf, first, &shaped[first], fits, opts).map_err(at)?;
+            let working = c.working;
+            let pieces = c.steps.max(1);
+            Ok(Sized {
+                nodes: vec![(first, c)],
+                pieces,
+                reserve: 0,
+                working,
+            })
+        }
+        (UnitKind::Chunked, Cut::Stream(chunking, input)) => {
+            let sh = &shaped[first];
+            let announced = wf.nodes[first].node.schema().output_node
+                || wf
+                    .consumers(first)
+                    .iter()
+                    .any(|&c| wf.nodes[c].node.schema().output_node);
+            let live_fits = |w: u64| fits(w);
+            let choice = streamed(
+                chunking,
+                input,
+                WeightPlan::resident(sh.memory.weights),
+                0,
+                opts,
+                &live_fits,
+                announced,
+            )
+            .map_err(at)?;
+            let c = NodeChoice {
+                mode: choice.mode,
+                tile: choice.tile,
+                pieces_in: Vec::new(),
+                chunked_input: choice.chunked_input,
+                chunk_memory: choice.chunk_memory,
+                weights: choice.weights,
+                inflight: choice.inflight,
+                working: choice.working,
+                steps: 0,
+                chunks: choice.chunks,
+            };
+            Ok(Sized {
+                pieces: c.chunks.len().max(1) as u32,
+                reserve: 0,
+                working: c.working,
+                nodes: vec![(first, c)],
+            })
+        }
+        (
+            UnitKind::Chunked,
+            Cut::Tiles {
+                chunking, input, ..
+            },
+        ) => size_chunked(wf, d, first, chunking, *input, shaped, fits, opts).map_err(at),
+        (UnitKind::Pipeline, _) => size_pipeline(wf, d, shaped, cuts, fits, opts),
+    }
+}
+
+/// A node run whole: its weights resident, or streamed block by block when that fits better.
+fn size_whole(
+    wf: &ValidatedWorkflow,
+    ix: usize,
+    sh: &Shaped,
+    fits: &dyn Fn(u64) -> bool,
+    opts: &PlanOptions,
+) -> Result<NodeChoice, NodeError> {
+    let memory = sh.memory;
+    let mut options = vec![WeightPlan::resident(memory.weights)];
+    if !opts.naive
+        && memory.weights > 0
+        && memory.weight_block > 0
+        && memory.weight_block < memory.weights
+    {
+        options.push(WeightPlan::streamed(
+            opts.prefetch,
+            memory.weight_block,
+            memory.weights,
+        ));
+    }
+    let mut chosen: Option<NodeChoice> = None;
+    for weights in options {
+        let c = NodeChoice::whole(weights, weights.device_bytes(1) + sh.activations);
+        let ok = fits(c.working);
+        if ok || chosen.as_ref().is_none_or(|b| c.working < b.working) {
+            chosen = Some(c);
+        }
+        if ok {
+            break;
+        }
+    }
+    let mut c = chosen.expect("the resident option was tried");
+    let n = &wf.nodes[ix];
+    c.steps = guarded(|| Ok(n.node.steps(&n.args)))?;
+    Ok(c)
+}
+
+/// Whether node `ix`'s first output is shown by an output node (its chunks are then
+/// announced as partial outputs, and kept until they are).
+fn shown(wf: &ValidatedWorkflow, ix: usize) -> bool {
+    wf.consumers(ix)
+        .iter()
+        .any(|&c| wf.nodes[c].node.schema().output_node)
+}
+
+/// Candidates of a tiled unit, judged alike: the largest tile at full concurrency when it
+/// fits (the configured preference); else the fitting one with the least estimated work per
+/// worker (halos make small tiles costly); else the most frugal.
+struct Candidates<T> {
+    first: bool,
+    fitting: Vec<(f64, T)>,
+    frugal: Option<(u64, T)>,
+    done: bool,
+}
+
+impl<T> Candidates<T> {
+    fn new() -> Self {
+        Candidates {
+            first: true,
+            fitting: Vec::new(),
+            frugal: None,
+            done: false,
+        }
+    }
+
+    fn offer(&mut self, fits: bool, work: f64, working: u64, c: T) {
+        if fits {
+            if self.first {
+                self.fitting = vec![(0.0, c)];
+                self.done = true;
+                return;
+            }
+            self.fitting.push((work, c));
+        } else if self.frugal.as_ref().is_none_or(|(w, _)| working < *w) {
+            self.frugal = Some((working, c));
+        }
+        self.first = false;
+    }
+
+    fn best(self) -> Option<T> {
+        self.fitting
+            .into_iter()
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, c)| c)
+            .or(self.frugal.map(|(_, c)| c))
+    }
+}
+
+/// Tile sides for a chunking, largest first, capped by the node's own request.
+fn sizes_for(chunking: &Chunking, opts: &PlanOptions) -> Vec<usize> {
+    opts.tile_sizes()
+        .into_iter()
+        .map(|t| chunking.max_tile.map_or(t, |m| t.min(m.max(opts.min_tile))))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .rev()
+        .collect()
+}
+
+/// One node cut into tiles on its own: split, process, then merge (or its sink).
+#[allow(clippy::too_many_arguments)]
+fn size_chunked(
+    wf: &ValidatedWorkflow,
+    d: &Draft,
+    ix: usize,
+    chunking: &Chunking,
+    input: ValueInfo,
+    shaped: &[Shaped],
+    fits: &dyn Fn(u64) -> bool,
+    opts: &PlanOptions,
+) -> Result<Sized, NodeError> {
+    let sh = &shaped[ix];
+    let memory = sh.memory;
+    let output = sh.outputs.first().copied().unwrap_or(ValueInfo::Unknown);
+    let output_bytes = output.bytes().unwrap_or(0);
+    let merger_bytes = guarded(|| Ok(chunking.op.merger_memory(&input)))?;
+    let announced = shown(wf, ix) || d.sink.is_some();
+    let mut weight_options = vec![WeightPlan::resident(memory.weights)];
+    if !opts.naive
+        && memory.weights > 0
+        && memory.weight_block > 0
+        && memory.weight_block < memory.weights
+    {
+        weight_options.push(WeightPlan::streamed(
+            opts.prefetch,
+            memory.weight_block,
+            memory.weights,
+        ));
+    }
+    let serial_too = opts.inflight(usize::MAX) > 1;
+    let sizes = sizes_for(chunking, opts);
+    let mut chosen: Option<(NodeChoice, u64, u64)> = None;
+    for weights in weight_options {
+        let mut cands: Candidates<(NodeChoice, u64, u64)> = Candidates::new();
+        'search: for serial in [false, true] {
+            if serial && !serial_too {
+                break;
+            }
+            for &side in &sizes {
+                let size = ChunkSize::Tile {
+                    width: side,
+                    height: side,
+                };
+                let chunks = guarded(|| chunking.op.plan(&input, size))?;
+                if chunks.len() <= 1 {
+                    continue;
+                }
+                let (mem, pieces) = guarded(|| {
+                    Ok(chunks
+                        .iter()
+                        .fold((ChunkMemory::default(), 0u64), |(m, t), c| {
+                            let x = chunking.op.chunk_memory(&input, c);
+                            (
+                                ChunkMemory {
+                                    piece: m.piece.max(x.piece),
+                                    result: m.result.max(x.result),
+                                    workspace: m.workspace.max(x.workspace),
+                                },
+                                t + x.piece,
+                            )
+                        }))
+                })?;
+                let inflight = if serial {
+                    1
+                } else {
+                    opts.inflight(chunks.len())
+                };
+                let parallel = inflight.min(opts.workers.max(1)).min(chunks.len()) as f64;
+                let users = (opts.workers.max(1) as u64).min(inflight as u64);
+                let k = inflight as u64;
+                let captured = if announced { k * mem.result } else { 0 };
+                let sink_bytes = match &d.sink {
+                    Some((_, s)) => guarded(|| Ok(s.op.memory(&output, &chunks, inflight)))?,
+                    None => 0,
+                };
+                let exit = if d.sink.is_some() {
+                    sink_bytes
+                } else {
+                    output_bytes + merger_bytes
+                };
+                let working = weights.device_bytes(users)
+                    + exit
+                    + k * (mem.piece + mem.result + mem.workspace)
+                    + captured;
+                let c = NodeChoice {
+                    mode: ExecMode::Tiled,
+                    tile: Some(side),
+                    chunks,
+                    pieces_in: Vec::new(),
+                    chunked_input: Some(input),
+                    chunk_memory: Some(mem),
+                    weights,
+                    inflight,
+                    working: working - sink_bytes,
+                    steps: 0,
+                };
+                cands.offer(
+                    fits(working),
+                    pieces as f64 / parallel,
+                    working,
+                    (c, working, sink_bytes),
+                );
+                if cands.done {
+                    break 'search;
+                }
+            }
+        }
+        if let Some(best) = cands.best() {
+            let ok = fits(best.1);
+            let better = chosen.as_ref().is_none_or(|c| best.1 < c.1);
+            if ok || better {
+                chosen = Some(best);
+            }
+            if ok {
+                break;
+            }
+        }
+    }
+    let (c, working, sink_bytes) = chosen.ok_or_else(|| {
+        NodeError::Other(format!("{input:?} cannot be cut into more than one tile"))
+    })?;
+    let mut nodes = vec![(ix, c.clone())];
+    if let Some((s, _)) = &d.sink {
+        nodes.push((
+            *s,
+            NodeChoice {
+                mode: ExecMode::Tiled,
+                tile: c.tile,
+                chunks: c.chunks.clone(),
+                pieces_in: Vec::new(),
+                chunked_input: Some(output),
+                chunk_memory: None,
+                weights: WeightPlan::default(),
+                inflight: c.inflight,
+                working: sink_bytes,
+                steps: 0,
+            },
+        ));
+    }
+    Ok(Sized {
+        pieces: c.chunks.len().max(1) as u32,
+        reserve: 0,
+        working,
+        nodes,
+    })
+}
+
+/// A pipeline region: the tile grid over the last stage's output, each piece walked back
+/// through the stages; per piece in flight the most any stage holds for it.
+fn size_pipeline(
+    wf: &ValidatedWorkflow,
+    d: &Draft,
+    shaped: &[Shaped],
+    cuts: &[Cut],
+    fits: &dyn Fn(u64) -> bool,
+    opts: &PlanOptions,
+) -> Result<Sized, (usize, NodeError)> {
+    struct Stage<'a> {
+        ix: usize,
+        op: &'a Chunking,
+        input: ValueInfo,
+    }
+    let mut stages = Vec::with_capacity(d.nodes.len());
+    for &ix in &d.nodes {
+        let Cut::Tiles {
+            chunking,
+            input,
+            local: true,
+        } = &cuts[ix]
+        else {
+            return Err((ix, NodeError::Other("not a local operator".into())));
+        };
+        stages.push(Stage {
+            ix,
+            op: chunking,
+            input: *input,
+        });
+    }
+    let last = stages.last().expect("a region has stages");
+    let output = shaped[last.ix]
+        .outputs
+        .first()
+        .copied()
+        .unwrap_or(ValueInfo::Unknown);
+    let output_bytes = output.bytes().unwrap_or(0);
+    let merger_bytes =
+        guarded(|| Ok(last.op.op.merger_memory(&last.input))).map_err(|e| (last.ix, e))?;
+    let announced = d.sink.is_some() || shown(wf, last.ix);
+    let weights: Vec<WeightPlan> = stages
+        .iter()
+        .map(|s| WeightPlan::resident(shaped[s.ix].memory.weights))
+        .collect();
+    let weight_bytes: u64 = weights.iter().map(|w| w.device_bytes(1)).sum();
+    let serial_too = opts.inflight(usize::MAX) > 1;
+    // (per stage: chunks, pieces in, largest memory), working, reserve, sink bytes
+    type Layout = (
+        Vec<(Vec<ChunkSpec>, Vec<ChunkRegion>, ChunkMemory)>,
+        u64,
+        u64,
+        u64,
+        usize,
+        usize,
+    );
+    let mut cands: Candidates<Layout> = Candidates::new();
+    let sizes = sizes_for(last.op, opts);
+    'search: for serial in [false, true] {
+        if serial && !serial_too {
+            break;
+        }
+        for &side in &sizes {
+            let size = ChunkSize::Tile {
+                width: side,
+                height: side,
+            };
+            let outs = guarded(|| last.op.op.plan(&last.input, size)).map_err(|e| (last.ix, e))?;
+            if outs.len() <= 1 {
+                continue;
+            }
+            let n = outs.len();
+            // Walk every piece back from the last stage to the first.
+            let mut per: Vec<(Vec<ChunkSpec>, Vec<ChunkRegion>, ChunkMemory)> = stages
+                .iter()
+                .map(|_| {
+                    (
+                        Vec::with_capacity(n),
+                        Vec::with_capacity(n),
+                        ChunkMemory::default(),
+                    )
+                })
+                .collect();
+            let mut reserve = 0u64;
+            let mut work = 0u64;
+            for spec in &outs {
+                let mut need = spec.region;
+                let mut most = 0u64;
+                for (j, s) in stages.iter().enumerate().rev() {
+                    let local = s.op.op.local().expect("checked when the region formed");
+                    let have =
+                        guarded(|| local.input_region(&s.input, &need)).map_err(|e| (s.ix, e))?;
+                    let m = guarded(|| Ok(local.region_memory(&s.input, &need, &have)))
+                        .map_err(|e| (s.ix, e))?;
+                    most = most.max(m.piece + m.result + m.workspace);
+                    work += m.piece;
+                    let slot = &mut per[j];
+                    slot.0.push(ChunkSpec {
+                        region: need,
+                        ..*spec
+                    });
+                    slot.1.push(have);
+                    slot.2 = ChunkMemory {
+                        piece: slot.2.piece.max(m.piece),
+                        result: slot.2.result.max(m.result),
+                        workspace: slot.2.workspace.max(m.workspace),
+                    };
+                    need = have;
+                }
+                reserve = reserve.max(most);
+            }
+            let inflight = if serial { 1 } else { opts.inflight(n) };
+            let parallel = inflight.min(opts.workers.max(1)).min(n) as f64;
+            let k = inflight as u64;
+            let captured = if announced {
+                k * per.last().map_or(0, |p| p.2.result)
+            } else {
+                0
+            };
+            let sink_bytes = match &d.sink {
+                Some((_, s)) => guarded(|| {
+                    Ok(s.op.memory(&output, &per.last().expect("stages").0, inflight))
+                })
+                .map_err(|e| (last.ix, e))?,
+                None => 0,
+            };
+            let exit = if d.sink.is_some() {
+                sink_bytes
+            } else {
+                output_bytes + merger_bytes
+            };
+            let working = weight_bytes + k * reserve + exit + captured;
+            cands.offer(
+                fits(working),
+                work as f64 / parallel,
+                working,
+                (per, working, reserve, sink_bytes, inflight, side),
+            );
+            if cands.done {
+                break 'search;
+            }
+        }
+    }
+    let (per, working, reserve, sink_bytes, inflight, side) = cands.best().ok_or_else(|| {
+        (
+            last.ix,
+            NodeError::Other(format!("{output:?} cannot be cut into more than one tile")),
+        )
+    })?;
+    let k = inflight as u64;
+    let pieces = per.last().map_or(1, |p| p.0.len() as u32);
+    let mut nodes = Vec::with_capacity(stages.len() + 1);
+    let count = stages.len();
+    for (j, (s, (chunks, pieces_in, mem))) in stages.iter().zip(per).enumerate() {
+        let share = weights[j].device_bytes(1)
+            + k * (mem.piece + mem.result + mem.workspace)
+            + if j + 1 == count && d.sink.is_none() {
+                output_bytes + merger_bytes
+            } else {
+                0
+            };
+        nodes.push((
+            s.ix,
+            NodeChoice {
+                mode: ExecMode::Tiled,
+                tile: Some(side),
+                chunks,
+                pieces_in,
+                chunked_input: Some(s.input),
+                chunk_memory: Some(mem),
+                weights: weights[j],
+                inflight,
+                working: share,
+                steps: 0,
+            },
+        ));
+    }
+    if let Some((sink, _)) = &d.sink {
+        let chunks = nodes.last().expect("stages").1.chunks.clone();
+        nodes.push((
+            *sink,
+            NodeChoice {
+                mode: ExecMode::Tiled,
+                tile: Some(side),
+                chunks,
+                pieces_in: Vec::new(),
+                chunked_input: Some(output),
+                chunk_memory: None,
+                weights: WeightPlan::default(),
+                inflight,
+                working: sink_bytes,
+                steps: 0,
+            },
+        ));
+    }
+    Ok(Sized {
+        nodes,
+        pieces,
+        reserve,
+        working,
     })
 }
 
@@ -794,7 +1669,7 @@ pub fn admit(
         .nodes
         .iter()
         .filter(|n| !n.forecast.fits)
-        .max_by_key(|n| n.forecast.peak_bytes)
+        .max_by_key(|n| (n.forecast.peak_bytes, n.forecast.working_bytes))
         .or_else(|| plan.peak_node())
         .expect("a plan that does not fit has nodes");
     let limit = budget.saturating_sub(headroom);

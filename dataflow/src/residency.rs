@@ -16,12 +16,10 @@
 //! - Every state change is recorded as a [`ResidencyDelta`], which the run announces as a
 //!   `telemetry.residency_delta` event.
 
-use crate::event::Lifecycle;
 use crate::memory::{Accountant, Bytes, Lease};
 use crate::node::NodeError;
-use crate::timing::NodeTiming;
 use candle_core::{Device, Tensor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -29,7 +27,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Where an asset's weights are.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum AssetState {
     Unloaded,
@@ -54,7 +52,7 @@ pub trait WeightSource: Send + Sync {
 }
 
 /// One state change of an asset.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ResidencyDelta {
     pub asset: String,
     pub from: AssetState,
@@ -64,48 +62,107 @@ pub struct ResidencyDelta {
     pub reason: String,
 }
 
-/// Where a run collects the residency changes it caused, for its events; for a node of a
-/// run, also where the registry adds the time it spends loading and moving that node's
-/// weights, and the phases it enters ([`NodeTiming`]).
+/// A phase of a node's work on its weights and data, as the registry and the engine see it
+/// begin: opening and indexing a weights file, reading its tensors, moving them to the
+/// device, computing, replaying a result from a cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Indexing,
+    Prefetching,
+    Warming,
+    Running,
+    CachedReplay,
+}
+
+/// What a node's work left for telemetry since the log was last drained: residency changes,
+/// phases entered, and time the registry spent loading (`load_ns`: opening, indexing, reading
+/// weights) and moving tensors to the device (`transfer_ns`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkNotes {
+    pub deltas: Vec<ResidencyDelta>,
+    pub phases: Vec<Phase>,
+    pub load_ns: u64,
+    pub transfer_ns: u64,
+}
+
+impl WorkNotes {
+    /// Whether there is nothing to tell.
+    pub fn is_empty(&self) -> bool {
+        self.deltas.is_empty()
+            && self.phases.is_empty()
+            && self.load_ns == 0
+            && self.transfer_ns == 0
+    }
+}
+
+#[derive(Debug, Default)]
+struct LogInner {
+    notes: WorkNotes,
+    last_phase: Option<Phase>,
+}
+
+/// Where the registry records what a node's work did to residency and time: one log per node
+/// of a run, shared by that node's operators, each of which drains it ([`DeltaLog::take`])
+/// into telemetry records after its calls into node code. Nothing here reaches the run's
+/// driver directly.
 #[derive(Clone, Debug, Default)]
 pub struct DeltaLog {
-    deltas: Arc<Mutex<Vec<ResidencyDelta>>>,
-    timing: Option<Arc<NodeTiming>>,
+    inner: Arc<Mutex<LogInner>>,
+}
+
+fn ns(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
 }
 
 impl DeltaLog {
-    /// The changes recorded so far.
-    pub fn lock(&self) -> std::sync::LockResult<std::sync::MutexGuard<'_, Vec<ResidencyDelta>>> {
-        self.deltas.lock()
+    fn with<T>(&self, f: impl FnOnce(&mut LogInner) -> T) -> T {
+        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// The same log, with one node's time ledger.
-    pub fn for_node(&self, timing: Arc<NodeTiming>) -> DeltaLog {
-        DeltaLog {
-            deltas: self.deltas.clone(),
-            timing: Some(timing),
-        }
+    /// Records a residency change.
+    pub fn push(&self, delta: ResidencyDelta) {
+        self.with(|l| l.notes.deltas.push(delta));
     }
 
-    /// The node's time ledger, if the log belongs to a node of a run.
-    pub fn timing(&self) -> Option<&NodeTiming> {
-        self.timing.as_deref()
+    /// The residency changes recorded and not yet drained.
+    pub fn deltas(&self) -> Vec<ResidencyDelta> {
+        self.with(|l| l.notes.deltas.clone())
     }
 
-    fn enter(&self, phase: Lifecycle) {
-        if let Some(t) = &self.timing {
-            t.enter(phase);
-        }
+    /// Records that the node entered `phase` (a repeat of the last phase is not recorded).
+    pub fn enter(&self, phase: Phase) {
+        self.with(|l| {
+            if l.last_phase != Some(phase) {
+                l.last_phase = Some(phase);
+                l.notes.phases.push(phase);
+            }
+        });
     }
-    fn load(&self, d: Duration) {
-        if let Some(t) = &self.timing {
-            t.add_load(d);
-        }
+
+    /// Back to `running` after a replay (nothing is recorded otherwise).
+    pub fn leave_replay(&self) {
+        self.with(|l| {
+            if l.last_phase == Some(Phase::CachedReplay) {
+                l.last_phase = Some(Phase::Running);
+                l.notes.phases.push(Phase::Running);
+            }
+        });
     }
-    fn transfer(&self, d: Duration) {
-        if let Some(t) = &self.timing {
-            t.add_transfer(d);
-        }
+
+    /// Time spent opening, indexing or reading weights.
+    pub fn load(&self, d: Duration) {
+        self.with(|l| l.notes.load_ns += ns(d));
+    }
+
+    /// Time spent moving tensors to the device.
+    pub fn transfer(&self, d: Duration) {
+        self.with(|l| l.notes.transfer_ns += ns(d));
+    }
+
+    /// Everything recorded since the last call.
+    pub fn take(&self) -> WorkNotes {
+        self.with(|l| std::mem::take(&mut l.notes))
     }
 }
 
@@ -192,7 +249,7 @@ impl Asset {
         *s = to;
         drop(s);
         if let Some(log) = log {
-            log.lock().unwrap_or_else(|p| p.into_inner()).push(delta);
+            log.push(delta);
         }
     }
 
@@ -316,7 +373,7 @@ impl Registry {
             return Ok(a.clone());
         }
         if let Some(l) = log {
-            l.enter(Lifecycle::Indexing);
+            l.enter(Phase::Indexing);
         }
         let opened = Instant::now();
         let source = open();
@@ -386,8 +443,7 @@ impl Registry {
             }
         }
         drop(assets);
-        let deltas = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        deltas
+        log.deltas()
     }
 
     /// Every asset's status, most recently used first.
@@ -552,7 +608,7 @@ impl DeviceWeights {
                 let lease = w.ctx.acct.lease(bytes);
                 let was_hot = w.asset.hot_bytes.load(Ordering::SeqCst) > 0;
                 if !was_hot {
-                    w.ctx.log.enter(Lifecycle::Prefetching);
+                    w.ctx.log.enter(Phase::Prefetching);
                 }
                 let started = Instant::now();
                 let mut host = HashMap::new();
@@ -562,14 +618,14 @@ impl DeviceWeights {
                 }
                 let read = started.elapsed();
                 w.ctx.log.load(read);
-                w.ctx.log.enter(Lifecycle::Warming);
+                w.ctx.log.enter(Phase::Warming);
                 let started = Instant::now();
                 for (name, t) in &host {
                     w.resident.insert(name.clone(), t.to_device(&w.ctx.device)?);
                 }
                 let moved = started.elapsed();
                 w.ctx.log.transfer(moved);
-                w.ctx.log.enter(Lifecycle::Running);
+                w.ctx.log.enter(Phase::Running);
                 if !was_hot && whole {
                     *w.asset.load_ms.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(read.as_secs_f64() * 1e3);
@@ -727,6 +783,23 @@ impl Drop for WeightStream<'_> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn phases_are_taken_in_order_without_repeats() {
+        let log = DeltaLog::default();
+        log.enter(Phase::Indexing);
+        log.enter(Phase::Indexing);
+        log.enter(Phase::Warming);
+        log.load(Duration::from_millis(3));
+        let first = log.take();
+        assert_eq!(first.phases, [Phase::Indexing, Phase::Warming]);
+        assert_eq!(first.load_ns, 3_000_000);
+        log.enter(Phase::Warming);
+        assert!(log.take().is_empty());
+        log.enter(Phase::CachedReplay);
+        log.leave_replay();
+        assert_eq!(log.take().phases, [Phase::CachedReplay, Phase::Running]);
+    }
+
     /// Weights held in memory: `n` tensors of `len` f32 each.
     struct Fake {
         path: PathBuf,
@@ -801,7 +874,7 @@ mod tests {
             assert!(reg.status()[0].pinned);
         }
         assert_eq!(acct.current(), Bytes(0));
-        let states: Vec<_> = log.lock().unwrap().iter().map(|d| d.to).collect();
+        let states: Vec<_> = log.deltas().iter().map(|d| d.to).collect();
         assert_eq!(
             states,
             [AssetState::CpuMmap, AssetState::GpuFull, AssetState::CpuHot]
@@ -878,8 +951,7 @@ mod tests {
         // "a" is pinned by a running node, so "b" (least recent of the rest) went.
         assert_eq!(names, ["c", "a"]);
         assert!(log
-            .lock()
-            .unwrap()
+            .deltas()
             .iter()
             .any(|d| d.asset == "b" && d.to == AssetState::Unloaded));
     }

@@ -13,7 +13,7 @@
 
 use candle_core::{Device, Tensor};
 use nova_dataflow::{
-    ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, ImageInfo, Inputs, Merger,
+    ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, ImageInfo, Inputs, LocalOp, Merger,
     NodeError, Rect, Value, ValueInfo, WeightContext,
 };
 use std::sync::Arc;
@@ -160,6 +160,60 @@ pub fn extract(image: &Tensor, window: Window, border: Border) -> candle_core::R
     };
     let rows = axis(image.clone(), 1, window.y, window.h, h)?;
     axis(rows, 2, window.x, window.w, w)
+}
+
+/// The rows (or columns) of an axis of length `n` that the coordinates `start..start + len`
+/// read once folded into it by `border`: the smallest span covering them.
+fn folded_span(start: isize, len: usize, n: usize, border: Border) -> (usize, usize) {
+    if start >= 0 && start as usize + len <= n {
+        return (start as usize, len);
+    }
+    let (mut lo, mut hi) = (usize::MAX, 0usize);
+    for i in 0..len as isize {
+        let f = fold(start + i, n, border);
+        lo = lo.min(f);
+        hi = hi.max(f);
+    }
+    if lo > hi {
+        (0, 0)
+    } else {
+        (lo, hi - lo + 1)
+    }
+}
+
+/// The part of the image (inside it) that `window` reads once its out-of-image pixels are
+/// folded in by `border`.
+pub fn window_hull(window: Window, height: usize, width: usize, border: Border) -> Rect {
+    let (x, w) = folded_span(window.x, window.w, width, border);
+    let (y, h) = folded_span(window.y, window.h, height, border);
+    Rect::new(x, y, w, h)
+}
+
+/// Extracts `window` of an image of `height` x `width` from `have`, the part `at` of it,
+/// filling pixels outside the image by `border` exactly as [`extract`] does from the whole
+/// image. `at` must cover [`window_hull`] of the window.
+pub fn extract_within(
+    have: &Tensor,
+    at: Rect,
+    window: Window,
+    height: usize,
+    width: usize,
+    border: Border,
+) -> candle_core::Result<Tensor> {
+    let axis = |t: Tensor, dim: usize, start: isize, len: usize, n: usize, origin: usize| {
+        let inside = start >= 0 && start as usize + len <= n;
+        if inside && start as usize >= origin {
+            t.narrow(dim, start as usize - origin, len)
+        } else {
+            let idx: Vec<u32> = (0..len as isize)
+                .map(|i| fold(start + i, n, border).saturating_sub(origin) as u32)
+                .collect();
+            let idx = Tensor::from_vec(idx, len, have.device())?;
+            t.contiguous()?.index_select(&idx, dim)
+        }
+    };
+    let rows = axis(have.clone(), 1, window.y, window.h, height, at.y)?;
+    axis(rows, 2, window.x, window.w, width, at.x)
 }
 
 /// A [`TileKernel`] run tile by tile: the `ChunkedOp` of a local image operator.
@@ -325,6 +379,88 @@ impl<K: TileKernel> ChunkedOp for TiledImage<K> {
             .kernel
             .bind(side, weights)?
             .map(|k| Arc::new(TiledImage::new(k)) as Arc<dyn ChunkedOp>))
+    }
+
+    fn local(&self) -> Option<&dyn LocalOp> {
+        Some(self)
+    }
+}
+
+fn tile_of(region: &ChunkRegion) -> Result<Rect, NodeError> {
+    match region {
+        ChunkRegion::Tile { rect } => Ok(*rect),
+        other => Err(NodeError::Other(format!(
+            "an image stage was handed {other:?}, not a tile"
+        ))),
+    }
+}
+
+impl<K: TileKernel> LocalOp for TiledImage<K> {
+    fn input_region(&self, input: &ValueInfo, out: &ChunkRegion) -> Result<ChunkRegion, NodeError> {
+        let i = image_info(input)?;
+        let window = self.kernel.window(tile_of(out)?, i.height, i.width);
+        Ok(ChunkRegion::Tile {
+            rect: window_hull(window, i.height, i.width, self.kernel.border()),
+        })
+    }
+
+    fn crop(&self, input: &Value, region: &ChunkRegion) -> Result<Value, NodeError> {
+        let r = tile_of(region)?;
+        let image = image_of(input)?;
+        Ok(Value::image(
+            image
+                .narrow(1, r.y, r.h)?
+                .narrow(2, r.x, r.w)?
+                .contiguous()?,
+        ))
+    }
+
+    fn process_within(
+        &self,
+        input: &ValueInfo,
+        out: &ChunkRegion,
+        have_region: &ChunkRegion,
+        have: &Value,
+    ) -> Result<Value, NodeError> {
+        let i = image_info(input)?;
+        let (h, w) = (i.height, i.width);
+        let out = tile_of(out)?;
+        let at = tile_of(have_region)?;
+        let window = self.kernel.window(out, h, w);
+        let hull = window_hull(window, h, w, self.kernel.border());
+        if hull.x < at.x
+            || hull.y < at.y
+            || hull.x + hull.w > at.x + at.w
+            || hull.y + hull.h > at.y + at.h
+        {
+            return Err(NodeError::Other(format!(
+                "tile {out:?} reads {hull:?} of its input, but its piece covers {at:?}"
+            )));
+        }
+        let source = extract_within(image_of(have)?, at, window, h, w, self.kernel.border())?;
+        Ok(Value::image(self.kernel.apply(&source, window, out, h, w)?))
+    }
+
+    fn region_memory(
+        &self,
+        input: &ValueInfo,
+        out: &ChunkRegion,
+        have_region: &ChunkRegion,
+    ) -> ChunkMemory {
+        let (Some(i), Ok(out), Ok(at)) = (input.image(), tile_of(out), tile_of(have_region)) else {
+            return ChunkMemory::default();
+        };
+        let window = self.kernel.window(out, i.height, i.width);
+        let px_bytes = (i.batch * i.channels * 4) as u64;
+        ChunkMemory {
+            piece: at.area() as u64 * px_bytes,
+            result: out.area() as u64 * px_bytes,
+            // The extracted window, and the kernel's own temporaries.
+            workspace: (window.w * window.h) as u64 * px_bytes
+                + self
+                    .kernel
+                    .workspace_bytes(window, out, i.batch, i.channels),
+        }
     }
 }
 

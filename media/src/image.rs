@@ -154,6 +154,102 @@ pub fn encode_png(
     }
 }
 
+/// A PNG written band by band as its rows become final: header and text chunks first, then
+/// rows in order, compressed as they come, so the whole image never has to be held. Writes into
+/// a file the caller opened (a reserved temporary name it renames once [`Self::finish`] succeeds).
+pub struct PngRows {
+    writer: png::StreamWriter<'static, BufWriter<std::fs::File>>,
+    row_bytes: usize,
+    rows_left: usize,
+    name: String,
+}
+
+impl PngRows {
+    /// Starts an 8-bit grey (`channels == 1`), RGB (`3`) or RGBA (`4`) PNG of `width` x
+    /// `height` in `file` (named `name` in messages).
+    pub fn start(
+        file: std::fs::File,
+        name: &str,
+        width: usize,
+        height: usize,
+        channels: usize,
+        text: &[(String, String)],
+    ) -> Result<PngRows, MediaError> {
+        let enc_err = |e: &dyn std::fmt::Display| MediaError::Encode {
+            path: name.to_string(),
+            reason: e.to_string(),
+        };
+        let color = match channels {
+            1 => png::ColorType::Grayscale,
+            3 => png::ColorType::Rgb,
+            4 => png::ColorType::Rgba,
+            n => return Err(enc_err(&format!("{n} channels"))),
+        };
+        if width == 0 || height == 0 {
+            return Err(enc_err(&"an image needs at least one pixel"));
+        }
+        let mut enc = png::Encoder::new(BufWriter::new(file), width as u32, height as u32);
+        enc.set_color(color);
+        enc.set_depth(png::BitDepth::Eight);
+        for (k, v) in text {
+            enc.add_text_chunk(k.clone(), v.clone())
+                .map_err(|e| enc_err(&e))?;
+        }
+        let writer = enc
+            .write_header()
+            .and_then(|w| w.into_stream_writer())
+            .map_err(|e| enc_err(&e))?;
+        Ok(PngRows {
+            writer,
+            row_bytes: width * channels,
+            rows_left: height,
+            name: name.to_string(),
+        })
+    }
+
+    /// Rows still to come.
+    pub fn rows_left(&self) -> usize {
+        self.rows_left
+    }
+
+    /// Appends whole rows (`row_bytes` each, the next ones of the image, top to bottom).
+    pub fn write_rows(&mut self, rows: &[u8]) -> Result<(), MediaError> {
+        use std::io::Write;
+        let n = rows.len() / self.row_bytes.max(1);
+        if !rows.len().is_multiple_of(self.row_bytes.max(1)) || n > self.rows_left {
+            return Err(MediaError::Encode {
+                path: self.name.clone(),
+                reason: format!(
+                    "{} bytes are not whole rows of {} bytes within the {} left",
+                    rows.len(),
+                    self.row_bytes,
+                    self.rows_left
+                ),
+            });
+        }
+        self.writer
+            .write_all(rows)
+            .map_err(|e| io_err(Path::new(&self.name), e))?;
+        self.rows_left -= n;
+        Ok(())
+    }
+
+    /// Ends the image once every row was written, and flushes it.
+    pub fn finish(self) -> Result<(), MediaError> {
+        if self.rows_left > 0 {
+            return Err(MediaError::Encode {
+                path: self.name.clone(),
+                reason: format!("{} rows were never written", self.rows_left),
+            });
+        }
+        let name = self.name.clone();
+        self.writer.finish().map_err(|e| MediaError::Encode {
+            path: name,
+            reason: e.to_string(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +267,50 @@ mod tests {
         assert!(d.alpha.is_none());
         let raw = std::fs::read(&path).unwrap();
         assert!(raw.windows(6).any(|w| w == b"prompt"));
+    }
+
+    #[test]
+    fn rows_written_in_bands_decode_to_the_same_pixels_as_a_whole_write() {
+        let dir = tempfile_dir();
+        let (w, h) = (37, 29);
+        let samples: Vec<u8> = (0..w * h * 3).map(|i| (i * 13 % 251) as u8).collect();
+        let whole = dir.join("whole.png");
+        encode_png(&whole, w, h, 3, &samples, &[("prompt".into(), "{}".into())]).unwrap();
+        let banded = dir.join("banded.png");
+        let file = std::fs::File::create(&banded).unwrap();
+        let mut rows = PngRows::start(
+            file,
+            "banded.png",
+            w,
+            h,
+            3,
+            &[("prompt".into(), "{}".into())],
+        )
+        .unwrap();
+        for band in samples.chunks(w * 3 * 8) {
+            rows.write_rows(band).unwrap();
+        }
+        assert_eq!(rows.rows_left(), 0);
+        rows.finish().unwrap();
+        let (a, b) = (
+            decode_image(&whole).unwrap(),
+            decode_image(&banded).unwrap(),
+        );
+        assert_eq!(a.rgb, b.rgb);
+        assert!(std::fs::read(&banded)
+            .unwrap()
+            .windows(6)
+            .any(|w| w == b"prompt"));
+    }
+
+    #[test]
+    fn unfinished_rows_are_an_error_not_a_short_file() {
+        let dir = tempfile_dir();
+        let file = std::fs::File::create(dir.join("short.png")).unwrap();
+        let mut rows = PngRows::start(file, "short.png", 4, 4, 3, &[]).unwrap();
+        rows.write_rows(&[0u8; 24]).unwrap();
+        assert!(rows.write_rows(&[0u8; 5]).is_err());
+        assert!(rows.finish().unwrap_err().to_string().contains("2 rows"));
     }
 
     #[test]

@@ -6,10 +6,13 @@
 
 use crate::spec::{link, string};
 use nova_dataflow::{
-    Args, DataType, ExecContext, Inputs, JobEnv, Node, NodeError, NodeOutput, NodeSchema, Value,
+    Args, ChunkSpec, DataType, ExecContext, Inputs, JobEnv, Merger, Node, NodeError, NodeOutput,
+    NodeSchema, Rect, SinkOp, Sinking, Value, ValueInfo,
 };
 use serde_json::json;
+use std::collections::VecDeque;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::sync::Mutex;
 
 /// Serializes counter allocation between concurrently running save nodes of this process.
@@ -83,6 +86,289 @@ fn save_images(
         values: vec![],
         ui: Some(json!({ "images": images })),
     })
+}
+
+/// Where a save node's files go and how they are named, for a batch of `b` images of
+/// `w` x `h`: each file's final path, its subfolder and its name, in batch order. The counter
+/// is the next free one; each file's temporary name (`<file>.part`) is created here, new, so a
+/// concurrent save never takes the same counter and nothing is written through a link.
+fn reserve_images(
+    kind: Kind,
+    prefix: &str,
+    (b, h, w): (usize, usize, usize),
+    ctx: &ExecContext,
+) -> Result<Vec<(PathBuf, std::fs::File, String, String)>, NodeError> {
+    let base = match kind {
+        Kind::Output => ctx.env.output_dir.clone(),
+        Kind::Temp => ctx.env.temp_dir.clone(),
+    };
+    let prefix = prefix
+        .replace("%width%", &w.to_string())
+        .replace("%height%", &h.to_string());
+    let (subfolder, stem) = split_prefix(&prefix)?;
+    let io = |p: &Path, e: std::io::Error| NodeError::File {
+        path: p.display().to_string(),
+        reason: e.to_string(),
+    };
+    let folder = nova_dataflow::output::folder(&base, &subfolder)
+        .map_err(|e| io(&base.join(&subfolder), e))?;
+    let _guard = SAVE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let first = next_counter(&folder, &stem);
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let name = stem.replace("%batch_num%", &i.to_string());
+        let file = format!("{name}_{:05}_.png", first + i as u64);
+        let path = folder.join(&file);
+        let part = nova_dataflow::output::part_path(&path);
+        match nova_dataflow::output::create_new(&part) {
+            Ok(f) => out.push((path, f, subfolder.to_string_lossy().to_string(), file)),
+            Err(e) => {
+                for (p, ..) in &out {
+                    release_reservation(p);
+                }
+                return Err(io(&part, e));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The rows a PNG sink holds at most: for pieces cut in row-major order with at most
+/// `inflight` of them past the first one missing, the rows from that piece's top to the
+/// lowest row any of them reaches.
+fn band_rows(chunks: &[ChunkSpec], inflight: usize) -> usize {
+    let rects: Vec<Rect> = chunks.iter().filter_map(ChunkSpec::rect).collect();
+    let k = inflight.max(1);
+    (0..rects.len())
+        .map(|f| {
+            let bottom = rects[f..(f + k).min(rects.len())]
+                .iter()
+                .map(|r| r.y + r.h)
+                .max()
+                .unwrap_or(0);
+            bottom.saturating_sub(rects[f].y)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Saves images as PNG piece by piece: each tile is quantized into a band of rows as it
+/// arrives, and every row whose tiles are all in is compressed into the files at once, so
+/// only the band is ever held (ComfyUI's `255 * x`, clipped and truncated, as [`save_images`]).
+struct PngSinkOp {
+    kind: Kind,
+    /// `filename_prefix`; `None` for `PreviewImage` (named after the node).
+    prefix: Option<String>,
+}
+
+/// Bytes a PNG stream writer holds besides its rows: the deflate window and buffers, and the
+/// previous and current filtered rows.
+const PNG_WRITER_BYTES: u64 = 320 << 10;
+
+impl SinkOp for PngSinkOp {
+    fn memory(&self, input: &ValueInfo, chunks: &[ChunkSpec], inflight: usize) -> u64 {
+        let Some(i) = input.image() else {
+            return 0;
+        };
+        let row = (i.width * i.channels) as u64;
+        i.batch as u64 * (band_rows(chunks, inflight) as u64 * row + 2 * row + PNG_WRITER_BYTES)
+    }
+
+    fn open(
+        &self,
+        input: &ValueInfo,
+        chunks: &[ChunkSpec],
+        ctx: &ExecContext,
+    ) -> Result<Box<dyn Merger>, NodeError> {
+        let i = input
+            .image()
+            .ok_or_else(|| NodeError::input("images", "expected an IMAGE"))?;
+        if !matches!(i.channels, 1 | 3 | 4) {
+            return Err(NodeError::input(
+                "images",
+                format!("{} channels cannot be saved as PNG", i.channels),
+            ));
+        }
+        if chunks.iter().any(|c| c.rect().is_none()) {
+            return Err(NodeError::input("images", "a PNG sink takes image tiles"));
+        }
+        let prefix = match &self.prefix {
+            Some(p) => p.clone(),
+            None => format!("NOVA_temp_{}", file_safe(&ctx.node_id.0)),
+        };
+        let text = match &ctx.prompt {
+            Some(p) => vec![("prompt".to_string(), ascii_json(&p.to_string()))],
+            None => vec![],
+        };
+        let reserved = reserve_images(self.kind, &prefix, (i.batch, i.height, i.width), ctx)?;
+        let mut sink = PngSink {
+            info: i,
+            kind: self.kind,
+            files: Vec::new(),
+            band_top: 0,
+            band: VecDeque::new(),
+            filled: VecDeque::new(),
+        };
+        let mut reserved = reserved.into_iter();
+        while let Some((path, file, subfolder, name)) = reserved.next() {
+            match nova_media::PngRows::start(file, &name, i.width, i.height, i.channels, &text) {
+                // From here the sink owns the temporary file: dropped unfinished, it goes.
+                Ok(rows) => sink.files.push(SinkFile {
+                    path,
+                    subfolder,
+                    name,
+                    rows: Some(rows),
+                }),
+                Err(e) => {
+                    release_reservation(&path);
+                    for (rest, ..) in reserved {
+                        release_reservation(&rest);
+                    }
+                    return Err(NodeError::File {
+                        path: path.display().to_string(),
+                        reason: e.reason().to_string(),
+                    });
+                }
+            }
+        }
+        Ok(Box::new(sink))
+    }
+}
+
+/// One file of a PNG sink.
+struct SinkFile {
+    path: PathBuf,
+    subfolder: String,
+    name: String,
+    /// The writer; `None` once ended.
+    rows: Option<nova_media::PngRows>,
+}
+
+struct PngSink {
+    info: nova_dataflow::ImageInfo,
+    kind: Kind,
+    files: Vec<SinkFile>,
+    /// The first row not yet written.
+    band_top: usize,
+    /// Per held row (from `band_top`): its bytes for every image of the batch, one after
+    /// another.
+    band: VecDeque<Vec<u8>>,
+    /// Per held row: pixels filled so far.
+    filled: VecDeque<usize>,
+}
+
+impl Merger for PngSink {
+    fn add(&mut self, chunk: &ChunkSpec, part: Value) -> Result<(), NodeError> {
+        let rect = chunk
+            .rect()
+            .ok_or_else(|| NodeError::input("images", "a PNG sink takes image tiles"))?;
+        let nova_dataflow::ImageInfo {
+            batch: b,
+            height: h,
+            width: w,
+            channels: c,
+        } = self.info;
+        if rect.x + rect.w > w || rect.y + rect.h > h || rect.y < self.band_top {
+            return Err(NodeError::Other(format!(
+                "tile {rect:?} lies outside the rows still open of the {w}x{h} image"
+            )));
+        }
+        let t = part
+            .as_image()
+            .ok_or_else(|| NodeError::input("images", "expected an IMAGE"))?;
+        let data = t.flatten_all()?.to_vec1::<f32>()?;
+        if data.len() != b * rect.h * rect.w * c {
+            return Err(NodeError::Other(format!(
+                "tile {rect:?} has {} values, expected {}",
+                data.len(),
+                b * rect.h * rect.w * c
+            )));
+        }
+        let row = w * c;
+        while self.band_top + self.band.len() < rect.y + rect.h {
+            self.band.push_back(vec![0u8; b * row]);
+            self.filled.push_back(0);
+        }
+        for bi in 0..b {
+            for y in 0..rect.h {
+                let src = &data[((bi * rect.h + y) * rect.w) * c..][..rect.w * c];
+                let held = &mut self.band[rect.y + y - self.band_top];
+                let dst = &mut held[bi * row + rect.x * c..][..rect.w * c];
+                for (d, v) in dst.iter_mut().zip(src) {
+                    *d = (v * 255.0).clamp(0.0, 255.0) as u8;
+                }
+            }
+        }
+        for y in 0..rect.h {
+            self.filled[rect.y + y - self.band_top] += rect.w;
+        }
+        // Every row now complete at the top of the band goes to the files.
+        let mut done = 0;
+        while self.filled.get(done).is_some_and(|f| *f >= w) {
+            done += 1;
+        }
+        if done > 0 {
+            let rows: Vec<Vec<u8>> = self.band.drain(..done).collect();
+            self.filled.drain(..done);
+            for (bi, f) in self.files.iter_mut().enumerate() {
+                let mut bytes = Vec::with_capacity(done * row);
+                for r in &rows {
+                    bytes.extend_from_slice(&r[bi * row..(bi + 1) * row]);
+                }
+                if let Some(rows) = f.rows.as_mut() {
+                    rows.write_rows(&bytes).map_err(|e| NodeError::File {
+                        path: f.path.display().to_string(),
+                        reason: e.reason().to_string(),
+                    })?;
+                }
+            }
+            self.band_top += done;
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<Value, NodeError> {
+        self.finish_output().map(|_| Value::Boolean(true))
+    }
+
+    fn finish_output(mut self: Box<Self>) -> Result<NodeOutput, NodeError> {
+        let mut images = Vec::with_capacity(self.files.len());
+        for f in &mut self.files {
+            let file_err = |reason: String| NodeError::File {
+                path: f.path.display().to_string(),
+                reason,
+            };
+            let rows = f
+                .rows
+                .take()
+                .ok_or_else(|| file_err("ended twice".into()))?;
+            rows.finish()
+                .map_err(|e| file_err(e.reason().to_string()))?;
+            std::fs::rename(nova_dataflow::output::part_path(&f.path), &f.path)
+                .map_err(|e| file_err(e.to_string()))?;
+            images.push(json!({
+                "filename": f.name,
+                "subfolder": f.subfolder,
+                "type": match self.kind { Kind::Output => "output", Kind::Temp => "temp" },
+            }));
+        }
+        self.files.clear();
+        Ok(NodeOutput {
+            values: vec![],
+            ui: Some(json!({ "images": images })),
+        })
+    }
+}
+
+impl Drop for PngSink {
+    fn drop(&mut self) {
+        // Files not ended (the job failed or stopped) leave nothing behind.
+        for f in &self.files {
+            if f.rows.is_some() {
+                release_reservation(&f.path);
+            }
+        }
+    }
 }
 
 /// JSON text with every non-ASCII character escaped as `\uXXXX` (surrogate pairs beyond the
@@ -240,6 +526,16 @@ impl Node for SaveImage {
         split_prefix(args.string("filename_prefix")?).map(|_| ())
     }
 
+    fn sink(&self, args: &Args, _inputs: &Inputs<ValueInfo>, _env: &JobEnv) -> Option<Sinking> {
+        Some(Sinking {
+            input: "images",
+            op: Arc::new(PngSinkOp {
+                kind: Kind::Output,
+                prefix: Some(args.string("filename_prefix").ok()?.to_string()),
+            }),
+        })
+    }
+
     fn execute(
         &self,
         args: &Args,
@@ -274,6 +570,16 @@ impl PreviewImage {
 impl Node for PreviewImage {
     fn schema(&self) -> &NodeSchema {
         &self.schema
+    }
+
+    fn sink(&self, _args: &Args, _inputs: &Inputs<ValueInfo>, _env: &JobEnv) -> Option<Sinking> {
+        Some(Sinking {
+            input: "images",
+            op: Arc::new(PngSinkOp {
+                kind: Kind::Temp,
+                prefix: None,
+            }),
+        })
     }
 
     fn execute(

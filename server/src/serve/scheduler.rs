@@ -379,6 +379,7 @@ fn run_job(
             job_id: rec.id.clone(),
             cancel,
             budget,
+            runtime: None,
         };
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             run(

@@ -1,0 +1,606 @@
+//! Operators of a node cut into chunks: split, process, and the exits shared with pipeline
+//! regions (merge, sink).
+
+use super::record::{NoteKind, Rec, Record};
+use super::runtime::compute_worker;
+use super::whole::{named_inputs, Cb, Out, Recs};
+use super::{JobCompute, Notes};
+use crate::chunk::{ChunkSize, ChunkSpec, ChunkedOp, Merger, SinkOp};
+use crate::memory::Lease;
+use crate::node::{guarded, Inputs, NodeError};
+use crate::residency::Phase;
+use crate::value::{Value, ValueInfo};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::{ProbeHandle, Scope};
+
+/// The memory an exit holds for the whole unit (the merged output, or a sink's buffers),
+/// leased by the unit's cutter before its first piece and handed to the exit on the same
+/// worker.
+pub(crate) type ExitLease = Rc<RefCell<Option<Lease>>>;
+
+/// How many of a unit's pieces its exit has finished, from the probe after the exit: the
+/// pieces whose times the frontier has passed.
+pub(crate) fn finished(probe: &ProbeHandle<u64>, in_time: u64, total: usize) -> usize {
+    probe.with_frontier(|f| {
+        f.iter()
+            .map(|t| t.saturating_sub(in_time) as usize)
+            .min()
+            .unwrap_or(total)
+    })
+}
+
+/// Cuts the whole input into chunk records, chunk `i` at `in_time + i`, keeping at most the
+/// plan's in-flight count cut ahead of the chunks the exit has finished, so a node never holds
+/// all its pieces at once.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn split<'s>(
+    scope: Scope<'s, u64>,
+    input: Recs<'s>,
+    ix: usize,
+    owner_ix: u64,
+    op: Arc<dyn ChunkedOp>,
+    which: &'static str,
+    exit_bytes: u64,
+    exit_lease: ExitLease,
+    done: ProbeHandle<u64>,
+    job: &Arc<JobCompute>,
+) -> Out<'s> {
+    let job = job.clone();
+    let np = &job.plan.nodes[ix];
+    let in_time = np.in_time;
+    let total = np.chunks.len();
+    let ahead = np.inflight.clamp(1, total.max(1));
+    let owner = scope.index() as u64 == owner_ix;
+    input.unary_frontier::<Cb, _, _, _>(
+        Exchange::new(move |_r: &Record| owner_ix),
+        "split",
+        move |cap, info| {
+            let activator = scope.activator_for(info.address.clone());
+            let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&in_time));
+            let mut stash: Vec<Record> = Vec::new();
+            let mut whole: Option<Value> = None;
+            let mut next = 0usize;
+            move |(input, frontier), output| {
+                input.for_each(|_c, data| stash.append(data));
+                if cap.is_none() || frontier.frontier().less_equal(&in_time) {
+                    return;
+                }
+                if job.stopped() {
+                    cap = None;
+                    whole = None;
+                    stash.clear();
+                    return;
+                }
+                let mut notes = Notes::default();
+                let np = &job.plan.nodes[ix];
+                macro_rules! fail {
+                    ($e:expr) => {{
+                        job.halt();
+                        notes.push(ix, NoteKind::Failed($e));
+                        if let Some(c) = cap.take() {
+                            output
+                                .session(&c)
+                                .give_iterator(notes.drain(&job, ix).into_iter());
+                        }
+                        whole = None;
+                        return;
+                    }};
+                }
+                if whole.is_none() {
+                    // The record on the link the chunking names, with the shape it was planned
+                    // for; the other inputs (a model) reach the workers that process pieces.
+                    let mut inputs = named_inputs(&job, ix, &mut stash);
+                    let Some(value) = inputs.take(which) else {
+                        fail!(NodeError::input(which, "no value arrived"))
+                    };
+                    if np.chunked_input != Some(value.info()) {
+                        let msg = format!(
+                            "arrived as {:?}, but the plan cut it as {:?}",
+                            value.info(),
+                            np.chunked_input
+                        );
+                        fail!(NodeError::input(which, msg))
+                    }
+                    // The exit's memory first: without it no piece can be kept.
+                    match job
+                        .acct
+                        .try_lease(exit_bytes, &format!("output of node {}", np.node))
+                    {
+                        Ok(l) => *exit_lease.borrow_mut() = Some(l),
+                        Err(oom) => fail!(NodeError::OutOfMemory(oom.to_string())),
+                    }
+                    whole = Some(value);
+                }
+                let finished = finished(&done, in_time, total);
+                let c = cap.as_ref().expect("checked above");
+                let source = whole.as_ref().expect("set above");
+                let info = np.chunked_input.unwrap_or(ValueInfo::Unknown);
+                let cut_before = next;
+                let mut failed = None;
+                while next < total && next < finished + ahead {
+                    let chunk = &np.chunks[next];
+                    // Set aside the chunk's result and workspace before cutting it. If that
+                    // is refused while chunks are in flight, wait for them to return memory;
+                    // if none is, cut it anyway and let processing retry it smaller.
+                    let mem = guarded(|| Ok(op.chunk_memory(&info, chunk))).unwrap_or_default();
+                    let what = format!("chunk {} of node {}", chunk.index, np.node);
+                    let reserve = match job.acct.try_lease(mem.result + mem.workspace, &what) {
+                        Ok(l) => Some(Arc::new(l)),
+                        Err(_) if next > finished => break,
+                        Err(_) => None,
+                    };
+                    match notes.busy(|| guarded(|| op.split(source, chunk))) {
+                        Ok(piece) => {
+                            let at = c.delayed(&(in_time + chunk.index as u64));
+                            output.session(&at).give(Rec::Data(Record {
+                                port: 0,
+                                chunk: chunk.index,
+                                value: piece.track(&job.acct),
+                                reserve,
+                            }));
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    next += 1;
+                }
+                if let Some(e) = failed {
+                    fail!(e)
+                }
+                if next > cut_before {
+                    notes.push(ix, NoteKind::Cut { count: next as u32 });
+                }
+                let recs = notes.drain(&job, ix);
+                if let Some(c) = cap.as_mut() {
+                    output.session(&*c).give_iterator(recs.into_iter());
+                }
+                if next < total {
+                    // Hold only the time of the next piece, so the probes after the pieces in
+                    // flight can pass them as they finish; look again shortly.
+                    if let Some(c) = cap.as_mut() {
+                        c.downgrade(&(in_time + next as u64));
+                    }
+                    activator.activate_after(Duration::from_micros(200));
+                } else {
+                    // Every piece is cut: release the whole input and the capability.
+                    whole = None;
+                    cap = None;
+                }
+            }
+        },
+    )
+}
+
+/// The side inputs of node `ix` (every linked input but `which`), as records for every
+/// worker: each worker that processes pieces binds the node's operator to them.
+pub(crate) fn side_inputs<'s>(
+    input: Recs<'s>,
+    ix: usize,
+    which: &'static str,
+    job: &JobCompute,
+) -> Recs<'s> {
+    use timely::dataflow::operators::vec::{Broadcast, Filter};
+    let slots: Vec<bool> = job.wf.nodes[ix]
+        .links
+        .iter()
+        .map(|l| l.input != which)
+        .collect();
+    input
+        .filter(move |r: &Record| slots.get(r.port as usize).copied().unwrap_or(false))
+        .broadcast()
+}
+
+/// Processes chunk records on whichever compute worker they land, one per activation, once
+/// the node's side inputs are in and its operator is bound to them.
+///
+/// Memory: a chunk's result and workspace were set aside when its piece was cut; a piece cut
+/// without (nothing was in flight to wait for) leases them before the kernel runs, and if that
+/// is refused, the chunk is re-run as tiles of half the side (down to the plan's smallest),
+/// which read sub-windows of the same piece and so give the same pixels; each such retry
+/// leaves a note.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn process<'s>(
+    scope: Scope<'s, u64>,
+    pieces: Recs<'s>,
+    side: Recs<'s>,
+    ix: usize,
+    op: Arc<dyn ChunkedOp>,
+    captured: bool,
+    ran_on_last: bool,
+    job: &Arc<JobCompute>,
+) -> Out<'s> {
+    let job = job.clone();
+    let peers = scope.peers();
+    let in_time = job.plan.nodes[ix].in_time;
+    let last = job.plan.nodes[ix].chunks.len().saturating_sub(1) as u32;
+    pieces.binary_frontier::<_, Cb, _, _, _, _>(
+        side,
+        Exchange::new(move |r: &Record| compute_worker(r.chunk as u64, peers)),
+        Pipeline,
+        "process",
+        move |_cap, info| {
+            let activator = scope.activator_for(info.address.clone());
+            let mut queue: VecDeque<(Capability<u64>, Record)> = VecDeque::new();
+            let mut side_stash: Vec<Record> = Vec::new();
+            let mut bound: Option<Arc<dyn ChunkedOp>> = None;
+            move |(input, _), (side_in, side_frontier), output| {
+                input.for_each(|c, data| {
+                    for r in data.drain(..) {
+                        if let Some(cap) = c.retain_least(0) {
+                            queue.push_back((cap, r));
+                        }
+                    }
+                });
+                side_in.for_each(|_c, data| side_stash.append(data));
+                if queue.is_empty() {
+                    return;
+                }
+                if job.stopped() {
+                    queue.clear();
+                    bound = None;
+                    return;
+                }
+                if bound.is_none() {
+                    if side_frontier.frontier().less_equal(&in_time) {
+                        // The side inputs are still on their way: this worker is woken when
+                        // they arrive.
+                        return;
+                    }
+                    let mut side = Inputs::new();
+                    for r in side_stash.drain(..) {
+                        if let Some(l) = job.wf.nodes[ix].links.get(r.port as usize) {
+                            side.insert(l.input, r.value);
+                        }
+                    }
+                    let mut notes = Notes::default();
+                    match notes.busy(|| job.bound_op(ix, &op, &side)) {
+                        Ok(b) => bound = Some(b),
+                        Err(e) => {
+                            job.halt();
+                            notes.push(ix, NoteKind::Failed(e));
+                            let (cap, _) = queue.pop_front().expect("not empty");
+                            queue.clear();
+                            output
+                                .session(&cap)
+                                .give_iterator(notes.drain(&job, ix).into_iter());
+                            return;
+                        }
+                    }
+                    // The binding's own notes (loading weights) leave with the first piece.
+                    let recs = notes.drain(&job, ix);
+                    let (cap, _) = queue.front().expect("not empty");
+                    output.session(cap).give_iterator(recs.into_iter());
+                }
+                // One chunk per activation: the frontier, and so the events, move per chunk.
+                if let Some((cap, mut r)) = queue.pop_front() {
+                    let op = bound.clone().expect("bound above");
+                    let mut notes = Notes::default();
+                    let reserve = r.reserve.take();
+                    let started = Instant::now();
+                    let done = process_chunk(&job, op.as_ref(), ix, &r, reserve, &mut notes);
+                    let replayed = matches!(&done, Ok(Value::Video(v))
+                        if v.source().as_memory().is_some_and(|w| w.cached));
+                    notes.add(started.elapsed(), replayed);
+                    if replayed {
+                        job.logs[ix].enter(Phase::CachedReplay);
+                    } else {
+                        job.logs[ix].leave_replay();
+                    }
+                    let chunk = r.chunk;
+                    // The piece is no longer needed once its chunk is computed.
+                    drop(r);
+                    let mut recs = Vec::new();
+                    match done {
+                        Ok(value) => {
+                            if captured {
+                                if let Ok(host) = value.to_host() {
+                                    notes.push(ix, NoteKind::Piece { chunk, value: host });
+                                }
+                            }
+                            if ran_on_last && chunk == last {
+                                notes.push(ix, NoteKind::Ran { ui: None });
+                            }
+                            recs.push(Rec::Data(Record {
+                                port: 0,
+                                chunk,
+                                value: value.track(&job.acct),
+                                reserve: None,
+                            }));
+                        }
+                        Err(e) => {
+                            job.halt();
+                            notes.push(ix, NoteKind::Failed(e));
+                        }
+                    }
+                    recs.extend(notes.drain(&job, ix));
+                    output.session(&cap).give_iterator(recs.into_iter());
+                }
+                if !queue.is_empty() {
+                    activator.activate();
+                }
+            }
+        },
+    )
+}
+
+/// Runs one chunk under a memory lease, subdividing it while the lease is refused.
+fn process_chunk(
+    job: &JobCompute,
+    op: &dyn ChunkedOp,
+    ix: usize,
+    r: &Record,
+    reserve: Option<Arc<Lease>>,
+    notes: &mut Notes,
+) -> Result<Value, NodeError> {
+    let np = &job.plan.nodes[ix];
+    let spec: ChunkSpec = *np
+        .chunks
+        .get(r.chunk as usize)
+        .ok_or_else(|| NodeError::Other(format!("chunk {} is not in the plan", r.chunk)))?;
+    let info = np.chunked_input.unwrap_or(ValueInfo::Unknown);
+    let full = guarded(|| Ok(op.chunk_memory(&info, &spec)))?;
+    if let Some(reserve) = reserve {
+        // Memory was set aside when the piece was cut; it returns as the result is counted.
+        let out = guarded(|| op.process(&info, &spec, &r.value));
+        drop(reserve);
+        return out;
+    }
+    let what = format!("chunk {} of node {}", r.chunk, np.node);
+    let mut side = np.tile.unwrap_or(0);
+    let min = job.plan.min_tile;
+    let mut subs = vec![spec];
+    loop {
+        // A subdivided chunk holds its whole result plus one sub-chunk's result and workspace.
+        let need = if subs.len() > 1 {
+            let worst = subs
+                .iter()
+                .map(|s| op.chunk_memory(&info, s))
+                .map(|m| m.result + m.workspace)
+                .max()
+                .unwrap_or(0);
+            full.result + worst
+        } else {
+            full.result + full.workspace
+        };
+        match job.acct.try_lease(need, &what) {
+            Ok(lease) => {
+                let out = if subs.len() > 1 {
+                    guarded(|| op.process_subdivided(&info, &spec, &r.value, &subs))
+                } else {
+                    guarded(|| op.process(&info, &spec, &r.value))
+                };
+                drop(lease);
+                return out;
+            }
+            Err(oom) => {
+                let smaller = side / 2;
+                if side == 0 || smaller < min {
+                    return Err(NodeError::OutOfMemory(oom.to_string()));
+                }
+                let next = op.subdivide(
+                    &spec,
+                    ChunkSize::Tile {
+                        width: smaller,
+                        height: smaller,
+                    },
+                );
+                notes.push(
+                    ix,
+                    NoteKind::Retry {
+                        chunk: r.chunk,
+                        from: side,
+                        to: smaller,
+                        reason: oom.to_string(),
+                    },
+                );
+                side = smaller;
+                subs = next;
+            }
+        }
+    }
+}
+
+/// Assembles processed chunks as they arrive, and emits the output once the frontier passes
+/// the node's output time.
+///
+/// Memory: the output buffer, leased by the cutter before its first piece, passes to the
+/// output value; each chunk's memory returns as soon as it is pasted.
+pub(crate) fn merge<'s>(
+    done: Recs<'s>,
+    ix: usize,
+    owner_ix: u64,
+    op: Arc<dyn ChunkedOp>,
+    exit_lease: ExitLease,
+    job: &Arc<JobCompute>,
+) -> Out<'s> {
+    let job = job.clone();
+    let owner = done.scope().index() as u64 == owner_ix;
+    let out_time = job.plan.nodes[ix].out_time;
+    done.unary_frontier::<Cb, _, _, _>(
+        Exchange::new(move |_r: &Record| owner_ix),
+        "merge",
+        move |cap, _info| {
+            let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&out_time));
+            let mut merger: Option<Box<dyn Merger>> = None;
+            let mut failed = false;
+            move |(input, frontier), output| {
+                let np = &job.plan.nodes[ix];
+                let info = np.outputs.first().copied().unwrap_or(ValueInfo::Unknown);
+                let mut notes = Notes::default();
+                input.for_each(|_c, data| {
+                    for r in data.drain(..) {
+                        if failed || job.stopped() {
+                            continue;
+                        }
+                        if merger.is_none() {
+                            match notes.busy(|| guarded(|| op.merger(&info))) {
+                                Ok(m) => merger = Some(m),
+                                Err(e) => {
+                                    failed = true;
+                                    job.halt();
+                                    notes.push(ix, NoteKind::Failed(e));
+                                    continue;
+                                }
+                            }
+                        }
+                        let m = merger.as_mut().expect("made above");
+                        let added = match np.chunks.get(r.chunk as usize).copied() {
+                            Some(spec) => notes.busy(|| guarded(|| m.add(&spec, r.value))),
+                            None => Err(NodeError::Other(format!(
+                                "chunk {} is not in the plan",
+                                r.chunk
+                            ))),
+                        };
+                        if let Err(e) = added {
+                            failed = true;
+                            job.halt();
+                            notes.push(ix, NoteKind::Failed(e));
+                        }
+                    }
+                });
+                let Some(c) = cap.as_ref() else {
+                    return;
+                };
+                let stopped = failed || job.stopped();
+                if !stopped && !frontier.frontier().less_equal(&out_time) {
+                    // Every chunk is in: the bound operator (and the weights it holds) can go.
+                    job.unbind(ix);
+                    if let Some(m) = merger.take() {
+                        let lease = exit_lease.borrow_mut().take();
+                        match notes.busy(|| guarded(|| m.finish_output())) {
+                            Ok(out) => {
+                                notes.push(ix, NoteKind::Ran { ui: out.ui });
+                                let value = out
+                                    .values
+                                    .into_iter()
+                                    .next()
+                                    .unwrap_or(Value::Boolean(true));
+                                let value = match lease {
+                                    Some(l) => value.with_lease(l),
+                                    None => value.track(&job.acct),
+                                };
+                                output.session(c).give(Rec::Data(Record::value(0, value)));
+                            }
+                            Err(e) => {
+                                job.halt();
+                                notes.push(ix, NoteKind::Failed(e));
+                            }
+                        }
+                    }
+                    let recs = notes.drain(&job, ix);
+                    output.session(c).give_iterator(recs.into_iter());
+                    cap = None;
+                    return;
+                }
+                let recs = notes.drain(&job, ix);
+                if !recs.is_empty() {
+                    output.session(c).give_iterator(recs.into_iter());
+                }
+                if stopped && !frontier.frontier().less_equal(&out_time) {
+                    merger = None;
+                    cap = None;
+                }
+            }
+        },
+    )
+}
+
+/// An output node that takes its input piece by piece (see [`SinkOp`]): opens when the first
+/// piece arrives, writes what each piece makes final, and ends the output (its UI record) once
+/// every piece is in. `source` is the node whose pieces it takes; its bound operator goes then.
+pub(crate) fn sink<'s>(
+    pieces: Recs<'s>,
+    ix: usize,
+    source: usize,
+    owner_ix: u64,
+    op: Arc<dyn SinkOp>,
+    exit_lease: ExitLease,
+    job: &Arc<JobCompute>,
+) -> Out<'s> {
+    let job = job.clone();
+    let owner = pieces.scope().index() as u64 == owner_ix;
+    let out_time = job.plan.nodes[ix].out_time;
+    pieces.unary_frontier::<Cb, _, _, _>(
+        Exchange::new(move |_r: &Record| owner_ix),
+        "sink",
+        move |cap, _info| {
+            let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&out_time));
+            let mut open: Option<Box<dyn Merger>> = None;
+            let mut failed = false;
+            let ctx = job.context(ix);
+            move |(input, frontier), output| {
+                let np = &job.plan.nodes[ix];
+                let info = np.chunked_input.unwrap_or(ValueInfo::Unknown);
+                let mut notes = Notes::default();
+                input.for_each(|_c, data| {
+                    for r in data.drain(..) {
+                        if failed || job.stopped() {
+                            continue;
+                        }
+                        if open.is_none() {
+                            match notes.busy(|| guarded(|| op.open(&info, &np.chunks, &ctx))) {
+                                Ok(m) => open = Some(m),
+                                Err(e) => {
+                                    failed = true;
+                                    job.halt();
+                                    notes.push(ix, NoteKind::Failed(e));
+                                    continue;
+                                }
+                            }
+                        }
+                        let m = open.as_mut().expect("opened above");
+                        let added = match np.chunks.get(r.chunk as usize).copied() {
+                            Some(spec) => notes.busy(|| guarded(|| m.add(&spec, r.value))),
+                            None => Err(NodeError::Other(format!(
+                                "piece {} is not in the plan",
+                                r.chunk
+                            ))),
+                        };
+                        if let Err(e) = added {
+                            failed = true;
+                            job.halt();
+                            notes.push(ix, NoteKind::Failed(e));
+                        }
+                    }
+                });
+                let Some(c) = cap.as_ref() else {
+                    return;
+                };
+                let stopped = failed || job.stopped();
+                if !frontier.frontier().less_equal(&out_time) {
+                    if !stopped {
+                        job.unbind(source);
+                        if let Some(m) = open.take() {
+                            match notes.busy(|| guarded(|| m.finish_output())) {
+                                Ok(out) => notes.push(ix, NoteKind::Ran { ui: out.ui }),
+                                Err(e) => {
+                                    job.halt();
+                                    notes.push(ix, NoteKind::Failed(e));
+                                }
+                            }
+                        }
+                    }
+                    // Dropped unfinished, a sink leaves nothing behind.
+                    open = None;
+                    exit_lease.borrow_mut().take();
+                    let recs = notes.drain(&job, ix);
+                    output.session(c).give_iterator(recs.into_iter());
+                    cap = None;
+                    return;
+                }
+                let recs = notes.drain(&job, ix);
+                if !recs.is_empty() {
+                    output.session(c).give_iterator(recs.into_iter());
+                }
+            }
+        },
+    )
+}

@@ -1,0 +1,288 @@
+//! Operators of a pipeline region: the cut at its entry and one stage per node.
+
+use super::chunked::{finished, ExitLease};
+use super::record::{NoteKind, Rec, Record};
+use super::runtime::compute_worker;
+use super::whole::{named_inputs, Cb, Out, Recs};
+use super::{JobCompute, Notes};
+use crate::chunk::ChunkedOp;
+use crate::node::{guarded, Inputs, NodeError};
+use crate::value::{Value, ValueInfo};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::{ProbeHandle, Scope};
+
+/// Cuts a region's input once: piece `i`, at `in_time + i`, is the part of the first stage's
+/// input it needs, with the memory the region holds per piece set aside for it (it travels
+/// with the piece to the exit). At most the plan's in-flight count of pieces are cut ahead of
+/// those the exit has finished.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cut<'s>(
+    scope: Scope<'s, u64>,
+    input: Recs<'s>,
+    ix: usize,
+    owner_ix: u64,
+    op: Arc<dyn ChunkedOp>,
+    which: &'static str,
+    exit_bytes: u64,
+    exit_lease: ExitLease,
+    done: ProbeHandle<u64>,
+    job: &Arc<JobCompute>,
+) -> Out<'s> {
+    let job = job.clone();
+    let np = &job.plan.nodes[ix];
+    let unit = &job.plan.units[np.unit];
+    let (in_time, reserve_bytes) = (np.in_time, unit.reserve_bytes);
+    let total = np.chunks.len();
+    let ahead = np.inflight.clamp(1, total.max(1));
+    let owner = scope.index() as u64 == owner_ix;
+    input.unary_frontier::<Cb, _, _, _>(
+        Exchange::new(move |_r: &Record| owner_ix),
+        "cut",
+        move |cap, info| {
+            let activator = scope.activator_for(info.address.clone());
+            let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&in_time));
+            let mut stash: Vec<Record> = Vec::new();
+            let mut whole: Option<Value> = None;
+            let mut next = 0usize;
+            move |(input, frontier), output| {
+                input.for_each(|_c, data| stash.append(data));
+                if cap.is_none() || frontier.frontier().less_equal(&in_time) {
+                    return;
+                }
+                if job.stopped() {
+                    cap = None;
+                    whole = None;
+                    stash.clear();
+                    return;
+                }
+                let mut notes = Notes::default();
+                let np = &job.plan.nodes[ix];
+                macro_rules! fail {
+                    ($e:expr) => {{
+                        job.halt();
+                        notes.push(ix, NoteKind::Failed($e));
+                        if let Some(c) = cap.take() {
+                            output
+                                .session(&c)
+                                .give_iterator(notes.drain(&job, ix).into_iter());
+                        }
+                        whole = None;
+                        return;
+                    }};
+                }
+                let Some(local) = op.local() else {
+                    fail!(NodeError::Other(
+                        "a pipeline stage that is not a local operator".into()
+                    ))
+                };
+                if whole.is_none() {
+                    let mut inputs = named_inputs(&job, ix, &mut stash);
+                    let Some(value) = inputs.take(which) else {
+                        fail!(NodeError::input(which, "no value arrived"))
+                    };
+                    if np.chunked_input != Some(value.info()) {
+                        let msg = format!(
+                            "arrived as {:?}, but the plan cut it as {:?}",
+                            value.info(),
+                            np.chunked_input
+                        );
+                        fail!(NodeError::input(which, msg))
+                    }
+                    match job.acct.try_lease(
+                        exit_bytes,
+                        &format!("the exit of node {}'s region", np.node),
+                    ) {
+                        Ok(l) => *exit_lease.borrow_mut() = Some(l),
+                        Err(oom) => fail!(NodeError::OutOfMemory(oom.to_string())),
+                    }
+                    whole = Some(value);
+                }
+                let finished = finished(&done, in_time, total);
+                let source = whole.as_ref().expect("set above");
+                let cut_before = next;
+                let mut failed = None;
+                while next < total && next < finished + ahead {
+                    let what = format!("piece {next} of node {}'s region", np.node);
+                    let reserve = match job.acct.try_lease(reserve_bytes, &what) {
+                        Ok(l) => Arc::new(l),
+                        // Pieces in flight return memory as they finish: wait for them.
+                        Err(_) if next > finished => break,
+                        Err(oom) => {
+                            failed = Some(NodeError::OutOfMemory(oom.to_string()));
+                            break;
+                        }
+                    };
+                    let region = np.pieces_in[next];
+                    match notes.busy(|| guarded(|| local.crop(source, &region))) {
+                        Ok(piece) => {
+                            let at = cap
+                                .as_ref()
+                                .expect("checked above")
+                                .delayed(&(in_time + next as u64));
+                            output.session(&at).give(Rec::Data(Record {
+                                port: 0,
+                                chunk: next as u32,
+                                value: piece,
+                                reserve: Some(reserve),
+                            }));
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    next += 1;
+                }
+                if let Some(e) = failed {
+                    fail!(e)
+                }
+                if next > cut_before {
+                    notes.push(ix, NoteKind::Cut { count: next as u32 });
+                }
+                let recs = notes.drain(&job, ix);
+                if let Some(c) = cap.as_mut() {
+                    output.session(&*c).give_iterator(recs.into_iter());
+                }
+                if next < total {
+                    if let Some(c) = cap.as_mut() {
+                        c.downgrade(&(in_time + next as u64));
+                    }
+                    activator.activate_after(Duration::from_micros(200));
+                } else {
+                    whole = None;
+                    cap = None;
+                }
+            }
+        },
+    )
+}
+
+/// One stage of a region: computes its part of each piece from the part of its input the
+/// piece carries, one piece per activation, once its side inputs are in and its operator is
+/// bound to them. Pieces are spread over the compute workers by index, the same way at every
+/// stage, so a piece stays on the worker that took it. The reservation the piece was cut with
+/// travels on.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stage<'s>(
+    scope: Scope<'s, u64>,
+    pieces: Recs<'s>,
+    side: Recs<'s>,
+    ix: usize,
+    op: Arc<dyn ChunkedOp>,
+    captured: bool,
+    ran_on_last: bool,
+    job: &Arc<JobCompute>,
+) -> Out<'s> {
+    let job = job.clone();
+    let peers = scope.peers();
+    let in_time = job.plan.nodes[ix].in_time;
+    let last = job.plan.nodes[ix].chunks.len().saturating_sub(1) as u32;
+    // Every stage routes a piece by its index, as the first one did: a piece stays on the
+    // worker that took it (an exchange to oneself moves nothing).
+    pieces.binary_frontier::<_, Cb, _, _, _, _>(
+        side,
+        Exchange::new(move |r: &Record| compute_worker(r.chunk as u64, peers)),
+        Pipeline,
+        "stage",
+        move |_cap, info| {
+            let activator = scope.activator_for(info.address.clone());
+            let mut queue: VecDeque<(Capability<u64>, Record)> = VecDeque::new();
+            let mut side_stash: Vec<Record> = Vec::new();
+            let mut bound: Option<Arc<dyn ChunkedOp>> = None;
+            move |(input, _), (side_in, side_frontier), output| {
+                input.for_each(|c, data| {
+                    for r in data.drain(..) {
+                        if let Some(cap) = c.retain_least(0) {
+                            queue.push_back((cap, r));
+                        }
+                    }
+                });
+                side_in.for_each(|_c, data| side_stash.append(data));
+                if queue.is_empty() {
+                    return;
+                }
+                if job.stopped() {
+                    queue.clear();
+                    bound = None;
+                    return;
+                }
+                if bound.is_none() {
+                    if side_frontier.frontier().less_equal(&in_time) {
+                        return;
+                    }
+                    let mut side = Inputs::new();
+                    for r in side_stash.drain(..) {
+                        if let Some(l) = job.wf.nodes[ix].links.get(r.port as usize) {
+                            side.insert(l.input, r.value);
+                        }
+                    }
+                    let mut notes = Notes::default();
+                    match notes.busy(|| job.bound_op(ix, &op, &side)) {
+                        Ok(b) => bound = Some(b),
+                        Err(e) => {
+                            job.halt();
+                            notes.push(ix, NoteKind::Failed(e));
+                            let (cap, _) = queue.pop_front().expect("not empty");
+                            queue.clear();
+                            output
+                                .session(&cap)
+                                .give_iterator(notes.drain(&job, ix).into_iter());
+                            return;
+                        }
+                    }
+                    let recs = notes.drain(&job, ix);
+                    let (cap, _) = queue.front().expect("not empty");
+                    output.session(cap).give_iterator(recs.into_iter());
+                }
+                if let Some((cap, r)) = queue.pop_front() {
+                    let op = bound.clone().expect("bound above");
+                    let mut notes = Notes::default();
+                    let np = &job.plan.nodes[ix];
+                    let info = np.chunked_input.unwrap_or(ValueInfo::Unknown);
+                    let c = r.chunk as usize;
+                    let done = match (np.chunks.get(c), np.pieces_in.get(c), op.local()) {
+                        (Some(out), Some(have), Some(local)) => notes.busy(|| {
+                            guarded(|| local.process_within(&info, &out.region, have, &r.value))
+                        }),
+                        _ => Err(NodeError::Other(format!(
+                            "piece {c} is not in the plan of this stage"
+                        ))),
+                    };
+                    let Record { chunk, reserve, .. } = r;
+                    let mut recs = Vec::new();
+                    match done {
+                        Ok(value) => {
+                            if captured {
+                                if let Ok(host) = value.to_host() {
+                                    notes.push(ix, NoteKind::Piece { chunk, value: host });
+                                }
+                            }
+                            if ran_on_last && chunk == last {
+                                notes.push(ix, NoteKind::Ran { ui: None });
+                            }
+                            recs.push(Rec::Data(Record {
+                                port: 0,
+                                chunk,
+                                value,
+                                reserve,
+                            }));
+                        }
+                        Err(e) => {
+                            job.halt();
+                            notes.push(ix, NoteKind::Failed(e));
+                        }
+                    }
+                    recs.extend(notes.drain(&job, ix));
+                    output.session(&cap).give_iterator(recs.into_iter());
+                }
+                if !queue.is_empty() {
+                    activator.activate();
+                }
+            }
+        },
+    )
+}
