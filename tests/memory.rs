@@ -143,15 +143,14 @@ fn a_plan_that_cannot_fit_is_refused_with_numbers_and_a_suggestion() {
     assert!(admit(&ok, Bytes(64 << 20), Bytes(0), &profiles).is_ok());
 }
 
-/// Load, blur, save and preview: one tiled node between atomic ones. Two output nodes read
-/// the blur, so its output is assembled whole (neither takes its tiles as a sink).
+/// Load, blur, save: one region (the PNG read band by band, the blur tiled, the PNG written
+/// band by band).
 fn blur_workflow(prefix: &str) -> String {
     format!(
         r#"{{
   "1": {{"class_type": "LoadImage", "inputs": {{"image": "card.png"}}}},
   "2": {{"class_type": "ImageBlur", "inputs": {{"image": ["1", 0], "blur_radius": 4, "sigma": 2.0}}}},
-  "7": {{"class_type": "SaveImage", "inputs": {{"images": ["2", 0], "filename_prefix": "{prefix}"}}}},
-  "8": {{"class_type": "PreviewImage", "inputs": {{"images": ["2", 0]}}}}
+  "7": {{"class_type": "SaveImage", "inputs": {{"images": ["2", 0], "filename_prefix": "{prefix}"}}}}
 }}"#
     )
 }
@@ -179,27 +178,30 @@ fn a_chunk_that_runs_out_of_memory_is_retried_at_half_the_tile_with_the_same_pix
     let probe = nova_dataflow::plan(&wf, &job.env, &plan_opts).unwrap();
     let blur = probe.nodes.iter().find(|n| n.node == "2").unwrap();
     assert_eq!(blur.tile, Some(128));
-    // The forecast: its input, the output it assembles, each chunk in flight with its piece,
-    // result and workspace, and the results kept until announced (it feeds an output node).
+    // The load, the blur and the save form one region: the input is read band by band, the
+    // output written band by band. The forecast: the rows each end holds, each piece in flight
+    // with the most a stage holds for it (set aside when it is cut), and the blurred tiles
+    // kept until announced (the save shows them).
+    let unit = &probe.units[blur.unit];
+    assert_eq!(unit.kind, nova_dataflow::UnitKind::Pipeline);
+    let ends: u64 = [unit.source, unit.sink]
+        .iter()
+        .flatten()
+        .map(|&n| probe.nodes[n].forecast.working_bytes)
+        .sum();
+    assert_eq!((unit.source.is_some(), unit.sink.is_some()), (true, true));
     let cm = blur.chunk_memory.unwrap();
     let inflight = blur.inflight as u64;
     assert_eq!(blur.inflight, probe.inflight_chunks(blur.chunks.len()));
-    let base = blur.forecast.live_bytes + blur.outputs[0].bytes().unwrap();
+    assert_eq!(unit.reserve_bytes, cm.piece + cm.result + cm.workspace);
     assert_eq!(
-        base + inflight * (cm.piece + 2 * cm.result + cm.workspace),
-        blur.forecast.peak_bytes
+        ends + inflight * (unit.reserve_bytes + cm.result),
+        unit.working_bytes
     );
-    // Room for one piece and its result, and half its workspace: not even one full chunk can
-    // be set aside, but a subdivided one can run.
-    let limit = base + cm.piece + cm.result + cm.workspace / 2;
-    // Every other node fits on its own (the two output nodes, which ran at once without a
-    // limit, run one after the other under it).
-    for n in probe.nodes.iter().filter(|n| n.node != "2") {
-        assert!(
-            n.forecast.live_bytes + n.forecast.working_bytes < limit,
-            "only the blur runs short"
-        );
-    }
+    // Room for both ends, one piece and its result, and half its workspace: not even one
+    // piece's memory can be set aside, but a subdivided one can run.
+    let limit = ends + cm.piece + cm.result + cm.workspace / 2;
+    assert!(unit.working_bytes > limit);
     let out = nova_tests::run_with_limit(&json, &job.env, &plan_opts, limit);
     let report = out.result.expect("the job survives by retrying smaller");
     assert!(report.retries > 0, "some chunk must have been retried");

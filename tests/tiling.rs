@@ -203,7 +203,9 @@ fn tiled_dataflow_run_saves_the_same_pixels_as_the_untiled_run() {
             .plan
             .nodes
             .iter()
-            .filter(|n| n.mode == ExecMode::Tiled && n.class_type != "SaveImage")
+            .filter(
+                |n| n.mode == ExecMode::Tiled && !matches!(n.class_type, "SaveImage" | "LoadImage")
+            )
             .count(),
         5,
         "every local operator ran tiled"
@@ -219,6 +221,11 @@ fn tiled_dataflow_run_saves_the_same_pixels_as_the_untiled_run() {
     assert_eq!(
         region.sink.map(|s| tiled.plan.nodes[s].node.as_str()),
         Some("7")
+    );
+    // …and the input PNG is read band by band as the region cuts its pieces.
+    assert_eq!(
+        region.source.map(|s| tiled.plan.nodes[s].class_type),
+        Some("LoadImage")
     );
     assert!(whole.plan.nodes.iter().all(|n| n.mode == ExecMode::Atomic));
     let tiled_file = reported_files(tiled.result.as_ref().unwrap(), "7").remove(0);

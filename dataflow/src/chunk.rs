@@ -222,6 +222,25 @@ pub trait LocalOp: Send + Sync {
     ) -> ChunkMemory;
 }
 
+/// A node whose output can be read piece by piece, in the order a pipeline region cuts its
+/// pieces, without the whole value ever existing: a PNG decoded band of rows by band of rows,
+/// an image generated on demand. See [`crate::node::Node::source`].
+pub trait SourceOp: Send + Sync {
+    /// Memory the source holds while the parts `regions` of its output (of shape `output`)
+    /// are read, in this order.
+    fn memory(&self, output: &ValueInfo, regions: &[ChunkRegion]) -> u64;
+
+    /// Opens the source for reading.
+    fn open(&self, ctx: &crate::node::ExecContext) -> Result<Box<dyn RegionReader>, NodeError>;
+}
+
+/// Reads parts of a source's output.
+pub trait RegionReader: Send {
+    /// The part `region` of the output. Parts come in the order the region's pieces were cut
+    /// (for images, tile rows top to bottom: a part never starts or ends above the one before).
+    fn read(&mut self, region: &ChunkRegion) -> Result<Value, NodeError>;
+}
+
 /// An output node that consumes its input piece by piece as the pieces become final (a PNG
 /// written row band by row band, frames handed to an encoder), so its input never has to
 /// exist whole. See [`crate::node::Node::sink`].

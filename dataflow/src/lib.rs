@@ -42,7 +42,8 @@ pub mod value;
 pub mod workflow;
 
 pub use chunk::{
-    ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, LocalOp, Merger, Rect, SinkOp,
+    ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec, ChunkedOp, LocalOp, Merger, Rect, RegionReader,
+    SinkOp, SourceOp,
 };
 pub use compute::{Runtime, RuntimeGone};
 pub use error::{ValidationErrors, WorkflowError};

@@ -469,6 +469,14 @@ pub trait Node: Send + Sync + 'static {
         None
     }
 
+    /// For nodes whose first output can be read piece by piece (see
+    /// [`crate::chunk::SourceOp`]): the source. The planner uses it when that output's only
+    /// reader is the first stage of a pipeline region, so the output never exists whole (a
+    /// large input image is decoded band by band as its tiles are cut).
+    fn source(&self, _args: &Args, _env: &JobEnv) -> Option<Arc<dyn crate::chunk::SourceOp>> {
+        None
+    }
+
     /// For iterative nodes: how many steps these args ask for (0: the node runs whole
     /// through [`Node::execute`]). Each step becomes its own dataflow time, so its completion
     /// is observable as progress.

@@ -56,7 +56,7 @@
 //! sees the frontier pass a chunk's time knows that chunk, and every earlier one, is final.
 //! Every unit of wave `w + 1` waits (a gate that carries no data) for every unit of wave `w`.
 
-use crate::chunk::{ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec};
+use crate::chunk::{ChunkMemory, ChunkRegion, ChunkSize, ChunkSpec, SourceOp};
 use crate::memory::Bytes;
 use crate::node::{guarded, Chunking, Inputs, JobEnv, NodeError, Sinking};
 use crate::residency::WeightMode;
@@ -64,6 +64,7 @@ use crate::schema::{ExecMode, MemoryEstimate, MemoryQuery};
 use crate::value::ValueInfo;
 use crate::workflow::ValidatedWorkflow;
 use serde::Serialize;
+use std::sync::Arc;
 
 /// The smallest tile side the planner cuts: below it, per-record overhead and halos dominate
 /// the work, and the chunk count of a large image would explode.
@@ -278,6 +279,8 @@ pub struct UnitPlan {
     pub nodes: Vec<usize>,
     /// The output node that takes the last stage's pieces, if any.
     pub sink: Option<usize>,
+    /// The node the region reads its input from piece by piece, if any.
+    pub source: Option<usize>,
     /// The wave the unit runs in.
     pub wave: usize,
     /// Pieces of a chunked or pipeline unit; steps of an iterative node; else 1.
@@ -301,9 +304,12 @@ impl UnitPlan {
             .expect("a unit has nodes")
     }
 
-    /// Every node of the unit, the sink last.
+    /// Every node of the unit: its source, its stages, its sink.
     pub fn members(&self) -> impl Iterator<Item = usize> + '_ {
-        self.nodes.iter().copied().chain(self.sink)
+        self.source
+            .into_iter()
+            .chain(self.nodes.iter().copied())
+            .chain(self.sink)
     }
 }
 
@@ -394,13 +400,26 @@ struct Draft {
     kind: UnitKind,
     nodes: Vec<usize>,
     sink: Option<(usize, Sinking)>,
+    source: Option<(usize, Arc<dyn SourceOp>)>,
 }
 
 impl Draft {
+    fn new(kind: UnitKind, ix: usize) -> Draft {
+        Draft {
+            kind,
+            nodes: vec![ix],
+            sink: None,
+            source: None,
+        }
+    }
+
+    /// The source, the stages, the sink.
     fn members(&self) -> impl Iterator<Item = usize> + '_ {
-        self.nodes
-            .iter()
-            .copied()
+        self.source
+            .as_ref()
+            .map(|s| s.0)
+            .into_iter()
+            .chain(self.nodes.iter().copied())
             .chain(self.sink.as_ref().map(|s| s.0))
     }
 }
@@ -649,6 +668,7 @@ pub fn plan(
     let internal = |ix: usize| {
         let d = &drafts[unit_of[ix]];
         d.sink.as_ref().is_some_and(|(s, _)| *s == ix)
+            || d.source.as_ref().is_some_and(|(s, _)| *s == ix)
             || (d.nodes.contains(&ix) && (d.nodes.last() != Some(&ix) || d.sink.is_some()))
     };
     let mut values: Vec<(usize, usize, u64)> = Vec::new();
@@ -771,6 +791,7 @@ pub fn plan(
                 kind: d.kind,
                 nodes: d.nodes.clone(),
                 sink: d.sink.as_ref().map(|s| s.0),
+                source: d.source.as_ref().map(|s| s.0),
                 wave: wi,
                 pieces: s.pieces.max(1),
                 reserve_bytes: s.reserve,
@@ -871,7 +892,7 @@ fn form_units(
             _ => 0,
         }
     };
-    let mut drafts: Vec<Draft> = Vec::new();
+    let mut drafts: Vec<Option<Draft>> = Vec::new();
     let mut unit_of: Vec<Option<usize>> = vec![None; count];
     for (ix, n) in wf.nodes.iter().enumerate() {
         // The sole reader of a tiled region's last stage, taking its pieces.
@@ -884,15 +905,18 @@ fn form_units(
             let only_link = n.links.len() == 1;
             if let (Some(l), true) = (feeds, only_link) {
                 if let Some(u) = unit_of[l.from] {
-                    let d = &drafts[u];
-                    let open = d.kind != UnitKind::Whole
-                        && d.sink.is_none()
-                        && d.nodes.last() == Some(&l.from)
-                        && out_links[l.from] == 1
-                        && l.output == 0
-                        && matches!(cuts[l.from], Cut::Tiles { local: true, .. });
+                    let open = drafts[u].as_ref().is_some_and(|d| {
+                        d.kind != UnitKind::Whole
+                            && d.sink.is_none()
+                            && d.nodes.last() == Some(&l.from)
+                            && out_links[l.from] == 1
+                            && l.output == 0
+                            && matches!(cuts[l.from], Cut::Tiles { local: true, .. })
+                    });
                     if open {
-                        drafts[u].sink = Some((ix, s));
+                        if let Some(d) = drafts[u].as_mut() {
+                            d.sink = Some((ix, s));
+                        }
                         unit_of[ix] = Some(u);
                         continue;
                     }
@@ -910,7 +934,7 @@ fn form_units(
                 let from = n.links.iter().find(|l| l.input == chunking.input);
                 let extend = from.and_then(|l| {
                     let u = unit_of[l.from]?;
-                    let d = &drafts[u];
+                    let d = drafts[u].as_ref()?;
                     (d.kind != UnitKind::Whole
                         && d.sink.is_none()
                         && d.nodes.last() == Some(&l.from)
@@ -919,40 +943,53 @@ fn form_units(
                         && matches!(cuts[l.from], Cut::Tiles { local: true, .. }))
                     .then_some(u)
                 });
-                match extend {
-                    Some(u) => {
-                        drafts[u].nodes.push(ix);
-                        drafts[u].kind = UnitKind::Pipeline;
-                        unit_of[ix] = Some(u);
+                if let Some(u) = extend {
+                    if let Some(d) = drafts[u].as_mut() {
+                        d.nodes.push(ix);
+                        d.kind = UnitKind::Pipeline;
                     }
-                    None => {
-                        unit_of[ix] = Some(drafts.len());
-                        drafts.push(Draft {
-                            kind: UnitKind::Chunked,
-                            nodes: vec![ix],
-                            sink: None,
+                    unit_of[ix] = Some(u);
+                    continue;
+                }
+                let mut d = Draft::new(UnitKind::Chunked, ix);
+                // A producer that runs whole, feeds only this node, and can be read piece by
+                // piece becomes the region's source: its output never exists whole.
+                if let Some(l) = from.filter(|l| l.output == 0 && out_links[l.from] == 1) {
+                    let p = &wf.nodes[l.from];
+                    let alone = unit_of[l.from]
+                        .and_then(|u| drafts[u].as_ref())
+                        .is_some_and(|pd| {
+                            pd.kind == UnitKind::Whole
+                                && pd.nodes == [l.from]
+                                && matches!(cuts[l.from], Cut::None)
                         });
+                    let source = (alone && p.lifted.is_empty())
+                        .then(|| guarded(|| Ok(p.node.source(&p.args, env))).ok())
+                        .flatten()
+                        .flatten();
+                    if let Some(op) = source {
+                        if let Some(u) = unit_of[l.from] {
+                            drafts[u] = None;
+                        }
+                        d.source = Some((l.from, op));
+                        d.kind = UnitKind::Pipeline;
+                        unit_of[l.from] = Some(drafts.len());
                     }
                 }
+                unit_of[ix] = Some(drafts.len());
+                drafts.push(Some(d));
             }
             Cut::None => {
                 unit_of[ix] = Some(drafts.len());
-                drafts.push(Draft {
-                    kind: UnitKind::Whole,
-                    nodes: vec![ix],
-                    sink: None,
-                });
+                drafts.push(Some(Draft::new(UnitKind::Whole, ix)));
             }
             _ => {
                 unit_of[ix] = Some(drafts.len());
-                drafts.push(Draft {
-                    kind: UnitKind::Chunked,
-                    nodes: vec![ix],
-                    sink: None,
-                });
+                drafts.push(Some(Draft::new(UnitKind::Chunked, ix)));
             }
         }
     }
+    let drafts: Vec<Draft> = drafts.into_iter().flatten().collect();
     // Units that gain nothing from tiles run whole: no tile size at all, a single tile at the
     // largest size when that fits, or a node that prefers running whole and fits whole.
     let mut out: Vec<Draft> = Vec::with_capacity(drafts.len());
@@ -973,11 +1010,7 @@ fn form_units(
         };
         if dissolve {
             for m in d.members() {
-                out.push(Draft {
-                    kind: UnitKind::Whole,
-                    nodes: vec![m],
-                    sink: None,
-                });
+                out.push(Draft::new(UnitKind::Whole, m));
             }
         } else {
             out.push(d);
@@ -1307,6 +1340,9 @@ fn size_chunked(
 
 /// A pipeline region: the tile grid over the last stage's output, each piece walked back
 /// through the stages; per piece in flight the most any stage holds for it.
+///
+/// Candidates are judged from a pass that keeps only sums and maxima (a large image at a small
+/// tile has millions of pieces); the pieces of the chosen one are then walked again and kept.
 fn size_pipeline(
     wf: &ValidatedWorkflow,
     d: &Draft,
@@ -1315,11 +1351,6 @@ fn size_pipeline(
     fits: &dyn Fn(u64) -> bool,
     opts: &PlanOptions,
 ) -> Result<Sized, (usize, NodeError)> {
-    struct Stage<'a> {
-        ix: usize,
-        op: &'a Chunking,
-        input: ValueInfo,
-    }
     let mut stages = Vec::with_capacity(d.nodes.len());
     for &ix in &d.nodes {
         let Cut::Tiles {
@@ -1352,83 +1383,61 @@ fn size_pipeline(
         .collect();
     let weight_bytes: u64 = weights.iter().map(|w| w.device_bytes(1)).sum();
     let serial_too = opts.inflight(usize::MAX) > 1;
-    // (per stage: chunks, pieces in, largest memory), working, reserve, sink bytes
-    type Layout = (
-        Vec<(Vec<ChunkSpec>, Vec<ChunkRegion>, ChunkMemory)>,
-        u64,
-        u64,
-        u64,
-        usize,
-        usize,
-    );
-    let mut cands: Candidates<Layout> = Candidates::new();
     let sizes = sizes_for(last.op, opts);
+    let source = d.source.as_ref();
+    let mut stats: std::collections::HashMap<usize, Option<RegionStats>> = Default::default();
+    // (side, inflight, working, sink bytes)
+    let mut cands: Candidates<(usize, usize, u64, u64)> = Candidates::new();
     'search: for serial in [false, true] {
         if serial && !serial_too {
             break;
         }
         for &side in &sizes {
-            let size = ChunkSize::Tile {
-                width: side,
-                height: side,
-            };
-            let outs = guarded(|| last.op.op.plan(&last.input, size)).map_err(|e| (last.ix, e))?;
-            if outs.len() <= 1 {
-                continue;
-            }
-            let n = outs.len();
-            // Walk every piece back from the last stage to the first.
-            let mut per: Vec<(Vec<ChunkSpec>, Vec<ChunkRegion>, ChunkMemory)> = stages
-                .iter()
-                .map(|_| {
-                    (
-                        Vec::with_capacity(n),
-                        Vec::with_capacity(n),
-                        ChunkMemory::default(),
-                    )
-                })
-                .collect();
-            let mut reserve = 0u64;
-            let mut work = 0u64;
-            for spec in &outs {
-                let mut need = spec.region;
-                let mut most = 0u64;
-                for (j, s) in stages.iter().enumerate().rev() {
-                    let local = s.op.op.local().expect("checked when the region formed");
-                    let have =
-                        guarded(|| local.input_region(&s.input, &need)).map_err(|e| (s.ix, e))?;
-                    let m = guarded(|| Ok(local.region_memory(&s.input, &need, &have)))
-                        .map_err(|e| (s.ix, e))?;
-                    most = most.max(m.piece + m.result + m.workspace);
-                    work += m.piece;
-                    let slot = &mut per[j];
-                    slot.0.push(ChunkSpec {
-                        region: need,
-                        ..*spec
-                    });
-                    slot.1.push(have);
-                    slot.2 = ChunkMemory {
-                        piece: slot.2.piece.max(m.piece),
-                        result: slot.2.result.max(m.result),
-                        workspace: slot.2.workspace.max(m.workspace),
+            let st = match stats.get(&side) {
+                Some(st) => st.clone(),
+                None => {
+                    let mut firsts = Vec::new();
+                    let st = walk(&stages, side, None, source.map(|_| &mut firsts))?;
+                    // What the source holds to be read in this order.
+                    let st = match (st, source) {
+                        (Some(mut st), Some((src, op))) => {
+                            let out = shaped[*src]
+                                .outputs
+                                .first()
+                                .copied()
+                                .unwrap_or(ValueInfo::Unknown);
+                            st.source =
+                                guarded(|| Ok(op.memory(&out, &firsts))).map_err(|e| (*src, e))?;
+                            Some(st)
+                        }
+                        (st, _) => st,
                     };
-                    need = have;
+                    stats.insert(side, st.clone());
+                    st
                 }
-                reserve = reserve.max(most);
-            }
-            let inflight = if serial { 1 } else { opts.inflight(n) };
-            let parallel = inflight.min(opts.workers.max(1)).min(n) as f64;
-            let k = inflight as u64;
-            let captured = if announced {
-                k * per.last().map_or(0, |p| p.2.result)
-            } else {
-                0
             };
+            let Some(st) = st else {
+                continue;
+            };
+            let inflight = if serial { 1 } else { opts.inflight(st.pieces) };
+            let parallel = inflight.min(opts.workers.max(1)).min(st.pieces) as f64;
+            let k = inflight as u64;
+            let captured = if announced { k * st.last_result } else { 0 };
             let sink_bytes = match &d.sink {
-                Some((_, s)) => guarded(|| {
-                    Ok(s.op.memory(&output, &per.last().expect("stages").0, inflight))
-                })
-                .map_err(|e| (last.ix, e))?,
+                Some((_, s)) => {
+                    let outs = guarded(|| {
+                        last.op.op.plan(
+                            &last.input,
+                            ChunkSize::Tile {
+                                width: side,
+                                height: side,
+                            },
+                        )
+                    })
+                    .map_err(|e| (last.ix, e))?;
+                    guarded(|| Ok(s.op.memory(&output, &outs, inflight)))
+                        .map_err(|e| (last.ix, e))?
+                }
                 None => 0,
             };
             let exit = if d.sink.is_some() {
@@ -1436,29 +1445,60 @@ fn size_pipeline(
             } else {
                 output_bytes + merger_bytes
             };
-            let working = weight_bytes + k * reserve + exit + captured;
+            let working = weight_bytes + k * st.reserve + exit + captured + st.source;
             cands.offer(
                 fits(working),
-                work as f64 / parallel,
+                st.work as f64 / parallel,
                 working,
-                (per, working, reserve, sink_bytes, inflight, side),
+                (side, inflight, working, sink_bytes),
             );
             if cands.done {
                 break 'search;
             }
         }
     }
-    let (per, working, reserve, sink_bytes, inflight, side) = cands.best().ok_or_else(|| {
+    let (side, inflight, working, sink_bytes) = cands.best().ok_or_else(|| {
         (
             last.ix,
             NodeError::Other(format!("{output:?} cannot be cut into more than one tile")),
         )
     })?;
+    let mut per: Vec<StageLayout> = stages.iter().map(|_| StageLayout::default()).collect();
+    let st = walk(&stages, side, Some(&mut per), None)?.expect("the chosen size cuts pieces");
+    let source_bytes = stats.get(&side).cloned().flatten().map_or(0, |s| s.source);
     let k = inflight as u64;
-    let pieces = per.last().map_or(1, |p| p.0.len() as u32);
-    let mut nodes = Vec::with_capacity(stages.len() + 1);
     let count = stages.len();
-    for (j, (s, (chunks, pieces_in, mem))) in stages.iter().zip(per).enumerate() {
+    let mut nodes = Vec::with_capacity(count + 2);
+    if let Some((src, _)) = source {
+        // The source's chunks: the parts of its output the first stage's pieces read.
+        let first = per.first().expect("a region has stages");
+        let chunks: Vec<ChunkSpec> = first
+            .chunks
+            .iter()
+            .zip(&first.pieces_in)
+            .map(|(c, have)| ChunkSpec {
+                region: *have,
+                ..*c
+            })
+            .collect();
+        nodes.push((
+            *src,
+            NodeChoice {
+                mode: ExecMode::Tiled,
+                tile: Some(side),
+                chunks,
+                pieces_in: Vec::new(),
+                chunked_input: None,
+                chunk_memory: None,
+                weights: WeightPlan::default(),
+                inflight,
+                working: source_bytes,
+                steps: 0,
+            },
+        ));
+    }
+    for (j, (s, layout)) in stages.iter().zip(per).enumerate() {
+        let mem = layout.most;
         let share = weights[j].device_bytes(1)
             + k * (mem.piece + mem.result + mem.workspace)
             + if j + 1 == count && d.sink.is_none() {
@@ -1471,8 +1511,8 @@ fn size_pipeline(
             NodeChoice {
                 mode: ExecMode::Tiled,
                 tile: Some(side),
-                chunks,
-                pieces_in,
+                chunks: layout.chunks,
+                pieces_in: layout.pieces_in,
                 chunked_input: Some(s.input),
                 chunk_memory: Some(mem),
                 weights: weights[j],
@@ -1502,10 +1542,116 @@ fn size_pipeline(
     }
     Ok(Sized {
         nodes,
-        pieces,
-        reserve,
+        pieces: st.pieces as u32,
+        reserve: st.reserve,
         working,
     })
+}
+
+/// A stage of a region being planned.
+struct Stage<'a> {
+    ix: usize,
+    op: &'a Chunking,
+    input: ValueInfo,
+}
+
+/// What one tile size gives a region, in sums and maxima.
+#[derive(Clone)]
+struct RegionStats {
+    pieces: usize,
+    /// The most any stage holds for one piece (its input piece, result and workspace).
+    reserve: u64,
+    /// The largest result of the last stage (what an output node is shown).
+    last_result: u64,
+    /// Input bytes over every stage and piece: the work, halos included.
+    work: u64,
+    /// What the region's source holds while it is read (0 without one).
+    source: u64,
+}
+
+/// One stage's part of every piece, kept for the chosen tile size.
+#[derive(Default)]
+struct StageLayout {
+    chunks: Vec<ChunkSpec>,
+    pieces_in: Vec<ChunkRegion>,
+    most: ChunkMemory,
+}
+
+/// Cuts the last stage's output at `side` and walks every piece back through the stages;
+/// `None` when the grid is a single tile. With `keep`, every stage's part of every piece is
+/// kept there.
+fn walk(
+    stages: &[Stage<'_>],
+    side: usize,
+    mut keep: Option<&mut Vec<StageLayout>>,
+    mut firsts: Option<&mut Vec<ChunkRegion>>,
+) -> Result<Option<RegionStats>, (usize, NodeError)> {
+    let last = stages.last().expect("a region has stages");
+    let size = ChunkSize::Tile {
+        width: side,
+        height: side,
+    };
+    let outs = guarded(|| last.op.op.plan(&last.input, size)).map_err(|e| (last.ix, e))?;
+    if outs.len() <= 1 {
+        return Ok(None);
+    }
+    let locals: Vec<&dyn crate::chunk::LocalOp> = stages
+        .iter()
+        .map(|s| {
+            s.op.op
+                .local()
+                .ok_or((s.ix, NodeError::Other("not a local operator".into())))
+        })
+        .collect::<Result<_, _>>()?;
+    if let Some(k) = keep.as_deref_mut() {
+        for l in k.iter_mut() {
+            l.chunks.reserve(outs.len());
+            l.pieces_in.reserve(outs.len());
+        }
+    }
+    let mut st = RegionStats {
+        pieces: outs.len(),
+        reserve: 0,
+        last_result: 0,
+        work: 0,
+        source: 0,
+    };
+    for spec in &outs {
+        let mut need = spec.region;
+        let mut most = 0u64;
+        for (j, s) in stages.iter().enumerate().rev() {
+            let local = locals[j];
+            let have = guarded(|| local.input_region(&s.input, &need)).map_err(|e| (s.ix, e))?;
+            let m = guarded(|| Ok(local.region_memory(&s.input, &need, &have)))
+                .map_err(|e| (s.ix, e))?;
+            most = most.max(m.piece + m.result + m.workspace);
+            st.work += m.piece;
+            if j + 1 == stages.len() {
+                st.last_result = st.last_result.max(m.result);
+            }
+            if j == 0 {
+                if let Some(f) = firsts.as_deref_mut() {
+                    f.push(have);
+                }
+            }
+            if let Some(k) = keep.as_deref_mut() {
+                let slot = &mut k[j];
+                slot.chunks.push(ChunkSpec {
+                    region: need,
+                    ..*spec
+                });
+                slot.pieces_in.push(have);
+                slot.most = ChunkMemory {
+                    piece: slot.most.piece.max(m.piece),
+                    result: slot.most.result.max(m.result),
+                    workspace: slot.most.workspace.max(m.workspace),
+                };
+            }
+            need = have;
+        }
+        st.reserve = st.reserve.max(most);
+    }
+    Ok(Some(st))
 }
 
 /// The naive executor's one window (video) or chunk (audio): the whole stream.

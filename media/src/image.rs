@@ -154,6 +154,139 @@ pub fn encode_png(
     }
 }
 
+/// Whether `path` is a PNG that can be decoded row by row into exactly what [`decode_image`]
+/// gives: not interlaced (rows come in order) and without an `eXIf` chunk (no orientation to
+/// apply). Returns its width and height when it can.
+pub fn png_streamable(path: &Path) -> Result<Option<(usize, usize)>, MediaError> {
+    let mut head = [0u8; 8];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+        if f.read_exact(&mut head).is_err() || head != *b"\x89PNG\r\n\x1a\n" {
+            return Ok(None);
+        }
+    }
+    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let mut dec = png::Decoder::new(std::io::BufReader::new(file));
+    dec.set_transformations(png::Transformations::EXPAND);
+    let reader = dec.read_info().map_err(|e| decode_err(path, e))?;
+    let info = reader.info();
+    if info.interlaced || info.exif_metadata.is_some() || info.width == 0 || info.height == 0 {
+        return Ok(None);
+    }
+    // 8-bit colour only: the whole decode converts grey and 16-bit samples by other paths,
+    // which this reader does not reproduce bit for bit.
+    let (color, depth) = reader.output_color_type();
+    if depth != png::BitDepth::Eight || !matches!(color, png::ColorType::Rgb | png::ColorType::Rgba)
+    {
+        return Ok(None);
+    }
+    Ok(Some((info.width as usize, info.height as usize)))
+}
+
+/// Reads a PNG (one [`png_streamable`] accepts) row by row as f32 RGB samples in `[0, 1]`,
+/// converted as [`decode_image`] converts them (palette and low bit depths expanded, grey
+/// replicated to RGB, `v / 255` or `v / 65535`), so a band of rows equals those rows of the
+/// whole decode bit for bit. Alpha is not read.
+pub struct PngRowReader {
+    reader: png::Reader<std::io::BufReader<std::fs::File>>,
+    width: usize,
+    height: usize,
+    next: usize,
+    color: png::ColorType,
+    sixteen: bool,
+    name: String,
+}
+
+impl PngRowReader {
+    /// Opens `path` at its first row.
+    pub fn open(path: &Path) -> Result<PngRowReader, MediaError> {
+        let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+        let mut dec = png::Decoder::new(std::io::BufReader::new(file));
+        dec.set_transformations(png::Transformations::EXPAND);
+        let reader = dec.read_info().map_err(|e| decode_err(path, e))?;
+        if reader.info().interlaced {
+            return Err(decode_err(
+                path,
+                "an interlaced PNG cannot be read row by row",
+            ));
+        }
+        let (color, depth) = reader.output_color_type();
+        Ok(PngRowReader {
+            width: reader.info().width as usize,
+            height: reader.info().height as usize,
+            next: 0,
+            color,
+            sixteen: depth == png::BitDepth::Sixteen,
+            name: path.display().to_string(),
+            reader,
+        })
+    }
+
+    /// Width and height in pixels.
+    pub fn size(&self) -> (usize, usize) {
+        (self.width, self.height)
+    }
+
+    /// Rows already read.
+    pub fn rows_read(&self) -> usize {
+        self.next
+    }
+
+    /// Decodes the next row into `out` (`width * 3` samples).
+    pub fn read_row(&mut self, out: &mut [f32]) -> Result<(), MediaError> {
+        let bad = |reason: String| MediaError::Decode {
+            path: self.name.clone(),
+            reason,
+        };
+        if out.len() != self.width * 3 {
+            return Err(bad(format!(
+                "a row of {} samples was asked for, the image has {}",
+                out.len(),
+                self.width * 3
+            )));
+        }
+        let row = self
+            .reader
+            .next_row()
+            .map_err(|e| bad(e.to_string()))?
+            .ok_or_else(|| bad(format!("the image ended at row {}", self.next)))?;
+        let data = row.data();
+        let per = match self.color {
+            png::ColorType::Grayscale => 1,
+            png::ColorType::GrayscaleAlpha => 2,
+            png::ColorType::Rgb => 3,
+            png::ColorType::Rgba => 4,
+            png::ColorType::Indexed => return Err(bad("a palette was not expanded".into())),
+        };
+        let sample = |i: usize| -> f32 {
+            if self.sixteen {
+                let v = u16::from_be_bytes([data[2 * i], data[2 * i + 1]]);
+                (v as f32 / u16::MAX as f32).clamp(0.0, 1.0)
+            } else {
+                (data[i] as f32 / u8::MAX as f32).clamp(0.0, 1.0)
+            }
+        };
+        let need = self.width * per * if self.sixteen { 2 } else { 1 };
+        if data.len() < need {
+            return Err(bad(format!("row {} is short", self.next)));
+        }
+        for x in 0..self.width {
+            let px = &mut out[x * 3..x * 3 + 3];
+            if per >= 3 {
+                for (c, v) in px.iter_mut().enumerate() {
+                    *v = sample(x * per + c);
+                }
+            } else {
+                let l = sample(x * per);
+                px.fill(l);
+            }
+        }
+        self.next += 1;
+        Ok(())
+    }
+}
+
 /// A PNG written band by band as its rows become final: header and text chunks first, then
 /// rows in order, compressed as they come, so the whole image never has to be held. Writes into
 /// a file the caller opened (a reserved temporary name it renames once [`Self::finish`] succeeds).
@@ -301,6 +434,44 @@ mod tests {
             .unwrap()
             .windows(6)
             .any(|w| w == b"prompt"));
+    }
+
+    #[test]
+    fn rows_read_one_by_one_equal_the_whole_decode() {
+        let dir = tempfile_dir();
+        for (channels, name) in [(3usize, "rgb.png"), (4, "rgba.png")] {
+            let (w, h) = (23, 17);
+            let samples: Vec<u8> = (0..w * h * channels)
+                .map(|i| (i * 37 % 256) as u8)
+                .collect();
+            let path = dir.join(name);
+            encode_png(&path, w, h, channels, &samples, &[]).unwrap();
+            assert_eq!(png_streamable(&path).unwrap(), Some((w, h)));
+            let whole = decode_image(&path).unwrap();
+            let mut r = PngRowReader::open(&path).unwrap();
+            let mut rows = vec![0f32; w * h * 3];
+            for y in 0..h {
+                r.read_row(&mut rows[y * w * 3..(y + 1) * w * 3]).unwrap();
+            }
+            let differ = whole
+                .rgb
+                .iter()
+                .zip(&rows)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!((differ, whole.rgb.len()), (0, rows.len()), "{name}");
+            assert!(r.read_row(&mut vec![0f32; w * 3]).is_err(), "past the end");
+        }
+        let grey = dir.join("grey.png");
+        encode_png(&grey, 4, 4, 1, &[7u8; 16], &[]).unwrap();
+        assert_eq!(
+            png_streamable(&grey).unwrap(),
+            None,
+            "grey is decoded whole"
+        );
+        let jpeg = dir.join("not.png");
+        std::fs::write(&jpeg, [0xFFu8, 0xD8, 0xFF, 0xE0, 0, 0, 0, 0, 0]).unwrap();
+        assert_eq!(png_streamable(&jpeg).unwrap(), None);
     }
 
     #[test]

@@ -38,7 +38,9 @@ pub mod image;
 pub mod video;
 
 pub use crate::error::{Location, MediaError, StreamKind};
-pub use crate::image::{decode_image, encode_png, probe_image, DecodedImage, PngRows};
+pub use crate::image::{
+    decode_image, encode_png, png_streamable, probe_image, DecodedImage, PngRowReader, PngRows,
+};
 
 /// What an audio or video file is, from its container's header (FFmpeg's probe): no packet
 /// is decoded.

@@ -2,7 +2,7 @@
 //! operators in the same order, so their identities agree.
 
 use super::chunked::{merge, process, side_inputs, sink, split, ExitLease};
-use super::pipeline::{cut, stage};
+use super::pipeline::{cut, stage, Entry};
 use super::record::{Note, NoteKind, Rec, Record};
 use super::runtime::compute_worker;
 use super::whole::{whole, Cb, Out, Recs};
@@ -163,37 +163,40 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
                     let ran_on_last = last_stage && unit.sink.is_some();
                     let out = if j == 0 {
                         let all = joined(tagged.iter().map(|x| x.1.clone()).collect(), &gates);
-                        let cutter = if unit.kind == UnitKind::Pipeline {
-                            cut(
-                                scope,
-                                all.clone(),
-                                ix,
-                                owner,
-                                ops[j].op.clone(),
-                                which,
-                                exit_bytes,
-                                exit_lease.clone(),
-                                done.clone(),
-                                job,
-                            )
-                        } else {
-                            split(
-                                scope,
-                                all.clone(),
-                                ix,
-                                owner,
-                                ops[j].op.clone(),
-                                which,
-                                exit_bytes,
-                                exit_lease.clone(),
-                                done.clone(),
-                                job,
-                            )
-                        };
-                        let (cut_data, cut_notes) = parts(cutter);
-                        notes[ix].push(cut_notes);
-                        let side = side_inputs(all, ix, which, job);
+                        let side = side_inputs(all.clone(), ix, which, job);
                         if unit.kind == UnitKind::Pipeline {
+                            let (entry, cutter_ix) = match unit.source {
+                                Some(src) => {
+                                    let n = &wf.nodes[src];
+                                    let Some(op) = n.node.source(&n.args, &job.env) else {
+                                        unreachable!(
+                                            "node {} was planned as a source but has none",
+                                            n.id
+                                        )
+                                    };
+                                    (Entry::Source { node: src, op }, src)
+                                }
+                                None => (
+                                    Entry::Crop {
+                                        op: ops[j].op.clone(),
+                                        which,
+                                    },
+                                    ix,
+                                ),
+                            };
+                            let cutter = cut(
+                                scope,
+                                all,
+                                ix,
+                                owner,
+                                entry,
+                                exit_bytes,
+                                exit_lease.clone(),
+                                done.clone(),
+                                job,
+                            );
+                            let (cut_data, cut_notes) = parts(cutter);
+                            notes[cutter_ix].push(cut_notes);
                             stage(
                                 scope,
                                 cut_data,
@@ -205,6 +208,20 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
                                 job,
                             )
                         } else {
+                            let cutter = split(
+                                scope,
+                                all,
+                                ix,
+                                owner,
+                                ops[j].op.clone(),
+                                which,
+                                exit_bytes,
+                                exit_lease.clone(),
+                                done.clone(),
+                                job,
+                            );
+                            let (cut_data, cut_notes) = parts(cutter);
+                            notes[ix].push(cut_notes);
                             process(
                                 scope,
                                 cut_data,

@@ -5,7 +5,8 @@ use super::record::{NoteKind, Rec, Record};
 use super::runtime::compute_worker;
 use super::whole::{named_inputs, Cb, Out, Recs};
 use super::{JobCompute, Notes};
-use crate::chunk::ChunkedOp;
+use crate::chunk::{ChunkedOp, RegionReader, SourceOp};
+use crate::memory::Lease;
 use crate::node::{guarded, Inputs, NodeError};
 use crate::value::{Value, ValueInfo};
 use std::collections::VecDeque;
@@ -15,18 +16,30 @@ use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::{ProbeHandle, Scope};
 
+/// Where a region's pieces come from: the whole input, cropped by the first stage's operator;
+/// or a source node read part by part (its output never exists whole).
+pub(crate) enum Entry {
+    Crop {
+        op: Arc<dyn ChunkedOp>,
+        which: &'static str,
+    },
+    Source {
+        node: usize,
+        op: Arc<dyn SourceOp>,
+    },
+}
+
 /// Cuts a region's input once: piece `i`, at `in_time + i`, is the part of the first stage's
 /// input it needs, with the memory the region holds per piece set aside for it (it travels
 /// with the piece to the exit). At most the plan's in-flight count of pieces are cut ahead of
-/// those the exit has finished.
+/// those the exit has finished. Its notes are the source's, or the first stage's.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn cut<'s>(
     scope: Scope<'s, u64>,
     input: Recs<'s>,
     ix: usize,
     owner_ix: u64,
-    op: Arc<dyn ChunkedOp>,
-    which: &'static str,
+    entry: Entry,
     exit_bytes: u64,
     exit_lease: ExitLease,
     done: ProbeHandle<u64>,
@@ -39,6 +52,11 @@ pub(crate) fn cut<'s>(
     let total = np.chunks.len();
     let ahead = np.inflight.clamp(1, total.max(1));
     let owner = scope.index() as u64 == owner_ix;
+    // Whose notes these are: the source's, or the first stage's.
+    let me = match &entry {
+        Entry::Source { node, .. } => *node,
+        Entry::Crop { .. } => ix,
+    };
     input.unary_frontier::<Cb, _, _, _>(
         Exchange::new(move |_r: &Record| owner_ix),
         "cut",
@@ -47,6 +65,9 @@ pub(crate) fn cut<'s>(
             let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&in_time));
             let mut stash: Vec<Record> = Vec::new();
             let mut whole: Option<Value> = None;
+            let mut reader: Option<Box<dyn RegionReader>> = None;
+            // What the source holds while it is read (its rows), counted until it is done.
+            let mut held: Option<Lease> = None;
             let mut next = 0usize;
             move |(input, frontier), output| {
                 input.for_each(|_c, data| stash.append(data));
@@ -56,6 +77,8 @@ pub(crate) fn cut<'s>(
                 if job.stopped() {
                     cap = None;
                     whole = None;
+                    reader = None;
+                    drop(held.take());
                     stash.clear();
                     return;
                 }
@@ -64,33 +87,55 @@ pub(crate) fn cut<'s>(
                 macro_rules! fail {
                     ($e:expr) => {{
                         job.halt();
-                        notes.push(ix, NoteKind::Failed($e));
+                        notes.push(me, NoteKind::Failed($e));
                         if let Some(c) = cap.take() {
                             output
                                 .session(&c)
-                                .give_iterator(notes.drain(&job, ix).into_iter());
+                                .give_iterator(notes.drain(&job, me).into_iter());
                         }
                         whole = None;
+                        reader = None;
+                        drop(held.take());
                         return;
                     }};
                 }
-                let Some(local) = op.local() else {
-                    fail!(NodeError::Other(
-                        "a pipeline stage that is not a local operator".into()
-                    ))
-                };
-                if whole.is_none() {
-                    let mut inputs = named_inputs(&job, ix, &mut stash);
-                    let Some(value) = inputs.take(which) else {
-                        fail!(NodeError::input(which, "no value arrived"))
-                    };
-                    if np.chunked_input != Some(value.info()) {
-                        let msg = format!(
-                            "arrived as {:?}, but the plan cut it as {:?}",
-                            value.info(),
-                            np.chunked_input
-                        );
-                        fail!(NodeError::input(which, msg))
+                let started = whole.is_some() || reader.is_some();
+                if !started {
+                    match &entry {
+                        Entry::Crop { op, which } => {
+                            if op.local().is_none() {
+                                fail!(NodeError::Other(
+                                    "a pipeline stage that is not a local operator".into()
+                                ))
+                            }
+                            let mut inputs = named_inputs(&job, ix, &mut stash);
+                            let Some(value) = inputs.take(which) else {
+                                fail!(NodeError::input(which, "no value arrived"))
+                            };
+                            if np.chunked_input != Some(value.info()) {
+                                let msg = format!(
+                                    "arrived as {:?}, but the plan cut it as {:?}",
+                                    value.info(),
+                                    np.chunked_input
+                                );
+                                fail!(NodeError::input(which, msg))
+                            }
+                            whole = Some(value);
+                        }
+                        Entry::Source { node, op } => {
+                            let bytes = job.plan.nodes[*node].forecast.working_bytes;
+                            let what =
+                                format!("the rows node {} holds", job.plan.nodes[*node].node);
+                            match job.acct.try_lease(bytes, &what) {
+                                Ok(l) => held = Some(l),
+                                Err(oom) => fail!(NodeError::OutOfMemory(oom.to_string())),
+                            }
+                            let ctx = job.context(*node);
+                            match notes.busy(|| guarded(|| op.open(&ctx))) {
+                                Ok(r) => reader = Some(r),
+                                Err(e) => fail!(e),
+                            }
+                        }
                     }
                     match job.acct.try_lease(
                         exit_bytes,
@@ -99,35 +144,47 @@ pub(crate) fn cut<'s>(
                         Ok(l) => *exit_lease.borrow_mut() = Some(l),
                         Err(oom) => fail!(NodeError::OutOfMemory(oom.to_string())),
                     }
-                    whole = Some(value);
                 }
                 let finished = finished(&done, in_time, total);
-                let source = whole.as_ref().expect("set above");
                 let cut_before = next;
                 let mut failed = None;
                 while next < total && next < finished + ahead {
                     let what = format!("piece {next} of node {}'s region", np.node);
                     let reserve = match job.acct.try_lease(reserve_bytes, &what) {
-                        Ok(l) => Arc::new(l),
-                        // Pieces in flight return memory as they finish: wait for them.
+                        Ok(l) => Some(Arc::new(l)),
+                        // Pieces in flight return memory as they finish: wait for them. With
+                        // none in flight, cut it anyway: each stage then leases what it needs
+                        // itself, re-running the piece as smaller tiles if it must.
                         Err(_) if next > finished => break,
-                        Err(oom) => {
-                            failed = Some(NodeError::OutOfMemory(oom.to_string()));
-                            break;
-                        }
+                        Err(_) => None,
                     };
                     let region = np.pieces_in[next];
-                    match notes.busy(|| guarded(|| local.crop(source, &region))) {
+                    let piece = notes.busy(|| {
+                        guarded(|| match (&entry, whole.as_ref(), reader.as_mut()) {
+                            (Entry::Crop { op, .. }, Some(source), _) => op
+                                .local()
+                                .ok_or_else(|| NodeError::Other("not a local operator".into()))?
+                                .crop(source, &region),
+                            (Entry::Source { .. }, _, Some(r)) => r.read(&region),
+                            _ => Err(NodeError::Other("the region's input is gone".into())),
+                        })
+                    });
+                    match piece {
                         Ok(piece) => {
                             let at = cap
                                 .as_ref()
                                 .expect("checked above")
                                 .delayed(&(in_time + next as u64));
+                            // A piece cut without memory set aside is counted on its own.
+                            let value = match reserve {
+                                Some(_) => piece,
+                                None => piece.track(&job.acct),
+                            };
                             output.session(&at).give(Rec::Data(Record {
                                 port: 0,
                                 chunk: next as u32,
-                                value: piece,
-                                reserve: Some(reserve),
+                                value,
+                                reserve,
                             }));
                         }
                         Err(e) => {
@@ -141,19 +198,33 @@ pub(crate) fn cut<'s>(
                     fail!(e)
                 }
                 if next > cut_before {
-                    notes.push(ix, NoteKind::Cut { count: next as u32 });
+                    notes.push(me, NoteKind::Cut { count: next as u32 });
                 }
-                let recs = notes.drain(&job, ix);
+                let read_all = next == total;
+                if read_all && me != ix {
+                    // A source has made its output once every part of it was read.
+                    notes.push(me, NoteKind::Ran { ui: None });
+                }
+                let recs = notes.drain(&job, me);
                 if let Some(c) = cap.as_mut() {
-                    output.session(&*c).give_iterator(recs.into_iter());
+                    if read_all {
+                        // The last notes at the last piece's time, so they are in before the
+                        // frontier passes it.
+                        let at = c.delayed(&(in_time + total.saturating_sub(1) as u64));
+                        output.session(&at).give_iterator(recs.into_iter());
+                    } else {
+                        output.session(&*c).give_iterator(recs.into_iter());
+                    }
                 }
-                if next < total {
+                if !read_all {
                     if let Some(c) = cap.as_mut() {
                         c.downgrade(&(in_time + next as u64));
                     }
                     activator.activate_after(Duration::from_micros(200));
                 } else {
                     whole = None;
+                    reader = None;
+                    drop(held.take());
                     cap = None;
                 }
             }
@@ -244,10 +315,31 @@ pub(crate) fn stage<'s>(
                     let np = &job.plan.nodes[ix];
                     let info = np.chunked_input.unwrap_or(ValueInfo::Unknown);
                     let c = r.chunk as usize;
-                    let done = match (np.chunks.get(c), np.pieces_in.get(c), op.local()) {
-                        (Some(out), Some(have), Some(local)) => notes.busy(|| {
-                            guarded(|| local.process_within(&info, &out.region, have, &r.value))
+                    let done = match (np.chunks.get(c), np.pieces_in.get(c)) {
+                        (Some(out), Some(have)) if r.reserve.is_some() => notes.busy(|| {
+                            guarded(|| match op.local() {
+                                Some(local) => {
+                                    local.process_within(&info, &out.region, have, &r.value)
+                                }
+                                None => Err(NodeError::Other("not a local operator".into())),
+                            })
                         }),
+                        (Some(out), Some(have)) => notes
+                            .busy(|| within_retrying(&job, op.as_ref(), ix, out, have, &r.value))
+                            .map(|(v, retries)| {
+                                for (from, to, reason) in retries {
+                                    notes.push(
+                                        ix,
+                                        NoteKind::Retry {
+                                            chunk: r.chunk,
+                                            from,
+                                            to,
+                                            reason,
+                                        },
+                                    );
+                                }
+                                v.track(&job.acct)
+                            }),
                         _ => Err(NodeError::Other(format!(
                             "piece {c} is not in the plan of this stage"
                         ))),
@@ -285,4 +377,99 @@ pub(crate) fn stage<'s>(
             }
         },
     )
+}
+
+/// Computes a stage's part of a piece that was cut without memory set aside (nothing was in
+/// flight to wait for): leases its result and workspace, and while that is refused re-runs it
+/// as tiles of half the side (down to the plan's smallest), each computed from the same piece,
+/// so the values are the same. Returns the result and the retries made, `(from, to, reason)`.
+#[allow(clippy::type_complexity)]
+fn within_retrying(
+    job: &JobCompute,
+    op: &dyn ChunkedOp,
+    ix: usize,
+    spec: &crate::chunk::ChunkSpec,
+    have: &crate::chunk::ChunkRegion,
+    piece: &Value,
+) -> Result<(Value, Vec<(usize, usize, String)>), NodeError> {
+    use crate::chunk::{ChunkRegion, ChunkSize, ChunkSpec, Rect};
+    let np = &job.plan.nodes[ix];
+    let info = np.chunked_input.unwrap_or(ValueInfo::Unknown);
+    let local = op
+        .local()
+        .ok_or_else(|| NodeError::Other("not a local operator".into()))?;
+    let full = guarded(|| Ok(local.region_memory(&info, &spec.region, have)))?;
+    let what = format!("chunk {} of node {}", spec.index, np.node);
+    let mut side = np.tile.unwrap_or(0);
+    let mut subs = vec![*spec];
+    let mut retries = Vec::new();
+    loop {
+        // A subdivided part holds its whole result plus one sub-part's result and workspace.
+        let need = if subs.len() > 1 {
+            let worst = subs
+                .iter()
+                .map(|s| local.region_memory(&info, &s.region, have))
+                .map(|m| m.result + m.workspace)
+                .max()
+                .unwrap_or(0);
+            full.result + worst
+        } else {
+            full.result + full.workspace
+        };
+        match job.acct.try_lease(need, &what) {
+            Ok(lease) => {
+                let out = if subs.len() == 1 {
+                    guarded(|| local.process_within(&info, &spec.region, have, piece))
+                } else {
+                    guarded(|| {
+                        let rect = spec
+                            .rect()
+                            .ok_or_else(|| NodeError::Other("only tiles are subdivided".into()))?;
+                        let whole = match np.outputs.first() {
+                            Some(ValueInfo::Image(i)) => {
+                                ValueInfo::Image(crate::value::ImageInfo {
+                                    height: rect.h,
+                                    width: rect.w,
+                                    ..*i
+                                })
+                            }
+                            other => *other.unwrap_or(&ValueInfo::Unknown),
+                        };
+                        let mut merger = op.merger(&whole)?;
+                        for sub in &subs {
+                            let part = local.process_within(&info, &sub.region, have, piece)?;
+                            let r = sub.rect().ok_or_else(|| {
+                                NodeError::Other("only tiles are subdivided".into())
+                            })?;
+                            let at = ChunkSpec {
+                                region: ChunkRegion::Tile {
+                                    rect: Rect::new(r.x - rect.x, r.y - rect.y, r.w, r.h),
+                                },
+                                ..*sub
+                            };
+                            merger.add(&at, part)?;
+                        }
+                        merger.finish()
+                    })
+                };
+                drop(lease);
+                return out.map(|v| (v, retries));
+            }
+            Err(oom) => {
+                let smaller = side / 2;
+                if side == 0 || smaller < job.plan.min_tile {
+                    return Err(NodeError::OutOfMemory(oom.to_string()));
+                }
+                subs = op.subdivide(
+                    spec,
+                    ChunkSize::Tile {
+                        width: smaller,
+                        height: smaller,
+                    },
+                );
+                retries.push((side, smaller, oom.to_string()));
+                side = smaller;
+            }
+        }
+    }
 }

@@ -3,9 +3,10 @@
 use crate::spec::{int, out, MAX_RESOLUTION};
 use candle_core::Tensor;
 use nova_dataflow::{
-    Args, DataType, ExecContext, ImageInfo, Inputs, JobEnv, Node, NodeError, NodeOutput,
-    NodeSchema, Value, ValueInfo,
+    Args, ChunkRegion, DataType, ExecContext, ImageInfo, Inputs, JobEnv, Node, NodeError,
+    NodeOutput, NodeSchema, RegionReader, SourceOp, Value, ValueInfo,
 };
+use std::sync::Arc;
 
 /// The node.
 pub struct EmptyImage {
@@ -56,6 +57,13 @@ impl Node for EmptyImage {
         Ok(vec![ValueInfo::Image(Self::info(args)?)])
     }
 
+    fn source(&self, args: &Args, _env: &JobEnv) -> Option<Arc<dyn SourceOp>> {
+        Some(Arc::new(Fill {
+            rgb: rgb_of(args.int("color").ok()?),
+            batch: Self::info(args).ok()?.batch,
+        }))
+    }
+
     fn execute(
         &self,
         args: &Args,
@@ -63,12 +71,7 @@ impl Node for EmptyImage {
         ctx: &ExecContext,
     ) -> Result<NodeOutput, NodeError> {
         let i = Self::info(args)?;
-        let color = args.int("color")?;
-        let rgb = [
-            ((color >> 16) & 0xFF) as f32 / 255.0,
-            ((color >> 8) & 0xFF) as f32 / 255.0,
-            (color & 0xFF) as f32 / 255.0,
-        ];
+        let rgb = rgb_of(args.int("color")?);
         let pixel = Tensor::from_vec(rgb.to_vec(), (1, 1, 1, 3), &ctx.device)?;
         let image = pixel
             .broadcast_as((i.batch, i.height, i.width, 3))?
@@ -78,6 +81,50 @@ impl Node for EmptyImage {
             ui: None,
         })
     }
+}
+
+/// An `EmptyImage` read part by part: each part made when asked for.
+struct Fill {
+    rgb: [f32; 3],
+    batch: usize,
+}
+
+impl SourceOp for Fill {
+    fn memory(&self, _output: &ValueInfo, _regions: &[ChunkRegion]) -> u64 {
+        0
+    }
+
+    fn open(&self, _ctx: &ExecContext) -> Result<Box<dyn RegionReader>, NodeError> {
+        Ok(Box::new(Fill {
+            rgb: self.rgb,
+            batch: self.batch,
+        }))
+    }
+}
+
+impl RegionReader for Fill {
+    fn read(&mut self, region: &ChunkRegion) -> Result<Value, NodeError> {
+        let ChunkRegion::Tile { rect } = *region else {
+            return Err(NodeError::Other(format!(
+                "an image is read by tiles, not {region:?}"
+            )));
+        };
+        let pixel = Tensor::from_vec(self.rgb.to_vec(), (1, 1, 1, 3), &candle_core::Device::Cpu)?;
+        Ok(Value::image(
+            pixel
+                .broadcast_as((self.batch, rect.h, rect.w, 3))?
+                .contiguous()?,
+        ))
+    }
+}
+
+/// ComfyUI's colour integer as RGB in `[0, 1]`.
+fn rgb_of(color: i64) -> [f32; 3] {
+    [
+        ((color >> 16) & 0xFF) as f32 / 255.0,
+        ((color >> 8) & 0xFF) as f32 / 255.0,
+        (color & 0xFF) as f32 / 255.0,
+    ]
 }
 
 crate::spec::default_via_new!(EmptyImage);
