@@ -477,6 +477,44 @@ pub trait Node: Send + Sync + 'static {
         None
     }
 
+    /// For a node that splits a video into an `IMAGE` batch and other values
+    /// (`GetVideoComponents`): the output port of the batch, when the node can hand the video
+    /// itself through that port instead of decoding it ([`Node::infer_streamed`],
+    /// [`Node::execute_streamed`]). Validation has it do so when every reader of the batch runs
+    /// per frame ([`crate::lift`]) and the chain ends in a node that takes a video on its
+    /// `IMAGE` input ([`Node::takes_video`], `CreateVideo`): the frames are then decoded
+    /// window by window by whatever consumes the video, in bounded memory, instead of as one
+    /// batch of the whole clip.
+    fn batch_port(&self) -> Option<usize> {
+        None
+    }
+
+    /// Output shapes when the batch is handed on as the video (see [`Node::batch_port`]).
+    fn infer_streamed(
+        &self,
+        args: &Args,
+        inputs: &Inputs<ValueInfo>,
+        env: &JobEnv,
+    ) -> Result<Vec<ValueInfo>, NodeError> {
+        self.infer(args, inputs, env)
+    }
+
+    /// The outputs with the batch handed on as the video (see [`Node::batch_port`]).
+    fn execute_streamed(
+        &self,
+        args: &Args,
+        inputs: Inputs<Value>,
+        ctx: &ExecContext,
+    ) -> Result<NodeOutput, NodeError> {
+        self.execute(args, inputs, ctx)
+    }
+
+    /// Whether the node takes a video on its `IMAGE` input `input` (its frames, as
+    /// `CreateVideo` takes a batch of images).
+    fn takes_video(&self, _input: &str) -> bool {
+        false
+    }
+
     /// For iterative nodes: how many steps these args ask for (0: the node runs whole
     /// through [`Node::execute`]). Each step becomes its own dataflow time, so its completion
     /// is observable as progress.

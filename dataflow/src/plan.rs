@@ -497,7 +497,9 @@ pub fn plan(
             inputs.push(info);
         }
         // Every call into node code is guarded: a node bug fails the plan, not the process.
-        let outputs = if n.lifted.is_empty() {
+        let outputs = if n.streamed_batch {
+            guarded(|| n.node.infer_streamed(&n.args, &named, env)).map_err(&fail)?
+        } else if n.lifted.is_empty() {
             guarded(|| n.node.infer(&n.args, &named, env)).map_err(&fail)?
         } else {
             guarded(|| crate::lift::infer(n, &named, env)).map_err(&fail)?

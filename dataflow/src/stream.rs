@@ -262,6 +262,9 @@ pub struct VideoStream {
     source_meta: VideoMeta,
     ops: Vec<Arc<dyn FrameOp>>,
     audio: Option<AudioStream>,
+    /// A constant output rate set on the frames (ComfyUI's `CreateVideo`): output frame `i`
+    /// is shown at `i / rate`, whatever the source's times.
+    rate: Option<(u32, u32)>,
 }
 
 impl VideoStream {
@@ -278,7 +281,26 @@ impl VideoStream {
             source_meta: meta,
             ops: Vec::new(),
             audio,
+            rate: None,
         }
+    }
+
+    /// The same frames at a constant rate of `num / den` frames per second: output frame `i`
+    /// at `i * den / num` seconds.
+    pub fn with_rate(&self, num: u32, den: u32) -> VideoStream {
+        let mut s = self.clone();
+        s.rate = Some((num.max(1), den.max(1)));
+        s
+    }
+
+    /// The constant rate set on the frames, if any (frames per second).
+    pub fn set_rate(&self) -> Option<f64> {
+        self.rate.map(|(n, d)| n as f64 / d as f64)
+    }
+
+    /// The constant rate set on the frames, as a fraction.
+    pub fn rate(&self) -> Option<(u32, u32)> {
+        self.rate
     }
 
     /// The same stream with `op` applied after the existing operators.
@@ -353,6 +375,10 @@ impl VideoStream {
         }
         m.frames = self.out_frames(self.source_meta.frames);
         m.fps_num = m.fps_num.saturating_mul(mult as u32);
+        if let Some((num, den)) = self.rate {
+            m.fps_num = num;
+            m.fps_den = den;
+        }
         m
     }
 

@@ -44,6 +44,9 @@ pub struct WorkflowNode {
     /// `IMAGE` inputs linked to a video: the node runs on its frames ([`crate::lift`]) and
     /// its outputs are videos. Empty for a node that runs as declared.
     pub lifted: Vec<&'static str>,
+    /// The node hands its video on through its `IMAGE` batch output instead of decoding it
+    /// ([`Node::batch_port`]).
+    pub streamed_batch: bool,
 }
 
 impl std::fmt::Debug for WorkflowNode {
@@ -54,6 +57,7 @@ impl std::fmt::Debug for WorkflowNode {
             .field("args", &self.args)
             .field("links", &self.links)
             .field("lifted", &self.lifted)
+            .field("streamed_batch", &self.streamed_batch)
             .finish()
     }
 }
@@ -444,8 +448,63 @@ pub fn validate(
     // Pass 4b: effective types. A node whose IMAGE input carries a video runs per frame, and
     // its IMAGE outputs are videos; every other link must then agree exactly.
     let mut lifted: BTreeMap<&str, Vec<&'static str>> = BTreeMap::new();
+    let mut streamed_batch: BTreeSet<&str> = BTreeSet::new();
     if errors.is_empty() {
         let mut video_out: BTreeMap<&str, bool> = BTreeMap::new();
+        // Nodes that hand their video on through their IMAGE batch: every reader of the
+        // batch, and of what reads it, runs per frame, down to nodes that take a video.
+        let mut readers: BTreeMap<(&str, usize), Vec<(&str, &'static str)>> = BTreeMap::new();
+        for id in &order {
+            for (input, t, idx) in &checked[id].links {
+                readers
+                    .entry((t.as_str(), *idx))
+                    .or_default()
+                    .push((*id, *input));
+            }
+        }
+        for id in &order {
+            let Some(port) = nodes[id].node.batch_port() else {
+                continue;
+            };
+            let mut frontier = vec![(*id, port)];
+            let mut seen_end = false;
+            let mut ok = true;
+            while let Some(out) = frontier.pop() {
+                let list = readers.get(&out).map(Vec::as_slice).unwrap_or(&[]);
+                if list.is_empty() {
+                    ok = false;
+                }
+                for (r, input) in list {
+                    let node = &nodes[r].node;
+                    let args = Args::new(checked[r].args.clone());
+                    let images_in = checked[r]
+                        .links
+                        .iter()
+                        .filter(|l| {
+                            node.schema()
+                                .inputs
+                                .iter()
+                                .any(|s| s.name == l.0 && s.kind.data_type() == DataType::Image)
+                        })
+                        .count();
+                    if node.takes_video(input) {
+                        seen_end = true;
+                    } else if images_in == 1
+                        && crate::lift::liftable(node.as_ref(), &args).is_some()
+                    {
+                        for o in 0..node.schema().outputs.len() {
+                            frontier.push((r, o));
+                        }
+                    } else {
+                        ok = false;
+                    }
+                }
+            }
+            if ok && seen_end {
+                streamed_batch.insert(id);
+                video_out.insert(id, true);
+            }
+        }
         for id in &order {
             let raw = &nodes[id];
             let schema = raw.node.schema();
@@ -476,8 +535,11 @@ pub fn validate(
                 let Some(found) = effective(t, *idx) else {
                     continue;
                 };
-                let ok =
-                    found == expected || (expected == DataType::Combo && found == DataType::String);
+                let ok = found == expected
+                    || (expected == DataType::Combo && found == DataType::String)
+                    || (expected == DataType::Image
+                        && found == DataType::Video
+                        && raw.node.takes_video(input));
                 if ok {
                     continue;
                 }
@@ -500,7 +562,9 @@ pub fn validate(
                     found: found.to_string(),
                 });
             }
-            video_out.insert(id, !mine.is_empty());
+            if !streamed_batch.contains(id) {
+                video_out.insert(id, !mine.is_empty());
+            }
             if !mine.is_empty() {
                 lifted.insert(id, mine);
             }
@@ -550,6 +614,7 @@ pub fn validate(
                     })
                     .collect(),
                 lifted: lifted.remove(id).unwrap_or_default(),
+                streamed_batch: streamed_batch.contains(id),
             }
         })
         .collect();

@@ -481,25 +481,37 @@ impl ChunkedOp for VideoWindows {
         for op in stream.ops() {
             piece = piece.then(op.clone());
         }
+        if let Some((num, den)) = stream.rate() {
+            piece = piece.with_rate(num, den);
+        }
         Ok(Value::Video(piece))
     }
 
     fn process(
         &self,
         _input: &ValueInfo,
-        _chunk: &ChunkSpec,
+        chunk: &ChunkSpec,
         piece: &Value,
     ) -> Result<Value, NodeError> {
         let (stream, window) = memory_frames(piece)?;
+        // Frames at a rate set on the stream are shown at their index over that rate.
+        let retime = |pts: Vec<f64>| -> Vec<f64> {
+            match (stream.set_rate(), chunk.region) {
+                (Some(fps), ChunkRegion::Frames { out_start, .. }) => (0..pts.len())
+                    .map(|k| (out_start + k as u64) as f64 / fps)
+                    .collect(),
+                _ => pts,
+            }
+        };
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (window.key, stream.chain_signature()).hash(&mut h);
         let key = h.finish();
         let cache = self.cache.filter(|_| !stream.ops().is_empty());
         let (frames, pts, cached) = match cache.and_then(|c| c.get(key)) {
-            Some((frames, pts)) => (frames, pts, true),
+            Some((frames, pts)) => (frames, retime(pts), true),
             None => {
                 let frames = stream.apply_ops(window.frames.clone())?;
-                let pts = stream.out_pts(&window.pts);
+                let pts = retime(stream.out_pts(&window.pts));
                 if let Some(c) = cache {
                     c.put(key, &frames, &pts);
                 }

@@ -122,7 +122,9 @@ pub(crate) fn whole<'s>(
                         // Atomic: the kernel once, the outputs at the output time.
                         let result = notes.busy(|| {
                             guarded(|| {
-                                if n.lifted.is_empty() {
+                                if n.streamed_batch {
+                                    n.node.execute_streamed(&n.args, inputs, &ctx)
+                                } else if n.lifted.is_empty() {
                                     n.node.execute(&n.args, inputs, &ctx)
                                 } else {
                                     crate::lift::execute(n, inputs, &ctx)

@@ -1,7 +1,10 @@
 //! `GetVideoComponents` (ComfyUI's name; input `video`; outputs `images`, `audio`, `fps`):
 //! the video's frames as one `IMAGE` batch (decoded and processed window by window into it;
 //! the batch is whole, so the planner counts it and refuses what cannot fit), its audio track
-//! (silence of the video's length when it has none) and its frame rate.
+//! (silence of the video's length when it has none) and its frame rate. When every reader of
+//! the batch runs per frame down to a `CreateVideo` (ComfyUI's way to filter a video), the
+//! batch is handed on as the video itself, so the clip is decoded and filtered window by
+//! window by the node that consumes the video, in bounded memory.
 
 use super::{video_info, video_input};
 use crate::spec::{link, out};
@@ -69,6 +72,48 @@ impl Node for GetVideoComponents {
             ValueInfo::Scalar,
         ])
     }
+    fn batch_port(&self) -> Option<usize> {
+        Some(0)
+    }
+
+    fn infer_streamed(
+        &self,
+        args: &Args,
+        inputs: &Inputs<ValueInfo>,
+        env: &JobEnv,
+    ) -> Result<Vec<ValueInfo>, NodeError> {
+        let mut out = self.infer(args, inputs, env)?;
+        out[0] = ValueInfo::Video(video_info(inputs, "video")?);
+        Ok(out)
+    }
+
+    fn execute_streamed(
+        &self,
+        _: &Args,
+        inputs: Inputs<Value>,
+        _ctx: &ExecContext,
+    ) -> Result<NodeOutput, NodeError> {
+        // The video itself stands for its frames: whatever consumes it decodes them window
+        // by window.
+        let video = video_input(&inputs, "video")?;
+        let m = video.meta();
+        let audio = match video.audio() {
+            Some(a) => a.clone(),
+            None => {
+                let s = silence(m.frames as f64 / m.fps());
+                AudioStream::from_planar(s.sample_rate, vec![vec![0.0; s.frames as usize]; 2])
+            }
+        };
+        Ok(NodeOutput {
+            values: vec![
+                Value::Video(video.clone()),
+                Value::Audio(audio),
+                Value::Float(m.fps()),
+            ],
+            ui: None,
+        })
+    }
+
     fn execute(
         &self,
         _: &Args,

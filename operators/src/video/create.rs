@@ -1,5 +1,7 @@
 //! `CreateVideo` (ComfyUI's name and inputs `images`, `fps`, optional `audio`): an `IMAGE`
-//! batch as a video of frames in memory, at a constant rate.
+//! batch as a video of frames in memory, at a constant rate. Handed a video's frames still as
+//! the video (a `GetVideoComponents` batch filtered per frame), it sets the rate and audio on
+//! that stream instead, so nothing is decoded until the video is consumed.
 
 use super::super::spec::{float, link, out};
 use nova_dataflow::{
@@ -74,6 +76,10 @@ impl Node for CreateVideo {
     fn schema(&self) -> &NodeSchema {
         &self.schema
     }
+    fn takes_video(&self, input: &str) -> bool {
+        input == "images"
+    }
+
     fn infer(
         &self,
         args: &Args,
@@ -81,6 +87,17 @@ impl Node for CreateVideo {
         _: &JobEnv,
     ) -> Result<Vec<ValueInfo>, NodeError> {
         let images = inputs.require("images")?;
+        if let ValueInfo::Video(mut s) = *images {
+            // A video's frames, at this rate, with this audio (or none).
+            let (fps_num, fps_den) = rate(args.float("fps")?);
+            s.out.fps_num = fps_num;
+            s.out.fps_den = fps_den;
+            s.out.audio = match inputs.get("audio") {
+                Some(ValueInfo::Audio(a)) => Some(*a),
+                _ => None,
+            };
+            return Ok(vec![ValueInfo::Video(s)]);
+        }
         let mut m = meta(images, args.float("fps")?)?;
         if let Some(ValueInfo::Audio(a)) = inputs.get("audio") {
             m.audio = Some(*a);
@@ -105,10 +122,17 @@ impl Node for CreateVideo {
         inputs: Inputs<Value>,
         _ctx: &ExecContext,
     ) -> Result<NodeOutput, NodeError> {
-        let images = inputs.image("images")?.clone();
         let fps = args.float("fps")?;
-        let m = meta(&Value::image(images.clone()).info(), fps)?;
         let audio = inputs.get("audio").and_then(|v| v.as_audio()).cloned();
+        if let Some(video) = inputs.get("images").and_then(|v| v.as_video()) {
+            let (num, den) = rate(fps);
+            return Ok(NodeOutput {
+                values: vec![Value::Video(video.with_rate(num, den).with_audio(audio))],
+                ui: None,
+            });
+        }
+        let images = inputs.image("images")?.clone();
+        let m = meta(&Value::image(images.clone()).info(), fps)?;
         let frames = MemoryFrames::at_rate(images, m.fps())?;
         Ok(NodeOutput {
             values: vec![Value::Video(VideoStream::new(Arc::new(frames), m, audio))],
