@@ -1,5 +1,6 @@
-//! Engine overhead per record: the same tiled blur (1024x1024, radius 2, 256x256 tiles) through
-//! the timely dataflow versus a plain loop over the same tiles calling the same kernel.
+//! Engine overhead per record: the same pipeline region (a 1024x1024 image made piece by piece,
+//! blurred with radius 2 and inverted, 256x256 pieces) through
+//! the timely dataflow versus a plain loop over the same pieces calling the same kernels.
 //!
 //! Criterion measures both; then an interleaved A/B run (A and B alternated, so machine noise
 //! hits both) prints the ratio. Goal: dataflow within 5% of the plain loop.

@@ -1,15 +1,21 @@
 //! Shared pieces of NOVA's benchmarks.
 //!
-//! [`overhead`] sets up the engine-overhead comparison: the same tiled blur run through the
-//! timely dataflow ([`overhead::Setup::run_dataflow`]) and as a plain loop over the same tiles
-//! calling the same split/process/merge ([`overhead::Setup::run_plain_loop`]).
+//! [`overhead`] sets up the engine-overhead comparison: the same pipeline region (a generated
+//! image, blurred and inverted tile by tile) run through the timely dataflow
+//! ([`overhead::Setup::run_dataflow`]) and as a plain loop over the same pieces calling the
+//! same kernels ([`overhead::Setup::run_plain_loop`]); and the job start-up comparison, the
+//! same job on the process's long-lived runtime against a runtime started for it alone.
 //!
 //! Dependencies beyond the workspace's engine crates: `nova-server` (the KPI runner starts
 //! the real service in a child process to time start-up), `image` and `hound` (reading the
-//! outputs back for the quality deltas), and `plotters` with only its SVG backend (the
-//! report's plots; no font or bitmap libraries).
+//! outputs back for the quality deltas), `plotters` with only its SVG backend (the report's
+//! plots; no font or bitmap libraries), and `libc` (`getrusage`: CPU time and page faults next
+//! to wall time, [`usage`]).
 
 pub mod overhead;
+
+/// CPU time and page faults of measured work.
+pub mod usage;
 
 /// The memory-planner benchmark's suite and runners (`benches/memory_plan.rs`).
 pub mod memory;

@@ -50,8 +50,8 @@ struct Seen {
     /// Phases entered and not yet announced, and the last one announced.
     phases: Vec<Phase>,
     last_phase: Option<Phase>,
-    /// Pieces for partial outputs, by chunk, until announced.
-    pieces: HashMap<u32, Value>,
+    /// Pieces for partial outputs, by chunk, until announced, with when they were finished.
+    pieces: HashMap<u32, (Value, f64)>,
     /// Step previews, by step, until announced.
     previews: HashMap<u32, (Value, String)>,
     /// Pieces the node's input was cut into so far.
@@ -72,6 +72,7 @@ pub(crate) struct Driver {
     residency: Vec<ResidencyDelta>,
     retries: Vec<(usize, u32, usize, usize, String)>,
     retry_count: u32,
+    announce_delays: Vec<f64>,
     failure: Option<(usize, NodeError)>,
     done_chunks: u64,
     total_chunks: u64,
@@ -105,6 +106,7 @@ impl Driver {
             residency: Vec::new(),
             retries: Vec::new(),
             retry_count: 0,
+            announce_delays: Vec::new(),
             failure: None,
             done_chunks: 0,
             total_chunks: job.plan.total_chunks(),
@@ -133,8 +135,12 @@ impl Driver {
                             self.failure = Some((ix, e));
                         }
                     }
-                    NoteKind::Piece { chunk, value } => {
-                        s.pieces.insert(chunk, value);
+                    NoteKind::Piece {
+                        chunk,
+                        value,
+                        done_ms,
+                    } => {
+                        s.pieces.insert(chunk, (value, done_ms));
                     }
                     NoteKind::Preview {
                         step,
@@ -366,7 +372,7 @@ impl Driver {
 
     /// Announces window or chunk `chunk` of a streamed output node `ix`.
     fn announce_stream(&mut self, ix: usize, chunk: u32) {
-        let value = self.seen[ix].pieces.remove(&chunk);
+        let value = self.take_piece(ix, chunk);
         let job = self.job.clone();
         let p = &job.plan.nodes[ix];
         let Some(spec) = p.chunks.get(chunk as usize) else {
@@ -442,6 +448,15 @@ impl Driver {
         }
     }
 
+    /// The piece of chunk `chunk` of node `ix` for its announcement, noting how long after its
+    /// operator finished it the announcement comes.
+    fn take_piece(&mut self, ix: usize, chunk: u32) -> Option<Value> {
+        let (value, done_ms) = self.seen[ix].pieces.remove(&chunk)?;
+        let now = self.job.started.elapsed().as_secs_f64() * 1e3;
+        self.announce_delays.push((now - done_ms).max(0.0));
+        Some(value)
+    }
+
     /// Announces chunk `chunk` of node `ix` as a partial output of each output node it feeds.
     fn announce_partial(&mut self, ix: usize, chunk: u32) {
         if streams_output(&self.job, ix) {
@@ -450,7 +465,7 @@ impl Driver {
         if self.output_consumers[ix].is_empty() {
             return;
         }
-        let host = self.seen[ix].pieces.remove(&chunk);
+        let host = self.take_piece(ix, chunk);
         let job = self.job.clone();
         let p = &job.plan.nodes[ix];
         let (width, height) = match p.outputs.first() {
@@ -559,6 +574,7 @@ impl Driver {
                     budget_bytes: self.budget,
                     tracked_peak_bytes: job.acct.peak().0,
                     retries: self.retry_count,
+                    announce_delays_ms: std::mem::take(&mut self.announce_delays),
                 })
             }
         };

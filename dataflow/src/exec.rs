@@ -76,6 +76,9 @@ pub struct RunReport {
     pub tracked_peak_bytes: u64,
     /// Chunks re-run at a smaller tile because memory ran short.
     pub retries: u32,
+    /// For every partial output announced (a tile, a window, a chunk): milliseconds from its
+    /// operator finishing it to the driver announcing it (the frontier passing it, seen).
+    pub announce_delays_ms: Vec<f64>,
 }
 
 /// Why a run failed.

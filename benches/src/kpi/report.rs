@@ -547,6 +547,69 @@ pub fn write(c: &Config, r: &Value) -> Result<Vec<PathBuf>, String> {
         num(&ov["overhead_per_record_us"], 1),
     );
 
+    let _ = writeln!(
+        md,
+        "Dataflow: CPU {} ms, {} minor faults per job; plain loop: CPU {} ms, {} minor faults.\n",
+        num(&ov["dataflow"]["cpu_ms"], 2),
+        num(&ov["dataflow"]["minor_faults"], 0),
+        num(&ov["plain_loop"]["cpu_ms"], 2),
+        num(&ov["plain_loop"]["minor_faults"], 0),
+    );
+
+    // Job start.
+    let js = &r["job_start"];
+    let _ = writeln!(
+        md,
+        "## Job start on the long-lived runtime
+"
+    );
+    let _ = writeln!(
+        md,
+        "{}: on the process's runtime {} ms (CPU {} ms, {} minor faults), on a runtime started \
+         for the job {} ms (CPU {} ms, {} minor faults); median per-round ratio {} ({} \
+         alternated rounds).\n",
+        js["workload"].as_str().unwrap_or(""),
+        num(&js["long_lived"]["wall_ms"], 2),
+        num(&js["long_lived"]["cpu_ms"], 2),
+        num(&js["long_lived"]["minor_faults"], 0),
+        num(&js["fresh_runtime"]["wall_ms"], 2),
+        num(&js["fresh_runtime"]["cpu_ms"], 2),
+        num(&js["fresh_runtime"]["minor_faults"], 0),
+        num(&js["ratio"], 3),
+        js["rounds"],
+    );
+
+    // Announcement delays.
+    let _ = writeln!(
+        md,
+        "## From a piece finished to its announcement
+"
+    );
+    let mut rows = Vec::new();
+    for c in r["suite"].as_array().into_iter().flatten() {
+        let d = &c["executors"]["nova"]["announce_delay_ms"];
+        if d["announced"].as_u64().unwrap_or(0) == 0 {
+            continue;
+        }
+        rows.push(vec![
+            format!(
+                "{} ({})",
+                c["case"].as_str().unwrap_or(""),
+                c["profile"].as_str().unwrap_or("")
+            ),
+            d["announced"].to_string(),
+            num(&d["p50"], 2),
+            num(&d["p95"], 2),
+            num(&d["max"], 2),
+        ]);
+    }
+    table(
+        &mut md,
+        &["case", "partial outputs", "p50 ms", "p95 ms", "max ms"],
+        &rows,
+    );
+    let _ = writeln!(md);
+
     // Peers.
     let pe = &r["peers"];
     let _ = writeln!(md, "## Peers\n");

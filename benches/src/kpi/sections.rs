@@ -63,6 +63,8 @@ pub fn run_all(c: &Config) -> Result<Value, String> {
     let oom = oom(&ws);
     log("engine overhead per record");
     let overhead = overhead(if q { 21 } else { 51 });
+    log("job start: long-lived runtime vs a runtime per job");
+    let job_start = job_start(if q { 21 } else { 51 });
     log("peers: ffmpeg, sox, PyTorch");
     let peers = peers(q);
     Ok(json!({
@@ -76,6 +78,7 @@ pub fn run_all(c: &Config) -> Result<Value, String> {
         "model_switch": switch,
         "oom": oom,
         "engine_overhead": overhead,
+        "job_start": job_start,
         "peers": peers,
         "harness_wall_s": started.elapsed().as_secs_f64(),
     }))
@@ -313,6 +316,18 @@ fn run_case(
             })
             .collect();
         let chunks = ok.first().map(|r| r.chunks).unwrap_or(0);
+        let mut delays: Vec<f64> = ok
+            .iter()
+            .flat_map(|r| r.announce_delays_ms.iter().copied())
+            .collect();
+        delays.sort_by(|a, b| a.total_cmp(b));
+        let pct = |q: f64| -> f64 {
+            if delays.is_empty() {
+                f64::NAN
+            } else {
+                delays[((delays.len() - 1) as f64 * q).round() as usize]
+            }
+        };
         per.insert(
             e.name().into(),
             json!({
@@ -324,6 +339,12 @@ fn run_case(
                 "throughput": case.units / median(&work_s),
                 "tiles_per_s": if chunks > 0 { chunks as f64 / (median(&fin) / 1e3) } else { f64::NAN },
                 "partial_outputs": ok.first().map(|r| r.partials).unwrap_or(0),
+                "announce_delay_ms": json!({
+                    "announced": delays.len(),
+                    "p50": pct(0.5),
+                    "p95": pct(0.95),
+                    "max": pct(1.0),
+                }),
                 "chunks": chunks,
                 "tracked_peak_bytes": ok.iter().map(|r| r.tracked_peak_bytes).max().unwrap_or(0),
                 "forecast_peak_bytes": rs.first().map(|r| r.forecast_peak_bytes).unwrap_or(0),
@@ -698,46 +719,72 @@ fn oom(ws: &Workspace) -> Value {
 
 // ---------------------------------------------------------------- engine overhead
 
-/// The tiled blur through the dataflow against a plain loop over the same tiles.
+/// Alternates `a` and `b` for `rounds` rounds (order swapped each round); the medians of
+/// wall time, CPU time and minor faults of each, and the median of per-round wall ratios.
+fn ab(rounds: usize, a: &dyn Fn(), b: &dyn Fn()) -> (Value, Value, f64) {
+    use crate::usage::{measure, Usage};
+    let (mut ua, mut ub, mut ratios): (Vec<Usage>, Vec<Usage>, Vec<f64>) = (vec![], vec![], vec![]);
+    for r in 0..rounds {
+        let (x, y) = if r % 2 == 0 {
+            let x = measure(a).1;
+            (x, measure(b).1)
+        } else {
+            let y = measure(b).1;
+            (measure(a).1, y)
+        };
+        ratios.push(x.wall_ms / y.wall_ms);
+        ua.push(x);
+        ub.push(y);
+    }
+    let sum = |u: &[Usage]| {
+        json!({
+            "wall_ms": median(&u.iter().map(|x| x.wall_ms).collect::<Vec<_>>()),
+            "cpu_ms": median(&u.iter().map(|x| x.cpu_ms).collect::<Vec<_>>()),
+            "minor_faults": median(&u.iter().map(|x| x.minor_faults as f64).collect::<Vec<_>>()),
+        })
+    };
+    (sum(&ua), sum(&ub), median(&ratios))
+}
+
+/// A pipeline region through the dataflow against a plain loop over the same pieces.
 fn overhead(rounds: usize) -> Value {
     let s = crate::overhead::Setup::new(1024, 256);
-    let tiles = s.tiles();
+    let records = s.records();
     s.run_dataflow();
-    s.run_plain_loop();
-    let (mut a, mut b, mut ratios) = (vec![], vec![], vec![]);
-    for r in 0..rounds {
-        let time = |f: &dyn Fn()| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e3
-        };
-        let (x, y) = if r % 2 == 0 {
-            let x = time(&|| s.run_dataflow());
-            (
-                x,
-                time(&|| {
-                    std::hint::black_box(s.run_plain_loop());
-                }),
-            )
-        } else {
-            let y = time(&|| {
-                std::hint::black_box(s.run_plain_loop());
-            });
-            (time(&|| s.run_dataflow()), y)
-        };
-        a.push(x);
-        b.push(y);
-        ratios.push(x / y);
-    }
-    let (ma, mb) = (median(&a), median(&b));
+    std::hint::black_box(s.run_plain_loop());
+    let (a, b, ratio) = ab(rounds, &|| s.run_dataflow(), &|| {
+        std::hint::black_box(s.run_plain_loop());
+    });
+    let (ma, mb) = (
+        a["wall_ms"].as_f64().unwrap_or(0.0),
+        b["wall_ms"].as_f64().unwrap_or(0.0),
+    );
     json!({
-        "workload": "1024x1024 blur (radius 2), sixteen 256x256 tiles, one worker",
-        "records": tiles,
+        "workload": "1024x1024 generated image, blurred (radius 2) and inverted: one pipeline region of sixteen 256x256 pieces through two stages, one compute worker",
+        "records": records,
         "dataflow_ms": ma,
         "plain_loop_ms": mb,
-        "ratio": median(&ratios),
-        "overhead_per_record_us": (ma - mb) * 1e3 / tiles as f64,
+        "dataflow": a,
+        "plain_loop": b,
+        "ratio": ratio,
+        "overhead_per_record_us": (ma - mb) * 1e3 / records as f64,
         "target_ratio": 1.05,
+        "rounds": rounds,
+    })
+}
+
+/// Starting a small job on the process's long-lived runtime against starting timely's
+/// workers for it alone (as every job did before).
+fn job_start(rounds: usize) -> Value {
+    let s = crate::overhead::Setup::new(64, 32);
+    s.run_dataflow();
+    s.run_dataflow_fresh();
+    let (a, b, ratio) = ab(rounds, &|| s.run_dataflow(), &|| s.run_dataflow_fresh());
+    json!({
+        "workload": "a 64x64 image through a 4-piece region, one compute worker",
+        "long_lived": a,
+        "fresh_runtime": b,
+        "ratio": ratio,
         "rounds": rounds,
     })
 }

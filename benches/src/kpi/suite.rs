@@ -278,6 +278,8 @@ pub struct JobRun {
     pub final_ms: f64,
     pub partials: u64,
     pub chunks: u64,
+    /// Per partial output: from its operator finishing it to its announcement (ms).
+    pub announce_delays_ms: Vec<f64>,
     /// The sampler node's own time, if the workflow has one.
     pub sampler_ms: Option<f64>,
     pub load_ms: f64,
@@ -374,6 +376,7 @@ pub fn run_job(
     match r {
         Ok(rep) => {
             out.tracked_peak_bytes = rep.tracked_peak_bytes;
+            out.announce_delays_ms = rep.announce_delays_ms.clone();
             out.chunks = rep.nodes.iter().map(|n| n.chunks as u64).sum();
             out.sampler_ms = rep
                 .nodes

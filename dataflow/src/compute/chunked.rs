@@ -302,7 +302,14 @@ pub(crate) fn process<'s>(
                         Ok(value) => {
                             if captured {
                                 if let Ok(host) = value.to_host() {
-                                    notes.push(ix, NoteKind::Piece { chunk, value: host });
+                                    notes.push(
+                                        ix,
+                                        NoteKind::Piece {
+                                            chunk,
+                                            value: host,
+                                            done_ms: job.started.elapsed().as_secs_f64() * 1e3,
+                                        },
+                                    );
                                 }
                             }
                             if ran_on_last && chunk == last {

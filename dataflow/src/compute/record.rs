@@ -55,7 +55,12 @@ pub(crate) enum NoteKind {
     Failed(NodeError),
     /// A chunk's result, as shown by the partial output of the output node it feeds (a host
     /// copy; for a streamed output node, its own window or chunk).
-    Piece { chunk: u32, value: Value },
+    Piece {
+        chunk: u32,
+        value: Value,
+        /// When the operator finished the piece, in milliseconds since the job began.
+        done_ms: f64,
+    },
     /// A step of an iterative node made a preview.
     Preview {
         step: u32,
