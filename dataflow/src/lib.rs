@@ -27,11 +27,13 @@ mod driver;
 pub mod error;
 pub mod event;
 pub mod exec;
+pub mod job;
 pub mod lift;
 pub mod memory;
 pub mod model_paths;
 pub mod node;
 pub mod output;
+pub mod pipeline;
 pub mod plan;
 pub mod profile;
 pub mod residency;
@@ -52,12 +54,14 @@ pub use event::{
     EVENT_SCHEMA_VERSION,
 };
 pub use exec::{run, CancelToken, RunError, RunOptions, RunReport};
+pub use job::{Job, JobSpec, PrepareError};
 pub use memory::{Accountant, Bytes, Lease, OutOfMemory};
 pub use model_paths::{ModelPaths, ModelPathsError};
 pub use node::{
     Args, Chunking, ExecContext, Inputs, JobEnv, Node, NodeError, NodeId, NodeOutput, NodeRegistry,
     PreviewMethod, Sinking, StepPreview, Stepper,
 };
+pub use pipeline::{Handle, Literal, NodeBuilder, Output, Pipeline};
 pub use plan::{
     plan, ExecutionPlan, NodePlan, PlanError, PlanOptions, UnitKind, UnitPlan, WeightPlan, MIN_TILE,
 };

@@ -422,7 +422,7 @@ fn prepare(job: &JobArgs, memory: &MemoryArgs) -> Result<Prepared, (u8, String)>
         overrides: memory.overrides(),
         workflow: from_workflow,
         from_env,
-        detection: &detection,
+        detection: std::borrow::Cow::Borrowed(&detection),
         registry: &nova_operators::registry(),
         workers: job
             .workers

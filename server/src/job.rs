@@ -1,141 +1,15 @@
-//! Preparing a job: a workflow, its settings and its folders in; a validated, planned job and
-//! admission's verdict out. `nova run`, `nova plan` and `nova serve` all go through here, so
-//! they plan alike.
-//!
-//! Memory settings resolve in one order everywhere: the caller's (command-line flags, or the
-//! service's own settings), then the workflow's `extra_data.nova`, then the environment, then
-//! detection. The service additionally caps the plan's limit at the budget still free
-//! ([`JobSpec::free_limit`]) so that concurrent jobs share the device.
+//! Jobs as the command line and the service present them: preparing is the library's
+//! ([`nova_dataflow::job`], shared with library users so everyone plans alike); here are the
+//! plan's JSON (`nova plan --json`, `POST /api/plan`) and its one-line summaries.
 
-use nova_dataflow::plan::{admit, Refusal};
-use nova_dataflow::profile::Detection;
-use nova_dataflow::{
-    plan, workflow, Bytes, ExecutionPlan, JobEnv, MemoryConfig, MemoryOverrides, NodePlan,
-    NodeRegistry, PlanOptions, ProfileId, ValidatedWorkflow, ValidationErrors, WeightMode,
-    MIN_TILE,
-};
+use nova_dataflow::{Bytes, ExecutionPlan, MemoryConfig, NodePlan, WeightMode};
 use serde_json::{json, Value as Json};
 
-/// What a job is made of.
-pub(crate) struct JobSpec<'a> {
-    /// The workflow (API format, or a `/prompt` body holding one under `prompt`).
-    pub prompt: Json,
-    pub env: JobEnv,
-    /// Settings that take precedence over the workflow's (flags, the service's).
-    pub overrides: MemoryOverrides,
-    /// The workflow's own `extra_data.nova` settings.
-    pub workflow: MemoryOverrides,
-    /// Settings from the environment.
-    pub from_env: MemoryOverrides,
-    pub detection: &'a Detection,
-    pub registry: &'a NodeRegistry,
-    /// Worker threads.
-    pub workers: usize,
-    /// The most the plan may fill, when less than the budget minus headroom is free.
-    pub free_limit: Option<Bytes>,
-    /// The most budget the job may have, whatever its settings say (the service's own).
-    pub budget_cap: Option<Bytes>,
-}
+pub(crate) use nova_dataflow::job::{workflow_overrides, Job as Prepared, JobSpec, PrepareError};
 
-/// A validated, planned job and the settings it was planned under.
-pub(crate) struct Prepared {
-    pub wf: ValidatedWorkflow,
-    pub plan: ExecutionPlan,
-    pub config: MemoryConfig,
-    pub env: JobEnv,
-    /// Admission's verdict when the plan does not fit the whole budget.
-    pub refusal: Option<Box<Refusal>>,
-}
-
-/// Why a job could not be prepared.
-#[derive(Debug)]
-pub(crate) enum PrepareError {
-    /// The workflow is invalid: every fault, each naming its node and input.
-    Invalid(ValidationErrors),
-    /// The planner rejected the workflow (a shape it cannot place).
-    Plan(String),
-}
-
-impl std::fmt::Display for PrepareError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PrepareError::Invalid(e) => write!(f, "{e}"),
-            PrepareError::Plan(m) => write!(f, "invalid workflow: {m}"),
-        }
-    }
-}
-
-/// Keys of `extra_data.nova` that `nova serve` reads itself.
-pub(crate) const SERVICE_KEYS: [&str; 2] = ["priority", "webhook"];
-
-/// Reads `extra_data.nova` of a `/prompt`-style body (absent: no settings).
-pub(crate) fn workflow_overrides(extra_data: Option<&Json>) -> Result<MemoryOverrides, String> {
-    match extra_data.and_then(|e| e.get("nova")) {
-        Some(serde_json::Value::Object(m)) => {
-            // The service's own keys (queue priority, completion webhook) are not memory
-            // settings.
-            let mut m = m.clone();
-            for k in SERVICE_KEYS {
-                m.remove(k);
-            }
-            MemoryOverrides::from_json(&serde_json::Value::Object(m))
-        }
-        Some(v) => MemoryOverrides::from_json(v),
-        None => Ok(MemoryOverrides::default()),
-    }
-}
-
-/// Validates and plans a job.
+/// Validates and plans a job (the library's [`nova_dataflow::Job::prepare`]).
 pub(crate) fn prepare(spec: JobSpec<'_>) -> Result<Prepared, PrepareError> {
-    let overrides = spec.overrides.or(spec.workflow).or(spec.from_env);
-    let mut config = MemoryConfig::resolve(&overrides, spec.detection);
-    if let (Some(b), Some(cap)) = (config.budget, spec.budget_cap) {
-        config.budget = Some(b.min(cap));
-    }
-    let wf =
-        workflow::validate(spec.prompt, spec.registry, &spec.env).map_err(PrepareError::Invalid)?;
-    let tile = (config.tile > 0).then_some(config.tile);
-    let limit = match (config.usable(), spec.free_limit) {
-        (Some(u), Some(f)) => Some(u.min(f)),
-        (u, f) => u.or(f),
-    };
-    let opts = PlanOptions {
-        tile,
-        min_tile: config.profile.min_tile.min(config.tile.max(MIN_TILE)),
-        limit,
-        safety_margin: config.safety_margin,
-        workers: spec.workers.max(1),
-        prefetch: config.profile.prefetch_depth,
-        bytes_per_element: config.profile.precision.bytes(),
-        ..PlanOptions::default()
-    };
-    let plan = plan(&wf, &spec.env, &opts).map_err(|e| PrepareError::Plan(e.to_string()))?;
-    let refusal = match config.budget {
-        Some(budget) if !plan.fits && limit == config.usable() => {
-            admit(&plan, budget, config.headroom, &bigger_profiles(&config)).err()
-        }
-        _ => None,
-    };
-    Ok(Prepared {
-        wf,
-        plan,
-        config,
-        env: spec.env,
-        refusal,
-    })
-}
-
-/// Profiles whose usable memory exceeds this configuration's, for refusal suggestions.
-fn bigger_profiles(config: &MemoryConfig) -> Vec<(String, Bytes)> {
-    ProfileId::ALL
-        .iter()
-        .map(|p| p.spec())
-        .filter_map(|p| {
-            p.device_memory
-                .map(|m| (p.id.name().to_string(), m.saturating_sub(p.headroom)))
-        })
-        .filter(|(_, usable)| Some(*usable) > config.usable())
-        .collect()
+    Prepared::prepare(spec)
 }
 
 /// Device bytes of a node's weights in its plan.

@@ -181,7 +181,7 @@ impl App {
             overrides: self.config.memory.clone(),
             workflow,
             from_env: Default::default(),
-            detection: &warm.detection,
+            detection: std::borrow::Cow::Borrowed(&warm.detection),
             registry: &warm.registry,
             workers: self.config.workers,
             free_limit: free,
