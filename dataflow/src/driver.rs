@@ -56,6 +56,9 @@ struct Seen {
     previews: HashMap<u32, (Value, String)>,
     /// Pieces the node's input was cut into so far.
     cut: u32,
+    /// The latest time (ms since the job began) a piece announced so far was finished: when
+    /// the frontier could pass the last chunk announced.
+    frontier_ms: f64,
     /// The most the run held while the node ran.
     peak: u64,
 }
@@ -448,12 +451,15 @@ impl Driver {
         }
     }
 
-    /// The piece of chunk `chunk` of node `ix` for its announcement, noting how long after its
-    /// operator finished it the announcement comes.
+    /// The piece of chunk `chunk` of node `ix` for its announcement, noting how long after the
+    /// frontier could pass it the announcement comes: chunks are announced in order, so the
+    /// frontier passes chunk `c` once every piece up to it is finished, the latest of them last.
     fn take_piece(&mut self, ix: usize, chunk: u32) -> Option<Value> {
         let (value, done_ms) = self.seen[ix].pieces.remove(&chunk)?;
+        let s = &mut self.seen[ix];
+        s.frontier_ms = s.frontier_ms.max(done_ms);
         let now = self.job.started.elapsed().as_secs_f64() * 1e3;
-        self.announce_delays.push((now - done_ms).max(0.0));
+        self.announce_delays.push((now - s.frontier_ms).max(0.0));
         Some(value)
     }
 

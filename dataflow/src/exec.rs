@@ -76,8 +76,9 @@ pub struct RunReport {
     pub tracked_peak_bytes: u64,
     /// Chunks re-run at a smaller tile because memory ran short.
     pub retries: u32,
-    /// For every partial output announced (a tile, a window, a chunk): milliseconds from its
-    /// operator finishing it to the driver announcing it (the frontier passing it, seen).
+    /// For every partial output announced (a tile, a window, a chunk): milliseconds from the
+    /// moment the frontier could pass it (it and every earlier piece of its node finished) to
+    /// the driver announcing it.
     pub announce_delays_ms: Vec<f64>,
 }
 

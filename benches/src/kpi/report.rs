@@ -582,8 +582,9 @@ pub fn write(c: &Config, r: &Value) -> Result<Vec<PathBuf>, String> {
     // Announcement delays.
     let _ = writeln!(
         md,
-        "## From a piece finished to its announcement
-"
+        "## From a frontier passing to its announcement\n\nPer partial output: from the moment \
+         the frontier could pass it (it and every earlier piece of its node finished) to the \
+         driver announcing it.\n"
     );
     let mut rows = Vec::new();
     for c in r["suite"].as_array().into_iter().flatten() {
