@@ -2,7 +2,7 @@
 //! by tiling, the accountant's peak stays inside the budget and near the forecast, plans that
 //! cannot fit are refused with numbers, and a chunk that still runs short is retried smaller.
 
-use nova_dataflow::plan::admit;
+use nova_dataflow::admit;
 use nova_dataflow::{Bytes, EventKind, PlanOptions, RunReport};
 use nova_tests::{chain_workflow, options, png_samples, reported_files, run_planned, Job};
 

@@ -1,22 +1,18 @@
 //! Running a planned job: installs its dataflow ([`crate::compute`]) on the process's
-//! long-lived runtime with its driver ([`crate::driver`]) on the control worker, and waits for
+//! long-lived runtime with its driver ([`crate::telemetry::driver`]) on the control worker, and waits for
 //! the result. Events flow to the job's emitter as the driver derives them.
 
 use crate::compute::build::{build, Built};
 use crate::compute::runtime::{Install, Installed, Runtime};
 pub use crate::compute::CancelToken;
 use crate::compute::JobCompute;
-use crate::driver::Driver;
-use crate::event::{Emitter, EventKind, MemoryForecast};
-use crate::memory::{Accountant, Bytes};
-use crate::node::{JobEnv, NodeError};
-use crate::plan::ExecutionPlan;
-use crate::schema::ExecMode;
-use crate::timing::TimeSplit;
-use crate::workflow::ValidatedWorkflow;
-use serde::Serialize;
-use serde_json::Value as Json;
-use std::collections::BTreeMap;
+use crate::control::plan::ExecutionPlan;
+use crate::control::workflow::ValidatedWorkflow;
+use crate::node::memory::{Accountant, Bytes};
+use crate::node::JobEnv;
+use crate::telemetry::driver::Driver;
+use crate::telemetry::event::{Emitter, EventKind, MemoryForecast};
+pub use crate::telemetry::report::{NodeStats, RunError, RunReport};
 use std::sync::{mpsc, Arc, Mutex};
 
 /// How to run a job. The worker count and the memory limit come from the plan, which was
@@ -49,52 +45,6 @@ pub fn default_workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-}
-
-/// Timing of one node in a finished run.
-#[derive(Clone, Debug, Serialize)]
-pub struct NodeStats {
-    pub node: String,
-    pub class_type: String,
-    pub mode: ExecMode,
-    pub chunks: u32,
-    pub wall_ms: f64,
-    /// Where the node's time went (summed over workers).
-    pub timing: TimeSplit,
-}
-
-/// What a successful run produced.
-#[derive(Clone, Debug, Serialize)]
-pub struct RunReport {
-    /// UI records of output nodes (ComfyUI's `executed` outputs), by node id.
-    pub outputs: BTreeMap<String, Json>,
-    pub nodes: Vec<NodeStats>,
-    pub wall_ms: f64,
-    /// The device budget, if known.
-    pub budget_bytes: Option<u64>,
-    /// The most device memory the run held at once, as the accountant counted it.
-    pub tracked_peak_bytes: u64,
-    /// Chunks re-run at a smaller tile because memory ran short.
-    pub retries: u32,
-    /// For every partial output announced (a tile, a window, a chunk): milliseconds from the
-    /// moment the frontier could pass it (it and every earlier piece of its node finished) to
-    /// the driver announcing it.
-    pub announce_delays_ms: Vec<f64>,
-}
-
-/// Why a run failed.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-pub enum RunError {
-    #[error("node {node} ({class_type}) failed: {error}")]
-    Node {
-        node: String,
-        class_type: String,
-        error: NodeError,
-    },
-    #[error("interrupted")]
-    Interrupted,
-    #[error("dataflow runtime error: {0}")]
-    Runtime(String),
 }
 
 /// One worker's view of an installed job: its probes and, on the control worker, its driver.

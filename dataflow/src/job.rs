@@ -21,14 +21,17 @@
 //! println!("tracked peak {} bytes", report.tracked_peak_bytes);
 //! ```
 
-use crate::event::{Emitter, EventKind, Lifecycle};
+use crate::control::admission::{admit, Refusal};
+use crate::control::plan::{ExecutionPlan, PlanOptions, MIN_TILE};
+use crate::control::planner::plan;
+use crate::control::profile::{Detection, MemoryConfig, MemoryOverrides, ProfileId};
+use crate::control::workflow::{self, ValidatedWorkflow};
 use crate::exec::{run, RunError, RunOptions, RunReport};
-use crate::memory::Bytes;
+use crate::node::error::ValidationErrors;
+use crate::node::memory::Bytes;
 use crate::node::{JobEnv, NodeRegistry};
-use crate::plan::{admit, plan, ExecutionPlan, PlanOptions, Refusal, MIN_TILE};
-use crate::profile::{Detection, MemoryConfig, MemoryOverrides, ProfileId};
-use crate::workflow::{self, ValidatedWorkflow};
-use crate::{Event, ValidationErrors};
+use crate::telemetry::event::Event;
+use crate::telemetry::event::{Emitter, EventKind, Lifecycle};
 use serde_json::Value as Json;
 use std::sync::Arc;
 
@@ -43,7 +46,7 @@ pub struct JobSpec<'a> {
     pub workflow: MemoryOverrides,
     /// Settings from the environment.
     pub from_env: MemoryOverrides,
-    /// The device, as detected (see [`crate::profile::detect`]).
+    /// The device, as detected (see [`crate::control::profile::detect`]).
     pub detection: std::borrow::Cow<'a, Detection>,
     pub registry: &'a NodeRegistry,
     /// Compute workers.
@@ -64,7 +67,7 @@ impl<'a> JobSpec<'a> {
             overrides: MemoryOverrides::default(),
             workflow: MemoryOverrides::default(),
             from_env: MemoryOverrides::default(),
-            detection: std::borrow::Cow::Owned(crate::profile::detect()),
+            detection: std::borrow::Cow::Owned(crate::control::profile::detect()),
             registry,
             workers: crate::exec::default_workers(),
             free_limit: None,

@@ -7,8 +7,8 @@ use super::record::{Note, NoteKind, Rec, Record};
 use super::runtime::compute_worker;
 use super::whole::{whole, Cb, Out, Recs};
 use super::JobCompute;
-use crate::plan::UnitKind;
-use crate::value::ValueInfo;
+use crate::control::plan::UnitKind;
+use crate::node::value::ValueInfo;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -354,7 +354,7 @@ pub(crate) fn image_output_consumers(job: &JobCompute, ix: usize) -> Vec<usize> 
 /// Whether node `ix` is an output node that consumes a stream window by window: its own
 /// windows (chunks) are announced as partial outputs.
 pub(crate) fn streams_output(job: &JobCompute, ix: usize) -> bool {
-    job.plan.nodes[ix].mode == crate::schema::ExecMode::Streamed
+    job.plan.nodes[ix].mode == crate::node::schema::ExecMode::Streamed
         && job.wf.nodes[ix].node.schema().output_node
 }
 

@@ -1,7 +1,7 @@
 //! The compute plane: a planned job becomes one timely dataflow, installed on every worker of
 //! the process's long-lived [`Runtime`].
 //!
-//! Per unit of the plan ([`crate::plan::UnitPlan`]):
+//! Per unit of the plan ([`crate::control::plan::UnitPlan`]):
 //! - **whole**: one operator, owned by one compute worker, that waits until its input
 //!   frontier passes the unit's input time, runs the kernel, and emits the outputs at the
 //!   output time. An *iterative* node (a sampler) runs one step per activation, step `i` at
@@ -23,7 +23,7 @@
 //! first of their operators that needs it.
 //!
 //! What operators learn travels as notes on their output streams (see [`record`]); the
-//! driver (in [`crate::driver`]) gathers each node's notes on the control worker and reads
+//! driver (in [`crate::telemetry::driver`]) gathers each node's notes on the control worker and reads
 //! them when the node's probe says they are complete. Operators never call the driver, and
 //! nothing flows back from telemetry into compute: pacing reads the probes of the data.
 //!
@@ -39,12 +39,12 @@ mod whole;
 
 pub use runtime::{Runtime, RuntimeGone};
 
-use crate::chunk::ChunkedOp;
-use crate::memory::Accountant;
+use crate::control::plan::ExecutionPlan;
+use crate::control::workflow::ValidatedWorkflow;
+use crate::node::chunk::ChunkedOp;
+use crate::node::memory::Accountant;
+use crate::node::residency::{DeltaLog, Registry, WeightContext, WeightMode};
 use crate::node::{ExecContext, JobEnv, NodeError, NodeId};
-use crate::plan::ExecutionPlan;
-use crate::residency::{DeltaLog, Registry, WeightContext, WeightMode};
-use crate::workflow::ValidatedWorkflow;
 use candle_core::Device;
 use record::{Note, NoteKind, Rec};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -153,7 +153,7 @@ impl JobCompute {
         &self,
         ix: usize,
         unbound: &Arc<dyn ChunkedOp>,
-        side: &crate::node::Inputs<crate::value::Value>,
+        side: &crate::node::Inputs<crate::node::value::Value>,
     ) -> Result<Arc<dyn ChunkedOp>, NodeError> {
         let mut cell = self.bound[ix].lock().unwrap_or_else(|p| p.into_inner());
         if cell.is_none() {

@@ -5,10 +5,10 @@ use super::record::{NoteKind, Rec, Record};
 use super::runtime::compute_worker;
 use super::whole::{named_inputs, Cb, Out, Recs};
 use super::{JobCompute, Notes};
-use crate::chunk::{ChunkedOp, RegionReader, SourceOp};
-use crate::memory::Lease;
+use crate::node::chunk::{ChunkedOp, RegionReader, SourceOp};
+use crate::node::memory::Lease;
+use crate::node::value::{Value, ValueInfo};
 use crate::node::{guarded, Inputs, NodeError};
-use crate::value::{Value, ValueInfo};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -395,11 +395,11 @@ fn within_retrying(
     job: &JobCompute,
     op: &dyn ChunkedOp,
     ix: usize,
-    spec: &crate::chunk::ChunkSpec,
-    have: &crate::chunk::ChunkRegion,
+    spec: &crate::node::chunk::ChunkSpec,
+    have: &crate::node::chunk::ChunkRegion,
     piece: &Value,
 ) -> Result<(Value, Vec<(usize, usize, String)>), NodeError> {
-    use crate::chunk::{ChunkRegion, ChunkSize, ChunkSpec, Rect};
+    use crate::node::chunk::{ChunkRegion, ChunkSize, ChunkSpec, Rect};
     let np = &job.plan.nodes[ix];
     let info = np.chunked_input.unwrap_or(ValueInfo::Unknown);
     let local = op
@@ -434,7 +434,7 @@ fn within_retrying(
                             .ok_or_else(|| NodeError::Other("only tiles are subdivided".into()))?;
                         let whole = match np.outputs.first() {
                             Some(ValueInfo::Image(i)) => {
-                                ValueInfo::Image(crate::value::ImageInfo {
+                                ValueInfo::Image(crate::node::value::ImageInfo {
                                     height: rect.h,
                                     width: rect.w,
                                     ..*i

@@ -11,10 +11,10 @@
 //! values) so that a dataflow spanning processes can carry them; a piece's memory reservation
 //! is process-local and is not carried.
 
-use crate::memory::Lease;
+use crate::node::memory::Lease;
+use crate::node::residency::WorkNotes;
+use crate::node::value::Value;
 use crate::node::NodeError;
-use crate::residency::WorkNotes;
-use crate::value::Value;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use std::sync::Arc;

@@ -3,9 +3,9 @@
 
 use super::record::{NoteKind, Rec, Record};
 use super::{JobCompute, Notes};
-use crate::memory::Lease;
+use crate::node::memory::Lease;
+use crate::node::value::Value;
 use crate::node::{guarded, Inputs, NodeError, NodeOutput, Stepper};
-use crate::value::Value;
 use std::sync::Arc;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
@@ -127,7 +127,7 @@ pub(crate) fn whole<'s>(
                                 } else if n.lifted.is_empty() {
                                     n.node.execute(&n.args, inputs, &ctx)
                                 } else {
-                                    crate::lift::execute(n, inputs, &ctx)
+                                    crate::control::lift::execute(n, inputs, &ctx)
                                 }
                             })
                         });

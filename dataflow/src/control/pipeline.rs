@@ -22,9 +22,9 @@
 //! assert_eq!(api["2"]["inputs"]["blur_radius"], 3);
 //! ```
 
-use crate::error::ValidationErrors;
+use crate::control::workflow::ValidatedWorkflow;
+use crate::node::error::ValidationErrors;
 use crate::node::{JobEnv, NodeRegistry};
-use crate::workflow::ValidatedWorkflow;
 use serde_json::{Map, Value as Json};
 
 /// A literal input value.
@@ -207,6 +207,6 @@ impl Pipeline {
         registry: &NodeRegistry,
         env: &JobEnv,
     ) -> Result<ValidatedWorkflow, ValidationErrors> {
-        crate::workflow::validate(self.to_api(), registry, env)
+        crate::control::workflow::validate(self.to_api(), registry, env)
     }
 }

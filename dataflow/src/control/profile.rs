@@ -12,7 +12,7 @@
 //! among the NVIDIA profiles. `AMD_ROCM` and `INTEL_XPU` are chosen by name only (no ROCm or
 //! Level Zero probe yet).
 
-use crate::memory::Bytes;
+use crate::node::memory::Bytes;
 use serde::Serialize;
 use std::fmt;
 

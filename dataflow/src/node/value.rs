@@ -5,8 +5,8 @@
 //! clone (tensors share storage), which matters because timely clones records for every
 //! consumer of a stream.
 
-use crate::memory::{Accountant, Lease};
-use crate::stream::{AudioMeta, AudioStream, VideoShape, VideoStream};
+use crate::node::memory::{Accountant, Lease};
+use crate::node::stream::{AudioMeta, AudioStream, VideoShape, VideoStream};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
@@ -147,7 +147,7 @@ impl<'de> Deserialize<'de> for TensorBox {
 pub struct ModelRef {
     /// The type of value it is (e.g. `UPSCALE_MODEL`).
     pub kind: DataType,
-    pub asset: Arc<crate::residency::Asset>,
+    pub asset: Arc<crate::node::residency::Asset>,
     pub arch: Arc<dyn std::any::Any + Send + Sync>,
     /// What the planner knows of it.
     pub info: ModelInfo,
@@ -209,7 +209,7 @@ pub enum Value {
     /// A loaded model.
     Model(ModelRef),
     /// A video, lazy: frames are decoded and processed window by window when consumed
-    /// ([`crate::stream`]). Shared within one process, never serialized.
+    /// ([`crate::node::stream`]). Shared within one process, never serialized.
     #[serde(skip)]
     Video(VideoStream),
     /// Audio (ComfyUI's `AUDIO`), lazy: samples are pulled chunk by chunk when consumed.

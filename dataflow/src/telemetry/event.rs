@@ -31,7 +31,7 @@
 //! `budget_bytes` is `null` when the device memory could not be read (the job was admitted
 //! without a limit); `tracked_peak_bytes` is the most device memory the accountant counted
 //! the job holding at once. `profile` in the forecast is filled in by the caller that chose it.
-//! Time splits are summed over worker threads (see [`crate::timing`]); a node's phases come
+//! Time splits are summed over worker threads (see [`crate::telemetry::timing`]); a node's phases come
 //! after its `node_start` and before its `node_end`.
 //!
 //! Invariant: every event except `lifecycle: planning`, the forecast and the final one is
@@ -41,11 +41,11 @@
 //! `output.partial.image` follows the `chunk` event that made it final, and a step's
 //! `output.preview` follows its `step` event.
 
-use crate::chunk::Rect;
-use crate::plan::ExecutionPlan;
-use crate::schema::ExecMode;
-use crate::timing::TimeSplit;
-use crate::value::Value;
+use crate::control::plan::ExecutionPlan;
+use crate::node::chunk::Rect;
+use crate::node::schema::ExecMode;
+use crate::node::value::Value;
+use crate::telemetry::timing::TimeSplit;
 use serde::Serialize;
 use serde_json::Value as Json;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -168,7 +168,7 @@ pub enum EventKind {
     MemoryForecast(MemoryForecast),
     /// A model asset changed state (loaded, streamed, released, evicted).
     #[serde(rename = "telemetry.residency_delta")]
-    ResidencyDelta(crate::residency::ResidencyDelta),
+    ResidencyDelta(crate::node::residency::ResidencyDelta),
     #[serde(rename = "telemetry.retry")]
     Retry {
         node: String,

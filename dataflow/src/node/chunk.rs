@@ -8,8 +8,8 @@
 //! Invariant: `split`, `process` and `merge` are pure functions of their arguments, so the
 //! order in which chunks are processed (and on which worker) never changes the result.
 
+use crate::node::value::{Value, ValueInfo};
 use crate::node::NodeError;
-use crate::value::{Value, ValueInfo};
 use serde::{Deserialize, Serialize};
 
 /// An axis-aligned rectangle in pixel coordinates of some image.
@@ -154,7 +154,7 @@ pub trait ChunkedOp: Send + Sync {
     fn bind(
         &self,
         _side: &crate::node::Inputs<Value>,
-        _weights: &crate::residency::WeightContext,
+        _weights: &crate::node::residency::WeightContext,
     ) -> Result<Option<std::sync::Arc<dyn ChunkedOp>>, NodeError> {
         Ok(None)
     }
@@ -174,7 +174,7 @@ pub trait ChunkedOp: Send + Sync {
     /// memory the plan leaves unused (`spare`: the limit less the forecast peak): a cache the
     /// operator keeps across runs may hold at most `spare`, leased from `acct`. Default:
     /// nothing to do.
-    fn attach(&self, _acct: &std::sync::Arc<crate::memory::Accountant>, _spare: u64) {}
+    fn attach(&self, _acct: &std::sync::Arc<crate::node::memory::Accountant>, _spare: u64) {}
 
     /// Device memory one chunk needs while it is processed.
     fn chunk_memory(&self, input: &ValueInfo, chunk: &ChunkSpec) -> ChunkMemory;

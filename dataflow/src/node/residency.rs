@@ -16,7 +16,7 @@
 //! - Every state change is recorded as a [`ResidencyDelta`], which the run announces as a
 //!   `telemetry.residency_delta` event.
 
-use crate::memory::{Accountant, Bytes, Lease};
+use crate::node::memory::{Accountant, Bytes, Lease};
 use crate::node::NodeError;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};

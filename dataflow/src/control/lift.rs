@@ -10,25 +10,16 @@
 //! those frames, with the same widget values and side inputs, so per frame it computes what
 //! it computes on images.
 
+use crate::control::workflow::WorkflowNode;
+use crate::node::schema::MemoryQuery;
+use crate::node::stream::{FrameOp, Temporal, VideoShape};
+use crate::node::value::{ImageInfo, Value, ValueInfo};
 use crate::node::{Args, ExecContext, Inputs, JobEnv, Node, NodeError, NodeOutput};
-use crate::schema::MemoryQuery;
-use crate::stream::{FrameOp, Temporal, VideoShape};
-use crate::value::{DataType, ImageInfo, Value, ValueInfo};
-use crate::workflow::WorkflowNode;
 use candle_core::Tensor;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-/// Whether a node type can run per frame: it is not an output node and every output is an
-/// `IMAGE`, and it says how it relates frames ([`Node::temporal`]).
-pub fn liftable(node: &dyn Node, args: &Args) -> Option<Temporal> {
-    let s = node.schema();
-    let all_images =
-        !s.outputs.is_empty() && s.outputs.iter().all(|o| o.data_type == DataType::Image);
-    (all_images && !s.output_node)
-        .then(|| node.temporal(args))
-        .flatten()
-}
+pub use crate::node::liftable;
 
 /// One frame of `shape`'s output, as an image shape.
 fn frame_info(shape: &VideoShape, frames: usize) -> ValueInfo {

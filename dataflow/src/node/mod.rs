@@ -8,9 +8,19 @@
 //! the declared type and range and every linked input holds a value of the declared type —
 //! validation guarantees it — so kernels only fail for reasons of the data itself.
 
-use crate::chunk::ChunkedOp;
-use crate::schema::{MemoryEstimate, MemoryQuery, NodeMeta, NodeSchema};
-use crate::value::{DataType, Value, ValueInfo};
+pub mod chunk;
+pub mod error;
+pub mod memory;
+pub mod model_paths;
+pub mod output;
+pub mod residency;
+pub mod schema;
+pub mod stream;
+pub mod value;
+
+use crate::node::chunk::ChunkedOp;
+use crate::node::schema::{MemoryEstimate, MemoryQuery, NodeMeta, NodeSchema};
+use crate::node::value::{DataType, Value, ValueInfo};
 use candle_core::Device;
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
@@ -186,7 +196,11 @@ impl Inputs<Value> {
     }
 
     /// A model input of `kind`.
-    pub fn model(&self, name: &str, kind: DataType) -> Result<&crate::value::ModelRef, NodeError> {
+    pub fn model(
+        &self,
+        name: &str,
+        kind: DataType,
+    ) -> Result<&crate::node::value::ModelRef, NodeError> {
         match self.require(name)? {
             Value::Model(m) if m.kind == kind => Ok(m),
             other => Err(NodeError::input(
@@ -212,7 +226,7 @@ pub struct JobEnv {
     pub preview: PreviewMethod,
     /// Extra model folders by kind, searched after `models_dir` (ComfyUI's
     /// `extra_model_paths.yaml`).
-    pub extra_models: Arc<crate::model_paths::ModelPaths>,
+    pub extra_models: Arc<crate::node::model_paths::ModelPaths>,
 }
 
 /// How a sampler previews its latent after each step (ComfyUI's `--preview-method`).
@@ -259,12 +273,12 @@ impl JobEnv {
             temp_dir: temp_dir.into(),
             models_dir: PathBuf::from("models"),
             preview: PreviewMethod::Auto,
-            extra_models: Arc::new(crate::model_paths::ModelPaths::none()),
+            extra_models: Arc::new(crate::node::model_paths::ModelPaths::none()),
         }
     }
 
     /// The same environment with extra model folders.
-    pub fn with_extra_models(mut self, paths: crate::model_paths::ModelPaths) -> JobEnv {
+    pub fn with_extra_models(mut self, paths: crate::node::model_paths::ModelPaths) -> JobEnv {
         self.extra_models = Arc::new(paths);
         self
     }
@@ -356,7 +370,7 @@ pub struct ExecContext {
     pub node_id: NodeId,
     /// Where the node puts model weights: the registry, the run's accountant, and the plan's
     /// residency decision for this node.
-    pub weights: crate::residency::WeightContext,
+    pub weights: crate::node::residency::WeightContext,
 }
 
 impl ExecContext {
@@ -368,8 +382,8 @@ impl ExecContext {
             device: Device::Cpu,
             prompt: None,
             node_id: NodeId(node_id.to_string()),
-            weights: crate::residency::WeightContext::resident(
-                crate::memory::Accountant::unlimited(),
+            weights: crate::node::residency::WeightContext::resident(
+                crate::node::memory::Accountant::unlimited(),
             ),
         }
     }
@@ -397,7 +411,7 @@ pub struct Chunking {
 #[derive(Clone)]
 pub struct Sinking {
     pub input: &'static str,
-    pub op: Arc<dyn crate::chunk::SinkOp>,
+    pub op: Arc<dyn crate::node::chunk::SinkOp>,
 }
 
 /// A preview of an iterative node's state after one step: an image (`[1, h, w, 3]`, host
@@ -463,17 +477,17 @@ pub trait Node: Send + Sync + 'static {
     }
 
     /// For output nodes that can take their input piece by piece as it becomes final: the
-    /// input and the sink ([`crate::chunk::SinkOp`]). The planner uses it when the node's input
+    /// input and the sink ([`crate::node::chunk::SinkOp`]). The planner uses it when the node's input
     /// comes from a tiled region and nothing else reads it, so the whole input never exists.
     fn sink(&self, _args: &Args, _inputs: &Inputs<ValueInfo>, _env: &JobEnv) -> Option<Sinking> {
         None
     }
 
     /// For nodes whose first output can be read piece by piece (see
-    /// [`crate::chunk::SourceOp`]): the source. The planner uses it when that output's only
+    /// [`crate::node::chunk::SourceOp`]): the source. The planner uses it when that output's only
     /// reader is the first stage of a pipeline region, so the output never exists whole (a
     /// large input image is decoded band by band as its tiles are cut).
-    fn source(&self, _args: &Args, _env: &JobEnv) -> Option<Arc<dyn crate::chunk::SourceOp>> {
+    fn source(&self, _args: &Args, _env: &JobEnv) -> Option<Arc<dyn crate::node::chunk::SourceOp>> {
         None
     }
 
@@ -481,7 +495,7 @@ pub trait Node: Send + Sync + 'static {
     /// (`GetVideoComponents`): the output port of the batch, when the node can hand the video
     /// itself through that port instead of decoding it ([`Node::infer_streamed`],
     /// [`Node::execute_streamed`]). Validation has it do so when every reader of the batch runs
-    /// per frame ([`crate::lift`]) and the chain ends in a node that takes a video on its
+    /// per frame ([`crate::control::lift`]) and the chain ends in a node that takes a video on its
     /// `IMAGE` input ([`Node::takes_video`], `CreateVideo`): the frames are then decoded
     /// window by window by whatever consumes the video, in bounded memory, instead of as one
     /// batch of the whole clip.
@@ -522,10 +536,10 @@ pub trait Node: Send + Sync + 'static {
         0
     }
 
-    /// How the node relates frames when its `IMAGE` input is a video (see [`crate::lift`]):
+    /// How the node relates frames when its `IMAGE` input is a video (see [`crate::control::lift`]):
     /// by default each frame on its own. `None`: the node cannot run on video frames.
-    fn temporal(&self, _args: &Args) -> Option<crate::stream::Temporal> {
-        Some(crate::stream::Temporal::PER_FRAME)
+    fn temporal(&self, _args: &Args) -> Option<crate::node::stream::Temporal> {
+        Some(crate::node::stream::Temporal::PER_FRAME)
     }
 
     /// Starts an iterative node on its inputs; called only when [`Node::steps`] is positive.
@@ -586,6 +600,18 @@ impl NodeRegistry {
             .collect();
         Json::Object(map)
     }
+}
+
+/// Whether a node type can run per frame of a video ([`crate::lift`]): it is not an output
+/// node and every output is an `IMAGE`, and it says how it relates frames
+/// ([`Node::temporal`]).
+pub fn liftable(node: &dyn Node, args: &Args) -> Option<crate::node::stream::Temporal> {
+    let s = node.schema();
+    let all_images =
+        !s.outputs.is_empty() && s.outputs.iter().all(|o| o.data_type == DataType::Image);
+    (all_images && !s.output_node)
+        .then(|| node.temporal(args))
+        .flatten()
 }
 
 /// Runs node code, turning a panic into a [`NodeError`] so that a bug in one node fails its

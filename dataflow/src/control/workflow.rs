@@ -13,10 +13,10 @@
 //! existing output of the right type, no cycle, every input file present, and its nodes in a
 //! deterministic topological order. Nothing downstream checks these again.
 
-use crate::error::{ValidationErrors, WorkflowError};
+use crate::node::error::{ValidationErrors, WorkflowError};
+use crate::node::schema::{FileFolder, InputKind};
+use crate::node::value::DataType;
 use crate::node::{Args, JobEnv, Node, NodeId, NodeRegistry};
-use crate::schema::{FileFolder, InputKind};
-use crate::value::DataType;
 use serde_json::{Map, Value as Json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -41,7 +41,7 @@ pub struct WorkflowNode {
     pub args: Args,
     /// Linked inputs, in schema order.
     pub links: Vec<Link>,
-    /// `IMAGE` inputs linked to a video: the node runs on its frames ([`crate::lift`]) and
+    /// `IMAGE` inputs linked to a video: the node runs on its frames ([`crate::control::lift`]) and
     /// its outputs are videos. Empty for a node that runs as declared.
     pub lifted: Vec<&'static str>,
     /// The node hands its video on through its `IMAGE` batch output instead of decoding it
@@ -490,7 +490,7 @@ pub fn validate(
                     if node.takes_video(input) {
                         seen_end = true;
                     } else if images_in == 1
-                        && crate::lift::liftable(node.as_ref(), &args).is_some()
+                        && crate::node::liftable(node.as_ref(), &args).is_some()
                     {
                         for o in 0..node.schema().outputs.len() {
                             frontier.push((r, o));
@@ -547,7 +547,7 @@ pub fn validate(
                 if expected == DataType::Image
                     && found == DataType::Video
                     && mine.is_empty()
-                    && crate::lift::liftable(raw.node.as_ref(), &args).is_some()
+                    && crate::node::liftable(raw.node.as_ref(), &args).is_some()
                 {
                     mine.push(*input);
                     continue;

@@ -5,7 +5,7 @@
 //! Invariant: a node that declares no metadata gets [`NodeMeta::default`] — atomic execution
 //! and a whole-input memory estimate — so the planner never has to guess optimistically.
 
-use crate::value::{DataType, ValueInfo};
+use crate::node::value::{DataType, ValueInfo};
 use serde::Serialize;
 use serde_json::{json, Map, Value as Json};
 
@@ -281,7 +281,7 @@ impl NodeSchema {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::value::ImageInfo;
+    use crate::node::value::ImageInfo;
 
     #[test]
     fn a_node_that_declares_nothing_is_atomic_with_whole_input_memory() {

@@ -12,14 +12,14 @@
 use crate::compute::build::{image_output_consumers, streams_output, Inbox};
 use crate::compute::record::NoteKind;
 use crate::compute::JobCompute;
-use crate::event::{
+use crate::node::residency::{Phase, ResidencyDelta};
+use crate::node::value::{Value, ValueInfo};
+use crate::node::NodeError;
+use crate::telemetry::event::{
     Emitter, EventKind, Lifecycle, MemoryUse, NodeTimingEvent, Progress, RunTiming,
 };
-use crate::exec::{NodeStats, RunError, RunReport};
-use crate::node::NodeError;
-use crate::residency::{Phase, ResidencyDelta};
-use crate::timing::{NodeClock, TimeSplit};
-use crate::value::{Value, ValueInfo};
+use crate::telemetry::report::{NodeStats, RunError, RunReport};
+use crate::telemetry::timing::{NodeClock, TimeSplit};
 use serde_json::Value as Json;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -103,7 +103,8 @@ impl Driver {
                     let u = job.plan.unit_of(ix);
                     let members: Vec<usize> = u.members().collect();
                     let at = members.iter().position(|&m| m == ix)?;
-                    (u.kind != crate::plan::UnitKind::Whole && at > 0).then(|| members[at - 1])
+                    (u.kind != crate::control::plan::UnitKind::Whole && at > 0)
+                        .then(|| members[at - 1])
                 })
                 .collect(),
             residency: Vec::new(),
@@ -386,7 +387,7 @@ impl Driver {
         let cut = self.seen[ix].cut;
         match (spec.region, p.chunked_input) {
             (
-                crate::chunk::ChunkRegion::Frames {
+                crate::node::chunk::ChunkRegion::Frames {
                     out_start,
                     out_next,
                     ..
@@ -432,7 +433,10 @@ impl Driver {
                     frames,
                 );
             }
-            (crate::chunk::ChunkRegion::Samples { start, len }, Some(ValueInfo::Audio(meta))) => {
+            (
+                crate::node::chunk::ChunkRegion::Samples { start, len },
+                Some(ValueInfo::Audio(meta)),
+            ) => {
                 self.emitter.emit_with(
                     EventKind::PartialAudio {
                         node,
@@ -486,7 +490,7 @@ impl Driver {
             .chunks
             .get(chunk as usize)
             .and_then(|c| c.rect())
-            .unwrap_or(crate::chunk::Rect::new(0, 0, width, height));
+            .unwrap_or(crate::node::chunk::Rect::new(0, 0, width, height));
         self.streaming();
         for &c in &self.output_consumers[ix] {
             self.emitter.emit_with(
