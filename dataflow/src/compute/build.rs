@@ -1,7 +1,7 @@
 //! Building one job's dataflow on one worker, from the plan: every worker builds the same
 //! operators in the same order, so their identities agree.
 
-use super::chunked::{merge, process, side_inputs, sink, split, ExitLease};
+use super::chunked::{exit, process, side_inputs, split, Exit, ExitLease};
 use super::pipeline::{cut, stage, Entry};
 use super::record::{Note, NoteKind, Rec, Record};
 use super::runtime::compute_worker;
@@ -271,14 +271,23 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
                         let Some(sinking) = n.node.sink(&n.args, &infos, &job.env) else {
                             unreachable!("node {} was planned as a sink but has none", n.id)
                         };
-                        let (data, n) =
-                            parts(sink(results, s, last, owner, sinking.op, exit_lease, job));
+                        let end = Exit::Sink {
+                            op: sinking.op,
+                            source: last,
+                        };
+                        let (data, n) = parts(exit(results, s, owner, end, exit_lease, job));
                         notes[s].push(n);
                         data
                     }
                     None => {
-                        let (data, n) =
-                            parts(merge(results, last, owner, last_op, exit_lease, job));
+                        let (data, n) = parts(exit(
+                            results,
+                            last,
+                            owner,
+                            Exit::Merge(last_op),
+                            exit_lease,
+                            job,
+                        ));
                         notes[last].push(n);
                         outputs[last] = Some(data.clone());
                         data

@@ -9,7 +9,7 @@ use crate::node::chunk::{ChunkSize, ChunkSpec, ChunkedOp, Merger, SinkOp};
 use crate::node::memory::Lease;
 use crate::node::residency::Phase;
 use crate::node::value::{Value, ValueInfo};
-use crate::node::{guarded, Inputs, NodeError};
+use crate::node::{guarded, NodeError};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -254,12 +254,7 @@ pub(crate) fn process<'s>(
                         // they arrive.
                         return;
                     }
-                    let mut side = Inputs::new();
-                    for r in side_stash.drain(..) {
-                        if let Some(l) = job.wf.nodes[ix].links.get(r.port as usize) {
-                            side.insert(l.input, r.value);
-                        }
-                    }
+                    let side = named_inputs(&job, ix, &mut side_stash);
                     let mut notes = Notes::default();
                     match notes.busy(|| job.bound_op(ix, &op, &side)) {
                         Ok(b) => bound = Some(b),
@@ -415,129 +410,38 @@ fn process_chunk(
     }
 }
 
-/// Assembles processed chunks as they arrive, and emits the output once the frontier passes
-/// the node's output time.
-///
-/// Memory: the output buffer, leased by the cutter before its first piece, passes to the
-/// output value; each chunk's memory returns as soon as it is pasted.
-pub(crate) fn merge<'s>(
+/// How a unit ends: its last stage's output assembled whole, or an output node that takes
+/// the pieces as they come ([`SinkOp`]; `source` is the node whose pieces it takes).
+pub(crate) enum Exit {
+    Merge(Arc<dyn ChunkedOp>),
+    Sink { op: Arc<dyn SinkOp>, source: usize },
+}
+
+/// A unit's exit, on its owner: takes the pieces as they arrive (pasting them into the output
+/// being assembled, or handing them to the sink, which writes what they make final), and once
+/// the frontier passes the output time ends the output: the merged value (leased with the
+/// memory the cutter set aside for it) or the sink's UI record. Node `ix`'s notes: the last
+/// stage's for a merge, the sink's for a sink. The bound operator of the node whose pieces
+/// these are (and the weights it holds) goes then. A sink dropped unfinished (the job
+/// stopped) leaves nothing behind.
+pub(crate) fn exit<'s>(
     done: Recs<'s>,
     ix: usize,
     owner_ix: u64,
-    op: Arc<dyn ChunkedOp>,
+    exit: Exit,
     exit_lease: ExitLease,
     job: &Arc<JobCompute>,
 ) -> Out<'s> {
     let job = job.clone();
     let owner = done.scope().index() as u64 == owner_ix;
     let out_time = job.plan.nodes[ix].out_time;
+    let (name, source) = match &exit {
+        Exit::Merge(_) => ("merge", ix),
+        Exit::Sink { source, .. } => ("sink", *source),
+    };
     done.unary_frontier::<Cb, _, _, _>(
         Exchange::new(move |_r: &Record| owner_ix),
-        "merge",
-        move |cap, _info| {
-            let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&out_time));
-            let mut merger: Option<Box<dyn Merger>> = None;
-            let mut failed = false;
-            move |(input, frontier), output| {
-                let np = &job.plan.nodes[ix];
-                let info = np.outputs.first().copied().unwrap_or(ValueInfo::Unknown);
-                let mut notes = Notes::default();
-                input.for_each(|_c, data| {
-                    for r in data.drain(..) {
-                        if failed || job.stopped() {
-                            continue;
-                        }
-                        if merger.is_none() {
-                            match notes.busy(|| guarded(|| op.merger(&info))) {
-                                Ok(m) => merger = Some(m),
-                                Err(e) => {
-                                    failed = true;
-                                    job.halt();
-                                    notes.push(ix, NoteKind::Failed(e));
-                                    continue;
-                                }
-                            }
-                        }
-                        let m = merger.as_mut().expect("made above");
-                        let added = match np.chunks.get(r.chunk as usize).copied() {
-                            Some(spec) => notes.busy(|| guarded(|| m.add(&spec, r.value))),
-                            None => Err(NodeError::Other(format!(
-                                "chunk {} is not in the plan",
-                                r.chunk
-                            ))),
-                        };
-                        if let Err(e) = added {
-                            failed = true;
-                            job.halt();
-                            notes.push(ix, NoteKind::Failed(e));
-                        }
-                    }
-                });
-                let Some(c) = cap.as_ref() else {
-                    return;
-                };
-                let stopped = failed || job.stopped();
-                if !stopped && !frontier.frontier().less_equal(&out_time) {
-                    // Every chunk is in: the bound operator (and the weights it holds) can go.
-                    job.unbind(ix);
-                    if let Some(m) = merger.take() {
-                        let lease = exit_lease.borrow_mut().take();
-                        match notes.busy(|| guarded(|| m.finish_output())) {
-                            Ok(out) => {
-                                notes.push(ix, NoteKind::Ran { ui: out.ui });
-                                let value = out
-                                    .values
-                                    .into_iter()
-                                    .next()
-                                    .unwrap_or(Value::Boolean(true));
-                                let value = match lease {
-                                    Some(l) => value.with_lease(l),
-                                    None => value.track(&job.acct),
-                                };
-                                output.session(c).give(Rec::Data(Record::value(0, value)));
-                            }
-                            Err(e) => {
-                                job.halt();
-                                notes.push(ix, NoteKind::Failed(e));
-                            }
-                        }
-                    }
-                    let recs = notes.drain(&job, ix);
-                    output.session(c).give_iterator(recs.into_iter());
-                    cap = None;
-                    return;
-                }
-                let recs = notes.drain(&job, ix);
-                if !recs.is_empty() {
-                    output.session(c).give_iterator(recs.into_iter());
-                }
-                if stopped && !frontier.frontier().less_equal(&out_time) {
-                    merger = None;
-                    cap = None;
-                }
-            }
-        },
-    )
-}
-
-/// An output node that takes its input piece by piece (see [`SinkOp`]): opens when the first
-/// piece arrives, writes what each piece makes final, and ends the output (its UI record) once
-/// every piece is in. `source` is the node whose pieces it takes; its bound operator goes then.
-pub(crate) fn sink<'s>(
-    pieces: Recs<'s>,
-    ix: usize,
-    source: usize,
-    owner_ix: u64,
-    op: Arc<dyn SinkOp>,
-    exit_lease: ExitLease,
-    job: &Arc<JobCompute>,
-) -> Out<'s> {
-    let job = job.clone();
-    let owner = pieces.scope().index() as u64 == owner_ix;
-    let out_time = job.plan.nodes[ix].out_time;
-    pieces.unary_frontier::<Cb, _, _, _>(
-        Exchange::new(move |_r: &Record| owner_ix),
-        "sink",
+        name,
         move |cap, _info| {
             let mut cap: Option<Capability<u64>> = owner.then(|| cap.delayed(&out_time));
             let mut open: Option<Box<dyn Merger>> = None;
@@ -545,7 +449,6 @@ pub(crate) fn sink<'s>(
             let ctx = job.context(ix);
             move |(input, frontier), output| {
                 let np = &job.plan.nodes[ix];
-                let info = np.chunked_input.unwrap_or(ValueInfo::Unknown);
                 let mut notes = Notes::default();
                 input.for_each(|_c, data| {
                     for r in data.drain(..) {
@@ -553,7 +456,19 @@ pub(crate) fn sink<'s>(
                             continue;
                         }
                         if open.is_none() {
-                            match notes.busy(|| guarded(|| op.open(&info, &np.chunks, &ctx))) {
+                            let made = notes.busy(|| {
+                                guarded(|| match &exit {
+                                    Exit::Merge(op) => op.merger(
+                                        &np.outputs.first().copied().unwrap_or(ValueInfo::Unknown),
+                                    ),
+                                    Exit::Sink { op, .. } => op.open(
+                                        &np.chunked_input.unwrap_or(ValueInfo::Unknown),
+                                        &np.chunks,
+                                        &ctx,
+                                    ),
+                                })
+                            });
+                            match made {
                                 Ok(m) => open = Some(m),
                                 Err(e) => {
                                     failed = true;
@@ -581,32 +496,46 @@ pub(crate) fn sink<'s>(
                 let Some(c) = cap.as_ref() else {
                     return;
                 };
-                let stopped = failed || job.stopped();
-                if !frontier.frontier().less_equal(&out_time) {
-                    if !stopped {
-                        job.unbind(source);
-                        if let Some(m) = open.take() {
-                            match notes.busy(|| guarded(|| m.finish_output())) {
-                                Ok(out) => notes.push(ix, NoteKind::Ran { ui: out.ui }),
-                                Err(e) => {
-                                    job.halt();
-                                    notes.push(ix, NoteKind::Failed(e));
+                if frontier.frontier().less_equal(&out_time) {
+                    let recs = notes.drain(&job, ix);
+                    if !recs.is_empty() {
+                        output.session(c).give_iterator(recs.into_iter());
+                    }
+                    return;
+                }
+                // Every piece is in (or the job stopped).
+                if !(failed || job.stopped()) {
+                    job.unbind(source);
+                    if let Some(m) = open.take() {
+                        let lease = exit_lease.borrow_mut().take();
+                        match notes.busy(|| guarded(|| m.finish_output())) {
+                            Ok(out) => {
+                                notes.push(ix, NoteKind::Ran { ui: out.ui });
+                                if matches!(exit, Exit::Merge(_)) {
+                                    let value = out
+                                        .values
+                                        .into_iter()
+                                        .next()
+                                        .unwrap_or(Value::Boolean(true));
+                                    let value = match lease {
+                                        Some(l) => value.with_lease(l),
+                                        None => value.track(&job.acct),
+                                    };
+                                    output.session(c).give(Rec::Data(Record::value(0, value)));
                                 }
+                            }
+                            Err(e) => {
+                                job.halt();
+                                notes.push(ix, NoteKind::Failed(e));
                             }
                         }
                     }
-                    // Dropped unfinished, a sink leaves nothing behind.
-                    open = None;
-                    exit_lease.borrow_mut().take();
-                    let recs = notes.drain(&job, ix);
-                    output.session(c).give_iterator(recs.into_iter());
-                    cap = None;
-                    return;
                 }
+                open = None;
+                exit_lease.borrow_mut().take();
                 let recs = notes.drain(&job, ix);
-                if !recs.is_empty() {
-                    output.session(c).give_iterator(recs.into_iter());
-                }
+                output.session(c).give_iterator(recs.into_iter());
+                cap = None;
             }
         },
     )

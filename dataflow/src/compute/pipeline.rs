@@ -8,7 +8,7 @@ use super::{JobCompute, Notes};
 use crate::node::chunk::{ChunkedOp, RegionReader, SourceOp};
 use crate::node::memory::Lease;
 use crate::node::value::{Value, ValueInfo};
-use crate::node::{guarded, Inputs, NodeError};
+use crate::node::{guarded, NodeError};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -285,12 +285,7 @@ pub(crate) fn stage<'s>(
                     if side_frontier.frontier().less_equal(&in_time) {
                         return;
                     }
-                    let mut side = Inputs::new();
-                    for r in side_stash.drain(..) {
-                        if let Some(l) = job.wf.nodes[ix].links.get(r.port as usize) {
-                            side.insert(l.input, r.value);
-                        }
-                    }
+                    let side = named_inputs(&job, ix, &mut side_stash);
                     let mut notes = Notes::default();
                     match notes.busy(|| job.bound_op(ix, &op, &side)) {
                         Ok(b) => bound = Some(b),

@@ -348,15 +348,9 @@ pub(crate) fn size_unit(
     }
 }
 
-/// A node run whole: its weights resident, or streamed block by block when that fits better.
-pub(crate) fn size_whole(
-    wf: &ValidatedWorkflow,
-    ix: usize,
-    sh: &Shaped,
-    fits: &dyn Fn(u64) -> bool,
-    opts: &PlanOptions,
-) -> Result<NodeChoice, NodeError> {
-    let memory = sh.memory;
+/// Where a node's weights may live: all resident, or else (outside the naive plan) streamed
+/// block by block when they can be.
+fn weight_options(memory: &MemoryEstimate, opts: &PlanOptions) -> Vec<WeightPlan> {
     let mut options = vec![WeightPlan::resident(memory.weights)];
     if !opts.naive
         && memory.weights > 0
@@ -369,6 +363,18 @@ pub(crate) fn size_whole(
             memory.weights,
         ));
     }
+    options
+}
+
+/// A node run whole: its weights resident, or streamed block by block when that fits better.
+pub(crate) fn size_whole(
+    wf: &ValidatedWorkflow,
+    ix: usize,
+    sh: &Shaped,
+    fits: &dyn Fn(u64) -> bool,
+    opts: &PlanOptions,
+) -> Result<NodeChoice, NodeError> {
+    let options = weight_options(&sh.memory, opts);
     let mut chosen: Option<NodeChoice> = None;
     for weights in options {
         let c = NodeChoice::whole(weights, weights.device_bytes(1) + sh.activations);
@@ -466,18 +472,7 @@ pub(crate) fn size_chunked(
     let output_bytes = output.bytes().unwrap_or(0);
     let merger_bytes = guarded(|| Ok(chunking.op.merger_memory(&input)))?;
     let announced = shown(wf, ix) || d.sink.is_some();
-    let mut weight_options = vec![WeightPlan::resident(memory.weights)];
-    if !opts.naive
-        && memory.weights > 0
-        && memory.weight_block > 0
-        && memory.weight_block < memory.weights
-    {
-        weight_options.push(WeightPlan::streamed(
-            opts.prefetch,
-            memory.weight_block,
-            memory.weights,
-        ));
-    }
+    let weight_options = weight_options(&memory, opts);
     let serial_too = opts.inflight(usize::MAX) > 1;
     let sizes = sizes_for(chunking, opts);
     let mut chosen: Option<(NodeChoice, u64, u64)> = None;
