@@ -1,8 +1,10 @@
 //! Building one job's dataflow on one worker, from the plan: every worker builds the same
 //! operators in the same order, so their identities agree.
 
-use super::chunked::{exit, process, side_inputs, split, Exit, ExitLease};
-use super::pipeline::{cut, stage, Entry};
+use super::chunked::{
+    exit, pieces as piece_op, process_kernel, side_inputs, split, Exit, ExitLease,
+};
+use super::pipeline::{cut, stage_kernel, Entry};
 use super::record::{Note, NoteKind, Rec, Record};
 use super::runtime::compute_worker;
 use super::whole::{whole, Cb, Out, Recs};
@@ -197,7 +199,7 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
                             );
                             let (cut_data, cut_notes) = parts(cutter);
                             notes[cutter_ix].push(cut_notes);
-                            stage(
+                            piece_op(
                                 scope,
                                 cut_data,
                                 side,
@@ -205,6 +207,8 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
                                 ops[j].op.clone(),
                                 captured,
                                 ran_on_last || !last_stage,
+                                "stage",
+                                Box::new(stage_kernel),
                                 job,
                             )
                         } else {
@@ -222,7 +226,7 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
                             );
                             let (cut_data, cut_notes) = parts(cutter);
                             notes[ix].push(cut_notes);
-                            process(
+                            piece_op(
                                 scope,
                                 cut_data,
                                 side,
@@ -230,6 +234,8 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
                                 ops[j].op.clone(),
                                 captured,
                                 ran_on_last,
+                                "process",
+                                Box::new(process_kernel),
                                 job,
                             )
                         }
@@ -244,7 +250,7 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
                         let side_all = joined(side_links, &gates);
                         let side = side_inputs(side_all, ix, which, job);
                         let prev = pieces.take().expect("the stage before made pieces");
-                        stage(
+                        piece_op(
                             scope,
                             prev,
                             side,
@@ -252,6 +258,8 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
                             ops[j].op.clone(),
                             captured,
                             ran_on_last || !last_stage,
+                            "stage",
+                            Box::new(stage_kernel),
                             job,
                         )
                     };

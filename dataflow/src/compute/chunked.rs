@@ -198,16 +198,19 @@ pub(crate) fn side_inputs<'s>(
         .broadcast()
 }
 
-/// Processes chunk records on whichever compute worker they land, one per activation, once
-/// the node's side inputs are in and its operator is bound to them.
-///
-/// Memory: a chunk's result and workspace were set aside when its piece was cut; a piece cut
-/// without (nothing was in flight to wait for) leases them before the kernel runs, and if that
-/// is refused, the chunk is re-run as tiles of half the side (down to the plan's smallest),
-/// which read sub-windows of the same piece and so give the same pixels; each such retry
-/// leaves a note.
+/// What a piece operator does with one piece, with the node's bound operator: the record it
+/// sends on (its chunk, value and the reservation it carries on), or why it failed.
+pub(crate) type Kernel =
+    dyn Fn(&JobCompute, &dyn ChunkedOp, usize, Record, &mut Notes) -> Result<Record, NodeError>;
+
+/// An operator that works piece by piece on whichever compute worker a piece lands (pieces are
+/// spread by index, the same way at every stage, so a piece stays where it was taken), one
+/// per activation so the frontier, and the events, move per piece, once the node's side
+/// inputs are in and its operator is bound to them. Sends each result's host copy as a note
+/// when an output node shows it (`captured`), and the node's `Ran` with the last piece when
+/// nothing after it does (`ran_on_last`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn process<'s>(
+pub(crate) fn pieces<'s>(
     scope: Scope<'s, u64>,
     pieces: Recs<'s>,
     side: Recs<'s>,
@@ -215,6 +218,8 @@ pub(crate) fn process<'s>(
     op: Arc<dyn ChunkedOp>,
     captured: bool,
     ran_on_last: bool,
+    name: &str,
+    kernel: Box<Kernel>,
     job: &Arc<JobCompute>,
 ) -> Out<'s> {
     let job = job.clone();
@@ -225,7 +230,7 @@ pub(crate) fn process<'s>(
         side,
         Exchange::new(move |r: &Record| compute_worker(r.chunk as u64, peers)),
         Pipeline,
-        "process",
+        name,
         move |_cap, info| {
             let activator = scope.activator_for(info.address.clone());
             let mut queue: VecDeque<(Capability<u64>, Record)> = VecDeque::new();
@@ -274,48 +279,28 @@ pub(crate) fn process<'s>(
                     let (cap, _) = queue.front().expect("not empty");
                     output.session(cap).give_iterator(recs.into_iter());
                 }
-                // One chunk per activation: the frontier, and so the events, move per chunk.
-                if let Some((cap, mut r)) = queue.pop_front() {
+                if let Some((cap, r)) = queue.pop_front() {
                     let op = bound.clone().expect("bound above");
                     let mut notes = Notes::default();
-                    let reserve = r.reserve.take();
-                    let started = Instant::now();
-                    let done = process_chunk(&job, op.as_ref(), ix, &r, reserve, &mut notes);
-                    let replayed = matches!(&done, Ok(Value::Video(v))
-                        if v.source().as_memory().is_some_and(|w| w.cached));
-                    notes.add(started.elapsed(), replayed);
-                    if replayed {
-                        job.logs[ix].enter(Phase::CachedReplay);
-                    } else {
-                        job.logs[ix].leave_replay();
-                    }
-                    let chunk = r.chunk;
-                    // The piece is no longer needed once its chunk is computed.
-                    drop(r);
                     let mut recs = Vec::new();
-                    match done {
-                        Ok(value) => {
+                    match kernel(&job, op.as_ref(), ix, r, &mut notes) {
+                        Ok(out) => {
                             if captured {
-                                if let Ok(host) = value.to_host() {
+                                if let Ok(host) = out.value.to_host() {
                                     notes.push(
                                         ix,
                                         NoteKind::Piece {
-                                            chunk,
+                                            chunk: out.chunk,
                                             value: host,
                                             done_ms: job.started.elapsed().as_secs_f64() * 1e3,
                                         },
                                     );
                                 }
                             }
-                            if ran_on_last && chunk == last {
+                            if ran_on_last && out.chunk == last {
                                 notes.push(ix, NoteKind::Ran { ui: None });
                             }
-                            recs.push(Rec::Data(Record {
-                                port: 0,
-                                chunk,
-                                value: value.track(&job.acct),
-                                reserve: None,
-                            }));
+                            recs.push(Rec::Data(out));
                         }
                         Err(e) => {
                             job.halt();
@@ -331,6 +316,41 @@ pub(crate) fn process<'s>(
             }
         },
     )
+}
+
+/// A chunked node's kernel: one chunk from its piece, under the memory set aside when the piece
+/// was cut; a piece cut without (nothing was in flight to wait for) leases its result and
+/// workspace before the kernel runs, and if that is refused, the chunk is re-run as tiles of
+/// half the side (down to the plan's smallest), which read sub-windows of the same piece and so
+/// give the same pixels; each such retry leaves a note. A window replayed from the temporal
+/// cache counts as replay.
+pub(crate) fn process_kernel(
+    job: &JobCompute,
+    op: &dyn ChunkedOp,
+    ix: usize,
+    mut r: Record,
+    notes: &mut Notes,
+) -> Result<Record, NodeError> {
+    let reserve = r.reserve.take();
+    let started = Instant::now();
+    let done = process_chunk(job, op, ix, &r, reserve, notes);
+    let replayed = matches!(&done, Ok(Value::Video(v))
+        if v.source().as_memory().is_some_and(|w| w.cached));
+    notes.add(started.elapsed(), replayed);
+    if replayed {
+        job.logs[ix].enter(Phase::CachedReplay);
+    } else {
+        job.logs[ix].leave_replay();
+    }
+    // The piece is no longer needed once its chunk is computed.
+    let chunk = r.chunk;
+    drop(r);
+    Ok(Record {
+        port: 0,
+        chunk,
+        value: done?.track(&job.acct),
+        reserve: None,
+    })
 }
 
 /// Runs one chunk under a memory lease, subdividing it while the lease is refused.

@@ -2,17 +2,15 @@
 
 use super::chunked::{finished, ExitLease};
 use super::record::{NoteKind, Rec, Record};
-use super::runtime::compute_worker;
 use super::whole::{named_inputs, Cb, Out, Recs};
 use super::{JobCompute, Notes};
 use crate::node::chunk::{ChunkedOp, RegionReader, SourceOp};
 use crate::node::memory::Lease;
 use crate::node::value::{Value, ValueInfo};
 use crate::node::{guarded, NodeError};
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
-use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::{ProbeHandle, Scope};
 
@@ -232,153 +230,53 @@ pub(crate) fn cut<'s>(
     )
 }
 
-/// One stage of a region: computes its part of each piece from the part of its input the
-/// piece carries, one piece per activation, once its side inputs are in and its operator is
-/// bound to them. Pieces are spread over the compute workers by index, the same way at every
-/// stage, so a piece stays on the worker that took it. The reservation the piece was cut with
-/// travels on.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn stage<'s>(
-    scope: Scope<'s, u64>,
-    pieces: Recs<'s>,
-    side: Recs<'s>,
+/// A region stage's kernel: its part of a piece from the part of its input the piece carries,
+/// the reservation the piece was cut with travelling on; a piece cut without one is computed
+/// under a lease of its own, re-run as smaller tiles while that is refused.
+pub(crate) fn stage_kernel(
+    job: &JobCompute,
+    op: &dyn ChunkedOp,
     ix: usize,
-    op: Arc<dyn ChunkedOp>,
-    captured: bool,
-    ran_on_last: bool,
-    job: &Arc<JobCompute>,
-) -> Out<'s> {
-    let job = job.clone();
-    let peers = scope.peers();
-    let in_time = job.plan.nodes[ix].in_time;
-    let last = job.plan.nodes[ix].chunks.len().saturating_sub(1) as u32;
-    // Every stage routes a piece by its index, as the first one did: a piece stays on the
-    // worker that took it (an exchange to oneself moves nothing).
-    pieces.binary_frontier::<_, Cb, _, _, _, _>(
-        side,
-        Exchange::new(move |r: &Record| compute_worker(r.chunk as u64, peers)),
-        Pipeline,
-        "stage",
-        move |_cap, info| {
-            let activator = scope.activator_for(info.address.clone());
-            let mut queue: VecDeque<(Capability<u64>, Record)> = VecDeque::new();
-            let mut side_stash: Vec<Record> = Vec::new();
-            let mut bound: Option<Arc<dyn ChunkedOp>> = None;
-            move |(input, _), (side_in, side_frontier), output| {
-                input.for_each(|c, data| {
-                    for r in data.drain(..) {
-                        if let Some(cap) = c.retain_least(0) {
-                            queue.push_back((cap, r));
-                        }
-                    }
-                });
-                side_in.for_each(|_c, data| side_stash.append(data));
-                if queue.is_empty() {
-                    return;
-                }
-                if job.stopped() {
-                    queue.clear();
-                    bound = None;
-                    return;
-                }
-                if bound.is_none() {
-                    if side_frontier.frontier().less_equal(&in_time) {
-                        return;
-                    }
-                    let side = named_inputs(&job, ix, &mut side_stash);
-                    let mut notes = Notes::default();
-                    match notes.busy(|| job.bound_op(ix, &op, &side)) {
-                        Ok(b) => bound = Some(b),
-                        Err(e) => {
-                            job.halt();
-                            notes.push(ix, NoteKind::Failed(e));
-                            let (cap, _) = queue.pop_front().expect("not empty");
-                            queue.clear();
-                            output
-                                .session(&cap)
-                                .give_iterator(notes.drain(&job, ix).into_iter());
-                            return;
-                        }
-                    }
-                    let recs = notes.drain(&job, ix);
-                    let (cap, _) = queue.front().expect("not empty");
-                    output.session(cap).give_iterator(recs.into_iter());
-                }
-                if let Some((cap, r)) = queue.pop_front() {
-                    let op = bound.clone().expect("bound above");
-                    let mut notes = Notes::default();
-                    let np = &job.plan.nodes[ix];
-                    let info = np.chunked_input.unwrap_or(ValueInfo::Unknown);
-                    let c = r.chunk as usize;
-                    let done = match (np.chunks.get(c), np.pieces_in.get(c)) {
-                        (Some(out), Some(have)) if r.reserve.is_some() => notes.busy(|| {
-                            guarded(|| match op.local() {
-                                Some(local) => {
-                                    local.process_within(&info, &out.region, have, &r.value)
-                                }
-                                None => Err(NodeError::Other("not a local operator".into())),
-                            })
-                        }),
-                        (Some(out), Some(have)) => notes
-                            .busy(|| within_retrying(&job, op.as_ref(), ix, out, have, &r.value))
-                            .map(|(v, retries)| {
-                                for (from, to, reason) in retries {
-                                    notes.push(
-                                        ix,
-                                        NoteKind::Retry {
-                                            chunk: r.chunk,
-                                            from,
-                                            to,
-                                            reason,
-                                        },
-                                    );
-                                }
-                                v.track(&job.acct)
-                            }),
-                        _ => Err(NodeError::Other(format!(
-                            "piece {c} is not in the plan of this stage"
-                        ))),
-                    };
-                    let Record { chunk, reserve, .. } = r;
-                    let mut recs = Vec::new();
-                    match done {
-                        Ok(value) => {
-                            if captured {
-                                if let Ok(host) = value.to_host() {
-                                    notes.push(
-                                        ix,
-                                        NoteKind::Piece {
-                                            chunk,
-                                            value: host,
-                                            done_ms: job.started.elapsed().as_secs_f64() * 1e3,
-                                        },
-                                    );
-                                }
-                            }
-                            if ran_on_last && chunk == last {
-                                notes.push(ix, NoteKind::Ran { ui: None });
-                            }
-                            recs.push(Rec::Data(Record {
-                                port: 0,
-                                chunk,
-                                value,
-                                reserve,
-                            }));
-                        }
-                        Err(e) => {
-                            job.halt();
-                            notes.push(ix, NoteKind::Failed(e));
-                        }
-                    }
-                    recs.extend(notes.drain(&job, ix));
-                    output.session(&cap).give_iterator(recs.into_iter());
-                }
-                if !queue.is_empty() {
-                    activator.activate();
-                }
+    r: Record,
+    notes: &mut Notes,
+) -> Result<Record, NodeError> {
+    let np = &job.plan.nodes[ix];
+    let info = np.chunked_input.unwrap_or(ValueInfo::Unknown);
+    let c = r.chunk as usize;
+    let value = match (np.chunks.get(c), np.pieces_in.get(c)) {
+        (Some(out), Some(have)) if r.reserve.is_some() => notes.busy(|| {
+            guarded(|| match op.local() {
+                Some(local) => local.process_within(&info, &out.region, have, &r.value),
+                None => Err(NodeError::Other("not a local operator".into())),
+            })
+        })?,
+        (Some(out), Some(have)) => {
+            let (v, retries) = notes.busy(|| within_retrying(job, op, ix, out, have, &r.value))?;
+            for (from, to, reason) in retries {
+                notes.push(
+                    ix,
+                    NoteKind::Retry {
+                        chunk: r.chunk,
+                        from,
+                        to,
+                        reason,
+                    },
+                );
             }
-        },
-    )
+            v.track(&job.acct)
+        }
+        _ => {
+            return Err(NodeError::Other(format!(
+                "piece {c} is not in the plan of this stage"
+            )))
+        }
+    };
+    Ok(Record {
+        port: 0,
+        chunk: r.chunk,
+        value,
+        reserve: r.reserve,
+    })
 }
 
 /// Computes a stage's part of a piece that was cut without memory set aside (nothing was in
