@@ -1,9 +1,7 @@
 //! Building one job's dataflow on one worker, from the plan: every worker builds the same
 //! operators in the same order, so their identities agree.
 
-use super::chunked::{
-    exit, pieces as piece_op, process_kernel, side_inputs, split, Exit, ExitLease,
-};
+use super::chunked::{exit, pieces as piece_op, process_kernel, side_inputs, Exit, ExitLease};
 use super::pipeline::{cut, stage_kernel, Entry};
 use super::record::{Note, NoteKind, Rec, Record};
 use super::runtime::compute_worker;
@@ -212,13 +210,15 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
                                 job,
                             )
                         } else {
-                            let cutter = split(
+                            let cutter = cut(
                                 scope,
                                 all,
                                 ix,
                                 owner,
-                                ops[j].op.clone(),
-                                which,
+                                Entry::Split {
+                                    op: ops[j].op.clone(),
+                                    which,
+                                },
                                 exit_bytes,
                                 exit_lease.clone(),
                                 done.clone(),

@@ -14,9 +14,17 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::{ProbeHandle, Scope};
 
-/// Where a region's pieces come from: the whole input, cropped by the first stage's operator;
-/// or a source node read part by part (its output never exists whole).
+/// Where a unit's pieces come from: the whole input, cut by a chunked node's own operator
+/// (its windows with halos, a stream's windows: memory set aside per piece for its result and
+/// workspace, the piece counted on its own); the whole input cropped by a region's first stage
+/// (the part of it each piece needs); or a source node read part by part (its output never
+/// exists whole). For a region, the memory set aside per piece is the most any stage holds
+/// for it.
 pub(crate) enum Entry {
+    Split {
+        op: Arc<dyn ChunkedOp>,
+        which: &'static str,
+    },
     Crop {
         op: Arc<dyn ChunkedOp>,
         which: &'static str,
@@ -27,10 +35,13 @@ pub(crate) enum Entry {
     },
 }
 
-/// Cuts a region's input once: piece `i`, at `in_time + i`, is the part of the first stage's
-/// input it needs, with the memory the region holds per piece set aside for it (it travels
-/// with the piece to the exit). At most the plan's in-flight count of pieces are cut ahead of
-/// those the exit has finished. Its notes are the source's, or the first stage's.
+/// Cuts a unit's input once: piece `i`, at `in_time + i`, with the memory set aside for it
+/// (see [`Entry`]; it travels with the piece to the exit). If that is refused while pieces are
+/// in flight, it waits for them to return memory; with none in flight, it cuts the piece
+/// anyway and the piece's operators lease what they need themselves, re-running it as smaller
+/// tiles if they must. At most the plan's in-flight count of pieces are cut ahead of those the
+/// exit has finished, so a unit never holds all its pieces at once. Its notes are the
+/// source's, or the first node's.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn cut<'s>(
     scope: Scope<'s, u64>,
@@ -53,7 +64,7 @@ pub(crate) fn cut<'s>(
     // Whose notes these are: the source's, or the first stage's.
     let me = match &entry {
         Entry::Source { node, .. } => *node,
-        Entry::Crop { .. } => ix,
+        Entry::Crop { .. } | Entry::Split { .. } => ix,
     };
     input.unary_frontier::<Cb, _, _, _>(
         Exchange::new(move |_r: &Record| owner_ix),
@@ -100,8 +111,8 @@ pub(crate) fn cut<'s>(
                 let started = whole.is_some() || reader.is_some();
                 if !started {
                     match &entry {
-                        Entry::Crop { op, which } => {
-                            if op.local().is_none() {
+                        Entry::Crop { op, which } | Entry::Split { op, which } => {
+                            if matches!(entry, Entry::Crop { .. }) && op.local().is_none() {
                                 fail!(NodeError::Other(
                                     "a pipeline stage that is not a local operator".into()
                                 ))
@@ -147,8 +158,16 @@ pub(crate) fn cut<'s>(
                 let cut_before = next;
                 let mut failed = None;
                 while next < total && next < finished + ahead {
-                    let what = format!("piece {next} of node {}'s region", np.node);
-                    let reserve = match job.acct.try_lease(reserve_bytes, &what) {
+                    let chunk = np.chunks[next];
+                    let info = np.chunked_input.unwrap_or(ValueInfo::Unknown);
+                    let bytes = match &entry {
+                        Entry::Split { op, .. } => guarded(|| Ok(op.chunk_memory(&info, &chunk)))
+                            .map(|m| m.result + m.workspace)
+                            .unwrap_or(0),
+                        _ => reserve_bytes,
+                    };
+                    let what = format!("piece {next} of node {}", np.node);
+                    let reserve = match job.acct.try_lease(bytes, &what) {
                         Ok(l) => Some(Arc::new(l)),
                         // Pieces in flight return memory as they finish: wait for them. With
                         // none in flight, cut it anyway: each stage then leases what it needs
@@ -156,9 +175,10 @@ pub(crate) fn cut<'s>(
                         Err(_) if next > finished => break,
                         Err(_) => None,
                     };
-                    let region = np.pieces_in[next];
+                    let region = np.pieces_in.get(next).copied().unwrap_or(chunk.region);
                     let piece = notes.busy(|| {
                         guarded(|| match (&entry, whole.as_ref(), reader.as_mut()) {
+                            (Entry::Split { op, .. }, Some(source), _) => op.split(source, &chunk),
                             (Entry::Crop { op, .. }, Some(source), _) => op
                                 .local()
                                 .ok_or_else(|| NodeError::Other("not a local operator".into()))?
@@ -173,10 +193,11 @@ pub(crate) fn cut<'s>(
                                 .as_ref()
                                 .expect("checked above")
                                 .delayed(&(in_time + next as u64));
-                            // A piece cut without memory set aside is counted on its own.
-                            let value = match reserve {
-                                Some(_) => piece,
-                                None => piece.track(&job.acct),
+                            // A piece cut without memory set aside, or a chunked node's piece
+                            // (not part of what is set aside), is counted on its own.
+                            let value = match (&entry, &reserve) {
+                                (Entry::Crop { .. } | Entry::Source { .. }, Some(_)) => piece,
+                                _ => piece.track(&job.acct),
                             };
                             output.session(&at).give(Rec::Data(Record {
                                 port: 0,
