@@ -1,7 +1,9 @@
 //! Building one job's dataflow on one worker, from the plan: every worker builds the same
 //! operators in the same order, so their identities agree.
 
-use super::chunked::{exit, pieces as piece_op, process_kernel, side_inputs, Exit, ExitLease};
+use super::chunked::{
+    exit, pieces as piece_op, process_kernel, side_inputs, Exit, ExitLease, Kernel,
+};
 use super::pipeline::{cut, stage_kernel, Entry};
 use super::record::{Note, NoteKind, Rec, Record};
 use super::runtime::compute_worker;
@@ -164,81 +166,70 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
                     let out = if j == 0 {
                         let all = joined(tagged.iter().map(|x| x.1.clone()).collect(), &gates);
                         let side = side_inputs(all.clone(), ix, which, job);
-                        if unit.kind == UnitKind::Pipeline {
-                            let (entry, cutter_ix) = match unit.source {
-                                Some(src) => {
-                                    let n = &wf.nodes[src];
-                                    let Some(op) = n.node.source(&n.args, &job.env) else {
-                                        unreachable!(
-                                            "node {} was planned as a source but has none",
-                                            n.id
-                                        )
-                                    };
-                                    (Entry::Source { node: src, op }, src)
-                                }
-                                None => (
-                                    Entry::Crop {
-                                        op: ops[j].op.clone(),
-                                        which,
+                        let op = ops[j].op.clone();
+                        let (entry, cutter_ix) = match (unit.kind, unit.source) {
+                            (UnitKind::Pipeline, Some(src)) => {
+                                let n = &wf.nodes[src];
+                                let Some(source) = n.node.source(&n.args, &job.env) else {
+                                    unreachable!(
+                                        "node {} was planned as a source but has none",
+                                        n.id
+                                    )
+                                };
+                                (
+                                    Entry::Source {
+                                        node: src,
+                                        op: source,
                                     },
-                                    ix,
-                                ),
-                            };
-                            let cutter = cut(
-                                scope,
-                                all,
-                                ix,
-                                owner,
-                                entry,
-                                exit_bytes,
-                                exit_lease.clone(),
-                                done.clone(),
-                                job,
-                            );
-                            let (cut_data, cut_notes) = parts(cutter);
-                            notes[cutter_ix].push(cut_notes);
-                            piece_op(
-                                scope,
-                                cut_data,
-                                side,
-                                ix,
-                                ops[j].op.clone(),
-                                captured,
-                                ran_on_last || !last_stage,
-                                "stage",
-                                Box::new(stage_kernel),
-                                job,
-                            )
-                        } else {
-                            let cutter = cut(
-                                scope,
-                                all,
-                                ix,
-                                owner,
-                                Entry::Split {
-                                    op: ops[j].op.clone(),
+                                    src,
+                                )
+                            }
+                            (UnitKind::Pipeline, None) => (
+                                Entry::Crop {
+                                    op: op.clone(),
                                     which,
                                 },
-                                exit_bytes,
-                                exit_lease.clone(),
-                                done.clone(),
-                                job,
-                            );
-                            let (cut_data, cut_notes) = parts(cutter);
-                            notes[ix].push(cut_notes);
-                            piece_op(
-                                scope,
-                                cut_data,
-                                side,
                                 ix,
-                                ops[j].op.clone(),
-                                captured,
-                                ran_on_last,
-                                "process",
-                                Box::new(process_kernel),
-                                job,
-                            )
-                        }
+                            ),
+                            _ => (
+                                Entry::Split {
+                                    op: op.clone(),
+                                    which,
+                                },
+                                ix,
+                            ),
+                        };
+                        let (kernel, name): (Box<Kernel>, &str) = if unit.kind == UnitKind::Pipeline
+                        {
+                            (Box::new(stage_kernel), "stage")
+                        } else {
+                            (Box::new(process_kernel), "process")
+                        };
+                        let cutter = cut(
+                            scope,
+                            all,
+                            ix,
+                            owner,
+                            entry,
+                            exit_bytes,
+                            exit_lease.clone(),
+                            done.clone(),
+                            job,
+                        );
+                        let (cut_data, cut_notes) = parts(cutter);
+                        notes[cutter_ix].push(cut_notes);
+                        piece_op(
+                            scope,
+                            cut_data,
+                            side,
+                            ix,
+                            op,
+                            captured,
+                            ran_on_last || !last_stage,
+                            name,
+                            kernel,
+                            job,
+                        )
                     } else {
                         // A later stage: its pieces from the stage before, its other inputs
                         // (a model) from their producers.
