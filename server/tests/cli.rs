@@ -344,7 +344,7 @@ fn a_workflow_that_cannot_fit_is_refused_by_plan_and_run_with_exit_6() {
         &out,
         6,
         &[
-            "refused: node ",
+            "refused: the region of nodes 1, 2, 3 (LoadImage -> ImageBlur -> SaveImage) needs ",
             "at the smallest tile",
             "budget 16.0 KiB after 0 B headroom",
         ],
@@ -352,7 +352,11 @@ fn a_workflow_that_cannot_fit_is_refused_by_plan_and_run_with_exit_6() {
     let mut args = vec!["run", &wf, "--events", "ev.jsonl"];
     args.extend(budget);
     let out = nova(&args, &s.dir);
-    assert_clean_failure(&out, 6, &["refused: node ", "lower the resolution to"]);
+    assert_clean_failure(
+        &out,
+        6,
+        &["refused: the region of nodes", "lower the resolution to"],
+    );
     assert!(!s.dir.join("output").exists(), "nothing ran");
     // Dry-run only logs; the run then meets the budget for real and fails cleanly.
     let mut args = vec!["run", &wf, "--admission", "dry-run"];

@@ -343,10 +343,14 @@ describe("NOVA Studio", () => {
 
   it("the budget rail refuses a workflow that cannot fit, with the planner's numbers", async () => {
     const page = await open();
-    await page.getByLabel("hardware template").selectOption("gtx1050-image");
-    await page.fill("#in-1-width", "16384");
+    // The video template's frames are one EmptyImage batch (made whole: its reader is a
+    // CreateVideo, not a local operator that could read it piece by piece): 24 frames of
+    // 4096x4096 cannot fit a 2 GB card. (The image template at 16384x16384 now fits: its
+    // region reads, filters and writes the image piece by piece.)
+    await page.getByLabel("hardware template").selectOption("gtx1050-video");
+    await page.fill("#in-1-width", "4096");
     await page.locator("#in-1-width").dispatchEvent("change");
-    await page.fill("#in-1-height", "16384");
+    await page.fill("#in-1-height", "4096");
     await page.locator("#in-1-height").dispatchEvent("change");
     await page.getByRole("button", { name: "Plan" }).click();
     const rail = page.getByLabel("VRAM budget rail");

@@ -77,10 +77,22 @@ pub fn admit(
         Some(t) => format!("at the smallest tile ({t} px)"),
         None => "running whole (it cannot be tiled)".to_string(),
     };
+    // A region needs its memory as one: name all its nodes.
+    let unit = plan.units.get(worst.unit);
+    let what = match unit.filter(|u| u.members().count() > 1) {
+        Some(u) => {
+            let ids: Vec<&str> = u.members().map(|m| plan.nodes[m].node.as_str()).collect();
+            let classes: Vec<&str> = u.members().map(|m| plan.nodes[m].class_type).collect();
+            format!(
+                "the region of nodes {} ({}) needs",
+                ids.join(", "),
+                classes.join(" -> ")
+            )
+        }
+        None => format!("node {} ({}) needs", worst.node, worst.class_type),
+    };
     let mut message = format!(
-        "node {} ({}) needs {} {at}; budget {} after {} headroom",
-        worst.node,
-        worst.class_type,
+        "{what} {} {at}; budget {} after {} headroom",
         Bytes(need),
         limit,
         headroom
