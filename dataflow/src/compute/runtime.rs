@@ -44,6 +44,8 @@ struct Inner {
     /// Each timely worker's job queue, by worker index.
     queues: Mutex<Vec<Sender<Arc<Install>>>>,
     guards: Mutex<Option<timely::communication::initialize::WorkerGuards<()>>>,
+    /// Each worker's thread, to wake it when a job is installed.
+    threads: Arc<Mutex<Vec<std::thread::Thread>>>,
     broken: AtomicBool,
 }
 
@@ -59,8 +61,11 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
-/// How long a worker with jobs in flight waits for work before it looks again.
-const PARK: Duration = Duration::from_millis(1);
+/// The longest a worker with jobs in flight sleeps between looks. Workers are woken by
+/// timely when data or progress reaches them, when an operator's timer is due, and when a job
+/// is installed, so this only bounds a missed wake-up; short parks would wake the workers
+/// hundreds of times a second and, on a small machine, preempt the kernels' own threads.
+const PARK: Duration = Duration::from_millis(50);
 
 impl Runtime {
     /// Starts a runtime with `compute_workers` compute workers (at least one) and the control
@@ -76,11 +81,17 @@ impl Runtime {
             receivers.push(Some(rx));
         }
         let receivers = Arc::new(Mutex::new(receivers));
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let registry = threads.clone();
         let config = timely::Config {
             communication: timely::CommunicationConfig::Process(peers),
             worker: WorkerConfig::default(),
         };
         let guards = timely::execute(config, move |worker| {
+            registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(std::thread::current());
             let rx = receivers.lock().unwrap_or_else(|p| p.into_inner())[worker.index()].take();
             if let Some(rx) = rx {
                 serve(worker, rx);
@@ -92,6 +103,7 @@ impl Runtime {
                 compute,
                 queues: Mutex::new(senders),
                 guards: Mutex::new(Some(guards)),
+                threads,
                 broken: AtomicBool::new(false),
             }),
         })
@@ -142,6 +154,16 @@ impl Runtime {
                 self.inner.broken.store(true, Ordering::SeqCst);
                 return Err(RuntimeGone("a worker thread has exited".into()));
             }
+        }
+        // Workers busy with other jobs may be parked in timely's wait: wake them to install it.
+        for t in self
+            .inner
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            t.unpark();
         }
         Ok(())
     }
