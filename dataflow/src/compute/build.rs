@@ -17,7 +17,7 @@ use std::sync::Arc;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::operator::empty;
 use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::{Concatenate, Operator, Probe};
+use timely::dataflow::operators::{Concatenate, OkErr, Operator, Probe};
 use timely::dataflow::{ProbeHandle, Scope, Stream};
 
 /// Notes of every node, as they reach the control worker: per node, `(time, note)`.
@@ -32,17 +32,12 @@ pub(crate) struct Built {
 
 type Notes<'s> = Stream<'s, u64, Vec<Note>>;
 
-/// Splits an operator's output into its data and its notes.
+/// Splits an operator's output into its data and its notes (one operator, nothing cloned).
 fn parts<'s>(out: Out<'s>) -> (Recs<'s>, Notes<'s>) {
-    let data = out.clone().flat_map(|r: Rec| match r {
-        Rec::Data(d) => Some(d),
-        Rec::Note(_) => None,
-    });
-    let notes = out.flat_map(|r: Rec| match r {
-        Rec::Note(n) => Some(n),
-        Rec::Data(_) => None,
-    });
-    (data, notes)
+    out.ok_err(|r: Rec| match r {
+        Rec::Data(d) => Ok(d),
+        Rec::Note(n) => Err(n),
+    })
 }
 
 /// A stream that carries only the completion of `s` (a gate).
@@ -165,7 +160,11 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
                     let ran_on_last = last_stage && unit.sink.is_some();
                     let out = if j == 0 {
                         let all = joined(tagged.iter().map(|x| x.1.clone()).collect(), &gates);
-                        let side = side_inputs(all.clone(), ix, which, job);
+                        let side = if has_side_inputs(job, ix, which) {
+                            side_inputs(all.clone(), ix, which, job)
+                        } else {
+                            empty(scope)
+                        };
                         let op = ops[j].op.clone();
                         let (entry, cutter_ix) = match (unit.kind, unit.source) {
                             (UnitKind::Pipeline, Some(src)) => {
@@ -238,8 +237,12 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
                             .filter(|(slot, _)| wf.nodes[ix].links[*slot].input != which)
                             .map(|x| x.1.clone())
                             .collect();
-                        let side_all = joined(side_links, &gates);
-                        let side = side_inputs(side_all, ix, which, job);
+                        // Pieces reach a later stage only after the cut passed the gates.
+                        let side = if side_links.is_empty() {
+                            empty(scope)
+                        } else {
+                            side_inputs(joined(side_links, &gates), ix, which, job)
+                        };
                         let prev = pieces.take().expect("the stage before made pieces");
                         piece_op(
                             scope,
@@ -330,6 +333,12 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
         probes.push(probe);
     }
     Built { probes, inbox }
+}
+
+/// Whether node `ix` has linked inputs besides `which` (a model, a mask): they are broadcast
+/// to every worker that processes its pieces.
+fn has_side_inputs(job: &JobCompute, ix: usize, which: &str) -> bool {
+    job.wf.nodes[ix].links.iter().any(|l| l.input != which)
 }
 
 /// Whether node `ix`'s first output is an image some output node shows: its chunks are then
