@@ -147,6 +147,31 @@ pub fn run_plan(
     budget: Option<Bytes>,
     cancel_on: fn(&Event) -> bool,
 ) -> Outcome {
+    run_plan_keeping(wf, plan, env, budget, cancel_on, true)
+}
+
+/// Plans and runs `json` like [`run_planned`], keeping its events without their attachments
+/// (a long video's partial windows, kept, would hold every frame of the clip).
+pub fn run_planned_lean(
+    json: &str,
+    env: &JobEnv,
+    opts: &PlanOptions,
+    budget: Option<Bytes>,
+) -> Outcome {
+    let registry = nova_operators::registry();
+    let wf = workflow::load(json, &registry, env).expect("workflow validates");
+    let plan = plan(&wf, env, opts).expect("workflow plans");
+    run_plan_keeping(wf, plan, env, budget, |_| false, false)
+}
+
+fn run_plan_keeping(
+    wf: nova_dataflow::ValidatedWorkflow,
+    plan: nova_dataflow::ExecutionPlan,
+    env: &JobEnv,
+    budget: Option<Bytes>,
+    cancel_on: fn(&Event) -> bool,
+    attachments: bool,
+) -> Outcome {
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink_events = events.clone();
     let cancel = CancelToken::new();
@@ -154,6 +179,10 @@ pub fn run_plan(
     let sink: EventSink = Arc::new(move |e| {
         if cancel_on(&e) {
             token.cancel();
+        }
+        let mut e = e;
+        if !attachments {
+            e.attachment = None;
         }
         sink_events.lock().unwrap().push(e)
     });
