@@ -33,6 +33,8 @@ pub(crate) struct Built {
 type Notes<'s> = Stream<'s, u64, Vec<Note>>;
 
 /// Splits an operator's output into its data and its notes (one operator, nothing cloned).
+// The `Result` only routes each record to one of two outputs; a note is no error.
+#[allow(clippy::result_large_err)]
 fn parts<'s>(out: Out<'s>) -> (Recs<'s>, Notes<'s>) {
     out.ok_err(|r: Rec| match r {
         Rec::Data(d) => Ok(d),
