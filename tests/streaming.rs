@@ -365,13 +365,14 @@ fn comfyui_s_video_filter_streams_in_memory_that_does_not_grow_with_the_clip() {
             .to_string()
     };
     let large = size.0 * size.1 > 320 * 180;
-    let mut pairs = vec![(&long, "long.mp4", 300usize, None)];
-    if large {
-        pairs = vec![
+    let pairs = if large {
+        vec![
             (&long, "long.mp4", 300, Some(4u64 << 30)),
             (&short, "short.mp4", 60, None),
-        ];
-    }
+        ]
+    } else {
+        vec![(&long, "long.mp4", 300usize, None)]
+    };
     for (budgeted, input, frames, other) in pairs {
         let prefix = format!("free_{frames}");
         let opts = match other {

@@ -305,7 +305,7 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
     // Every node's notes, gathered on the control worker, probed there.
     let inbox: Inbox = Rc::new(RefCell::new((0..count).map(|_| Vec::new()).collect()));
     let mut probes = Vec::with_capacity(count);
-    for (ix, streams) in notes.into_iter().enumerate() {
+    for streams in notes {
         let all: Notes = if streams.is_empty() {
             empty(scope)
         } else {
@@ -331,7 +331,6 @@ pub(crate) fn build<'s>(scope: Scope<'s, u64>, job: &Arc<JobCompute>) -> Built {
             },
         )
         .probe_with(&probe);
-        let _ = ix;
         probes.push(probe);
     }
     Built { probes, inbox }
